@@ -1,0 +1,8 @@
+"""The seed's adversarialAttacks.py: same flags, runs `robustbnn attack`."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+from robustbnn.cli import main  # noqa: E402
+
+main(["attack", *sys.argv[1:]])

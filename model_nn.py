@@ -1,0 +1,8 @@
+"""The seed's model_nn.py: same flags, runs `robustbnn train-nn`."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+from robustbnn.cli import main  # noqa: E402
+
+main(["train-nn", *sys.argv[1:]])

@@ -1,0 +1,8 @@
+"""The seed's plot_eps_attacks.py: same flags, runs `robustbnn plot-eps-attacks`."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+from robustbnn.cli import main  # noqa: E402
+
+main(["plot-eps-attacks", *sys.argv[1:]])

@@ -1,0 +1,3 @@
+from robustbnn.cli import main
+
+main()

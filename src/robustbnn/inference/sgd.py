@@ -1,0 +1,111 @@
+"""Deterministic networks and ensembles, trained with Adam on the cross-entropy of the logits.
+
+An ensemble of K members is trained as one stacked problem: member k is initialised with seed k and
+shuffles its data with its own generator seeded k; the K forward passes run at once under
+`torch.func.vmap`, and because Adam is elementwise one optimiser over the stacked parameters is K
+independent optimisers. A single network is the case K = 1 (seed = its seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from robustbnn.errors import UserError
+from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
+from robustbnn.nets import init_params, make_net
+from robustbnn.posterior import DEFAULT_BUDGET, Posterior, activation_numel
+
+
+def member_groups(spec: dict, seeds: list[int], batch_size: int, budget: int = DEFAULT_BUDGET) -> list[list[int]]:
+    """Split the members into groups whose stacked activations (forward and backward) fit the budget."""
+    per_member = 3 * activation_numel(spec) * batch_size
+    size = max(1, min(len(seeds), budget // per_member))
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def train_nets(spec: dict, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epochs: int, lr: float,
+               batch_size: int, device="cpu", checkpoint=None, resume: bool = False, progress: bool = False,
+               log=print) -> tuple[Posterior, list[dict]]:
+    """Train one network per seed with Adam(lr) on mean cross-entropy, `epochs` passes of minibatches.
+
+    Returns the members stacked as a Posterior (sample k = member seeds[k]) and the per-epoch history
+    [{epoch, member, loss, train_acc, time_s}]. With `checkpoint` (a folder) the state is saved after
+    every epoch of every member group, and `resume` continues from it.
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise UserError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    state = load_checkpoint(checkpoint) if (checkpoint and resume) else None
+    done = state["done"] if state else {}
+    history = state["history"] if state else []
+    for group in member_groups(spec, list(seeds), batch_size):
+        key = ",".join(map(str, group))
+        if key in done:
+            continue
+        partial = state.get("group") if state and state.get("group_key") == key else None
+        done[key], history = _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, partial,
+                                          done, history, progress, log)
+    params = {k: torch.cat([done[",".join(map(str, g))][k] for g in member_groups(spec, list(seeds), batch_size)])
+              for k in done[next(iter(done))]}
+    return Posterior(spec, {k: v.to(device) for k, v in params.items()}), history
+
+
+def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
+                 log):
+    net = make_net(**spec).to(device)
+    if partial:
+        params = {k: v.to(device).requires_grad_() for k, v in partial["params"].items()}
+    else:
+        inits = [init_params(spec, s) for s in group]
+        params = {k: torch.stack([p[k] for p in inits]).to(device).requires_grad_() for k in inits[0]}
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    gens = [torch.Generator().manual_seed(s) for s in group]
+    start = 0
+    if partial:
+        opt.load_state_dict(partial["optimizer"])
+        for g, st in zip(gens, partial["generators"]):
+            g.set_state(st)
+        start = partial["epoch"]
+    n, k = len(x), len(group)
+    forward = vmap(lambda p, xb: functional_call(net, p, (xb,)), in_dims=(0, 0))
+    steps = math.ceil(n / batch_size)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        perms = torch.stack([torch.randperm(n, generator=g) for g in gens])
+        loss_sum = torch.zeros(k, device=device)
+        correct = torch.zeros(k, device=device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs} members {group[0]}..{group[-1]}",
+                   disable=not progress, leave=False)
+        for b in bar:
+            idx = perms[:, b * batch_size:(b + 1) * batch_size]
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            logits = forward(params, xb)  # (K, B, C)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            losses = losses.view(k, -1).mean(1)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()  # members do not share parameters: the sum gives each its own gradient
+            opt.step()
+            with torch.no_grad():
+                loss_sum += losses.detach() * idx.shape[1]
+                correct += (logits.argmax(-1) == yb).sum(1)
+        losses = (loss_sum / n).cpu()
+        if not torch.isfinite(losses).all():
+            raise UserError(f"training diverged (non-finite loss) at epoch {epoch + 1}; lower --lr"
+                            + ("; the last good checkpoint is kept" if checkpoint else ""))
+        elapsed = time.perf_counter() - t0
+        accs = (100.0 * correct / n).cpu()
+        for i, s in enumerate(group):
+            history.append(dict(epoch=epoch + 1, member=s, loss=losses[i].item(), train_acc=accs[i].item(),
+                                time_s=elapsed / k))
+        log(f"[epoch {epoch + 1}/{epochs}] members {group[0]}..{group[-1]}  loss {losses.mean():.4f}  "
+            f"train acc {accs.mean():.2f}%  ({elapsed:.1f}s)")
+        if checkpoint:
+            save_checkpoint(checkpoint, dict(
+                done=done, history=history, group_key=",".join(map(str, group)),
+                group=dict(params={k_: v.detach().cpu() for k_, v in params.items()}, optimizer=opt.state_dict(),
+                           generators=[g.get_state() for g in gens], epoch=epoch + 1)))
+    return {k_: v.detach().cpu() for k_, v in params.items()}, history
