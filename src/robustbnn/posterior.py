@@ -54,7 +54,8 @@ def draw_guide_samples(loc: dict, scale: dict, n_samples: int, seed: int) -> dic
     out = {k: torch.empty((n_samples, *v.shape), dtype=v.dtype, device=v.device) for k, v in loc.items()}
     for s in range(n_samples):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        for k, v in loc.items():
+        for k in sorted(loc):  # a fixed order: dicts read back from disk may be ordered differently
+            v = loc[k]
             eps = torch.randn(v.shape, generator=gen, dtype=v.dtype)
             out[k][s] = v + scale[k] * eps.to(v.device)
     return out

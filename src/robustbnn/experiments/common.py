@@ -102,6 +102,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def settings_of(args) -> dict:
+    """Every flag of the command, for config.json."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
 def savedir(args) -> Path:
     return resolve_savedir(args.savedir)
 

@@ -38,18 +38,18 @@ BNN_OVERRIDES = {
 }
 
 
-def add_model_flags(parser, kind: str, n_inputs_default: int | None = 60000) -> None:
-    """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn)."""
+def add_model_flags(parser, kind: str, n_inputs_help: str | None = None, ensemble_size: int = 100) -> None:
+    """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn, or any)."""
     g = parser.add_argument_group("model")
-    table = "saved_BNNs" if kind == "bnn" else "saved_NNs"
+    table = {"bnn": "saved_BNNs", "any": "saved_BNNs for bnn, else saved_NNs"}.get(kind, "saved_NNs")
     g.add_argument("--model_idx", type=int, default=0, help=f"index into the paper's presets ({table})")
-    g.add_argument("--n_inputs", type=positive_int, default=n_inputs_default,
-                   help="first n training points and first n test points (the seed's semantics)")
-    for name, kw in (OVERRIDES | (BNN_OVERRIDES if kind == "bnn" else {})).items():
+    g.add_argument("--n_inputs", type=positive_int, default=60000,
+                   help=n_inputs_help or "first n training points and first n test points (the seed's semantics)")
+    for name, kw in (OVERRIDES | (BNN_OVERRIDES if kind in ("bnn", "any") else {})).items():
         g.add_argument(f"--{name}", default=None, **{"help": "override the preset", **kw})
-    if kind == "ensemble":
-        g.add_argument("--ensemble_size", type=positive_int, default=100, help="number of members")
-    if kind == "bnn":
+    if kind in ("ensemble", "any"):
+        g.add_argument("--ensemble_size", type=positive_int, default=ensemble_size, help="number of members")
+    if kind in ("bnn", "any"):
         g.add_argument("--prior_scale", type=positive_float, default=1.0, help="std of the N(0, s^2) weight prior")
         g.add_argument("--likelihood", default="scaled", choices=("scaled", "legacy"),
                        help="VI: scaled = true ELBO (N / batch); legacy = the paper's unscaled minibatch term")

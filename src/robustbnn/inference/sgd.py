@@ -101,7 +101,8 @@ def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, 
         for i, s in enumerate(group):
             history.append(dict(epoch=epoch + 1, member=s, loss=losses[i].item(), train_acc=accs[i].item(),
                                 time_s=elapsed / k))
-        log(f"[epoch {epoch + 1}/{epochs}] members {group[0]}..{group[-1]}  loss {losses.mean():.4f}  "
+        who = f" members {group[0]}..{group[-1]}" if k > 1 else ""
+        log(f"[epoch {epoch + 1}/{epochs}]{who}  loss {losses.mean():.4f}  "
             f"train acc {accs.mean():.2f}%  ({elapsed:.1f}s)")
         if checkpoint:
             save_checkpoint(checkpoint, dict(

@@ -1,0 +1,52 @@
+"""Deterministic networks and ensembles: seeding, stacked training, resume."""
+
+import torch
+from sklearn.datasets import make_moons
+
+from robustbnn.inference.sgd import member_groups, train_nets
+
+SPEC = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="leaky")
+
+
+def moons(n=600):
+    x, y = make_moons(n, noise=0.1, random_state=0)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def quiet(*_):
+    pass
+
+
+def test_ensemble_member_equals_member_trained_alone():
+    x, y = moons()
+    ens, hist = train_nets(SPEC, x, y, seeds=[0, 1, 2], epochs=2, lr=0.01, batch_size=50, log=quiet)
+    alone, _ = train_nets(SPEC, x, y, seeds=[2], epochs=2, lr=0.01, batch_size=50, log=quiet)
+    for k in alone.params:
+        torch.testing.assert_close(alone.params[k][0], ens.params[k][2], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ens.params["1.weight"][0], ens.params["1.weight"][1])
+    assert len(hist) == 2 * 3
+
+
+def test_same_seed_same_weights_and_learns():
+    x, y = moons()
+    a, _ = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
+    b, _ = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert a.accuracy(x, y) > 95
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x, y = moons()
+    full, _ = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet)
+    train_nets(SPEC, x, y, seeds=[0, 1], epochs=2, lr=0.01, batch_size=64, log=quiet, checkpoint=tmp_path)
+    resumed, hist = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet,
+                               checkpoint=tmp_path, resume=True)
+    assert [h["epoch"] for h in hist] == [1, 1, 2, 2, 3, 3, 4, 4]
+    for k in full.params:
+        torch.testing.assert_close(resumed.params[k], full.params[k])
+
+
+def test_member_groups_respect_budget():
+    conv = dict(architecture="conv", input_shape=[1, 28, 28], num_classes=10, hidden_size=64, activation="relu")
+    groups = member_groups(conv, list(range(10)), batch_size=100, budget=2**26)
+    assert sum(groups, []) == list(range(10)) and len(groups) > 1
