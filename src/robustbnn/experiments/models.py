@@ -143,7 +143,8 @@ def train_model(settings: dict, data, args, device) -> tuple[Posterior, list[dic
                                     warmup=settings["warmup"], step_size=settings["step_size"],
                                     num_steps=settings["num_steps"], num_chains=settings["num_chains"],
                                     prior_scale=settings["prior_scale"], seed=args.seed, mode=settings["hmc_mode"],
-                                    batch_size=settings["batch_size"], x_eval=data.x_test[:500], **common)
+                                    batch_size=settings["batch_size"] if settings["hmc_mode"] == "legacy" else None,
+                                    x_eval=data.x_test[:500], y_eval=data.y_test[:500], **common)
         history = []
     post.meta = dict(post.meta, kind="vi" if settings.get("inference") == "svi" else settings.get("inference", kind),
                      name=folder.name, dataset=data.name, settings=settings, seed=args.seed,
