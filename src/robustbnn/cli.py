@@ -34,18 +34,6 @@ COMMANDS = {
 }
 
 
-def available() -> dict:
-    """The commands whose module exists in this version of the package."""
-    found = {}
-    for name, (module, script, help_text) in COMMANDS.items():
-        try:
-            found[name] = (importlib.import_module(f"robustbnn.experiments.{module}"), script, help_text)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"robustbnn.experiments.{module}":
-                raise
-    return found
-
-
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags are one line on stderr and exit status 2 (argparse would also print the usage)."""
 
@@ -53,26 +41,32 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(commands: dict) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="robustbnn", description=__doc__.split("\n")[0])
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the `selected` command's module is imported (the others load torch, seaborn...)."""
+    parser = OneLineParser(prog="robustbnn", description="Robustness of Bayesian neural networks to gradient-based "
+                           "attacks (Carbone et al., NeurIPS 2020): train, attack, measure, plot.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    for name, (module, script, help_text) in commands.items():
+    for name, (module_name, script, help_text) in COMMANDS.items():
         description = help_text + (f" (the seed's {script})" if script else "")
         p = sub.add_parser(name, help=help_text, description=description,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(run=module.run)
+        if name == selected:
+            module = importlib.import_module(f"robustbnn.experiments.{module_name}")
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
     return parser
 
 
+def parse(argv) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if a in COMMANDS), None)
+    return build_parser(selected).parse_args(argv)
 
 
 def main(argv=None) -> None:
     from robustbnn.experiments.common import finish
 
-    commands = available()
-    parser = build_parser(commands)
-    args = parser.parse_args(argv)
+    args = parse(argv)
     try:
         summary = args.run(args)
         finish(args, summary)

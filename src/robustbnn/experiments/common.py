@@ -50,9 +50,12 @@ def nonneg_float(value) -> float:
 
 
 def positive_float(value) -> float:
-    v = nonneg_float(value)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value!r}")
     return v
 
 

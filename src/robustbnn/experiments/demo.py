@@ -44,10 +44,10 @@ def add_arguments(parser) -> None:
 
 def command(*argv) -> dict:
     """Run a robustbnn command in this process and return its summary."""
-    from robustbnn.cli import available, build_parser
+    from robustbnn.cli import parse
     from robustbnn.experiments.common import finish
 
-    args = build_parser(available()).parse_args([str(a) for a in argv])
+    args = parse([str(a) for a in argv])
     summary = args.run(args)
     finish(args, summary)
     return summary
