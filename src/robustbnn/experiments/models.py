@@ -15,6 +15,7 @@ from robustbnn.inference.sgd import train_nets
 from robustbnn.artifacts import write_json
 from robustbnn.experiments.common import positive_float, positive_int, savedir, show_progress, str2bool
 from robustbnn.nets import ACTIVATIONS, ARCHITECTURES
+from robustbnn.plots import training_curves
 from robustbnn.posterior import Posterior
 from robustbnn.presets import BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, preset
 
@@ -152,6 +153,9 @@ def train_model(settings: dict, data, args, device) -> tuple[Posterior, list[dic
     post.save(folder)
     if history:
         write_csv(folder / "history.csv", history)
+        training_curves(history, folder / "training")
+    if diagnostics:
+        write_json(folder / "diagnostics.json", diagnostics)
     clear_checkpoint(folder)
     return post, history
 
