@@ -71,7 +71,7 @@ def run(args) -> dict:
             for loss in ("predictive", "legacy"):
                 print(f"\n##### {method} ({loss} loss) on {name}")
                 t0 = time.perf_counter()
-                extra = ["--masking_check", "0.05,0.1,0.2,0.3,0.5"] if method == "fgsm" else []
+                extra = ["--masking_check", "0.05,0.1,0.2,0.3,0.5"] if method == "pgd" else []
                 samples = [] if name == "nn" else ["--attack_samples", 10 if name == "ensemble" else 100]
                 s = command("attack", "--model_type", ATTACK_TYPE[name], *ARCH, "--hidden_size", args.hidden_size,
                             "--train_inputs", args.n_inputs, "--n_inputs", args.test_points, "--attack_method",

@@ -17,7 +17,7 @@ def fetch_one(name: str, data_dir=None) -> dict:
     """Fetch `name` and load it back: {"dataset", "folder", "train", "test"}."""
     folder = fetch_data(name, data_dir)
     data = load_dataset(name, data_dir=data_dir)
-    return {"dataset": name, "folder": str(folder), "train": len(data.y_train), "test": len(data.y_test)}
+    return {"dataset": name, "folder": str(folder.resolve()), "train": len(data.y_train), "test": len(data.y_test)}
 
 
 def run(args) -> dict:
@@ -34,5 +34,5 @@ def run(args) -> dict:
     if failed:
         raise UserError(f"fetched {', '.join(done) or 'nothing'}; could not fetch {', '.join(failed)} "
                         f"(see above); the rest is in {data_root(args.data_dir)}")
-    return {"dataset": "all", "folder": str(data_root(args.data_dir)),
+    return {"dataset": "all", "folder": str(data_root(args.data_dir).resolve()),
             "train": {k: v["train"] for k, v in done.items()}, "test": {k: v["test"] for k, v in done.items()}}
