@@ -47,8 +47,8 @@ def make_net(architecture: str, input_shape, num_classes: int, hidden_size: int,
         nn.Conv2d(input_shape[0], 32, kernel_size=5), act(), nn.MaxPool2d(kernel_size=2),
         nn.Conv2d(32, hidden_size, kernel_size=5), act(), nn.MaxPool2d(kernel_size=2, stride=1), nn.Flatten(),
     )
-    with torch.device("meta"):
-        n_features = features(torch.empty(1, *input_shape)).shape[1]
+    with torch.no_grad():  # a real forward of one zero input (the meta device's first use costs seconds)
+        n_features = features(torch.zeros(1, *input_shape)).shape[1]
     return nn.Sequential(*features, nn.Linear(n_features, num_classes))
 
 

@@ -8,6 +8,7 @@ bound memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,9 +32,16 @@ DEFAULT_BUDGET = 2**28
 
 def activation_numel(spec: dict) -> int:
     """Number of activation values one input produces across all layers (sizes the chunks)."""
+    return _activation_numel(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_numel(spec_items) -> int:
+    # One real forward of a single zero input: cheap, and the meta device's first use costs seconds of imports.
     total = 0
-    with torch.device("meta"):
-        h = torch.empty(1, *spec["input_shape"])
+    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec_items}
+    with torch.no_grad():
+        h = torch.zeros(1, *spec["input_shape"])
         for layer in make_net(**spec):
             h = layer(h)
             total += h.numel()
