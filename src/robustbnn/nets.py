@@ -53,7 +53,18 @@ def make_net(architecture: str, input_shape, num_classes: int, hidden_size: int,
 
 
 def init_params(spec: dict, seed: int) -> dict[str, torch.Tensor]:
-    """PyTorch's default initialisation of the network `spec`, seeded, as a parameter dict."""
-    torch.manual_seed(seed)
-    net = make_net(**spec)
+    """PyTorch's default initialisation of the network `spec`, seeded, as a parameter dict.
+
+    The caller's global random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = make_net(**spec)
     return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def template(spec: dict) -> nn.Sequential:
+    """The architecture as a module for `functional_call`, without consuming the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        net = make_net(**spec)
+    return net.requires_grad_(False)

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 from robustbnn.artifacts import atomic_path, write_json
 from robustbnn.errors import UserError
-from robustbnn.nets import make_net
+from robustbnn.nets import template
 
 WEIGHTS_FILE = "posterior.safetensors"
 SIDECAR_FILE = "posterior.json"
@@ -42,7 +42,7 @@ def _activation_numel(spec_items) -> int:
     spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec_items}
     with torch.no_grad():
         h = torch.zeros(1, *spec["input_shape"])
-        for layer in make_net(**spec):
+        for layer in template(spec):
             h = layer(h)
             total += h.numel()
     return max(total, 1)
@@ -84,8 +84,7 @@ class Posterior:
     guide: dict | None = None
 
     def __post_init__(self):
-        self.net = make_net(**self.spec)
-        self.net.requires_grad_(False)
+        self.net = template(self.spec)
         check_shapes(self.net, self.params, "the weight samples")
 
     @property
@@ -205,7 +204,7 @@ class Posterior:
         if info.get("stored") == "guide":
             loc = {k[4:]: v for k, v in tensors.items() if k.startswith("loc/")}
             scale = {k[6:]: v for k, v in tensors.items() if k.startswith("scale/")}
-            check_shapes(make_net(**saved_spec), {k: v.unsqueeze(0) for k, v in loc.items()}, f"the guide in {folder}")
+            check_shapes(template(saved_spec), {k: v.unsqueeze(0) for k, v in loc.items()}, f"the guide in {folder}")
             guide = {"loc": {k: v.to(device) for k, v in loc.items()}, "scale": {k: v.to(device) for k, v in scale.items()}}
             params = draw_guide_samples(guide["loc"], guide["scale"], n_samples or info.get("n_samples", 1), seed)
             return cls(saved_spec, params, info.get("meta", {}), guide)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
-from robustbnn.nets import init_params, make_net
+from robustbnn.nets import init_params, template
 from robustbnn.posterior import DEFAULT_BUDGET, Posterior, activation_numel
 
 
@@ -56,7 +56,7 @@ def train_nets(spec: dict, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int]
 
 def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
                  log):
-    net = make_net(**spec).to(device)
+    net = template(spec).to(device)
     if partial:
         params = {k: v.to(device).requires_grad_() for k, v in partial["params"].items()}
     else:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
-from robustbnn.nets import init_params, make_net
+from robustbnn.nets import init_params, template
 from robustbnn.posterior import Posterior, draw_guide_samples
 
 # Initial guide standard deviation. Small next to PyTorch's default weight scale (1/sqrt(fan_in),
@@ -277,16 +277,14 @@ def train_vi(spec: dict, x, y, *, epochs: int, lr: float, batch_size: int, seed:
     y = y.long()
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= int(spec["num_classes"])):
         raise UserError(f"labels must lie in [0, {spec['num_classes']}), got [{int(y.min())}, {int(y.max())}]")
-    # make_net, init_params and Posterior initialise modules from the global RNG: keep the caller's.
-    with torch.random.fork_rng(devices=[]):
-        net = make_net(**spec).to(device)
-        init_loc = {k: v.to(device) for k, v in init_params(spec, seed).items()}
-        loc, scale, history = fit_mean_field(
-            categorical_observe(net), init_loc, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-            prior_scale=prior_scale, likelihood=likelihood, init_scale=init_scale, checkpoint=checkpoint,
-            resume=resume, progress=progress, log=log)
-        meta = {"inference": "svi", "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
-                "seed": int(seed), "prior_scale": float(prior_scale), "likelihood": likelihood,
-                "init_scale": float(init_scale), "n_train": len(x), "history": history}
-        params = draw_guide_samples(loc, scale, int(n_samples), seed)
-        return Posterior(spec, params, meta, guide={"loc": loc, "scale": scale}), history
+    net = template(spec).to(device)
+    init_loc = {k: v.to(device) for k, v in init_params(spec, seed).items()}
+    loc, scale, history = fit_mean_field(
+        categorical_observe(net), init_loc, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        prior_scale=prior_scale, likelihood=likelihood, init_scale=init_scale, checkpoint=checkpoint,
+        resume=resume, progress=progress, log=log)
+    meta = {"inference": "svi", "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
+            "seed": int(seed), "prior_scale": float(prior_scale), "likelihood": likelihood,
+            "init_scale": float(init_scale), "n_train": len(x), "history": history}
+    params = draw_guide_samples(loc, scale, int(n_samples), seed)
+    return Posterior(spec, params, meta, guide={"loc": loc, "scale": scale}), history
