@@ -1,0 +1,312 @@
+"""HMC: exactness on a Gaussian, agreement with Pyro's NUTS on a tiny BNN, adaptation, determinism,
+diagnostics, checkpoints and the paper's legacy mode. Every reference is computed independently here
+(hand-written potentials, Pyro's own kernels and statistics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro.infer import MCMC, NUTS
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+from sklearn.datasets import make_moons
+
+from robustbnn.errors import UserError
+from robustbnn.inference import hmc, hmc_diagnostics
+from robustbnn.inference.hmc import (
+    adaptation_windows, bnn_potential, bnn_value_and_grad, hmc_sample, run_hmc,
+)
+from robustbnn.nets import init_params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def quiet(*_):
+    pass
+
+
+def moons(n, n_test=8, seed=1):
+    """Standardised half moons (well-conditioned posteriors keep the reference runs short)."""
+    x, y = make_moons(n + n_test, noise=0.1, random_state=seed)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    return torch.tensor(x[:n]), torch.tensor(y[:n]), torch.tensor(x[n:]), torch.tensor(y[n:])
+
+
+def fc_spec(width):
+    return dict(architecture="fc", input_shape=(2,), num_classes=2, hidden_size=width, activation="leaky")
+
+
+def fc_logits(w, x, width):
+    """Hand-written fc network on the flat vector [W1 (H x 2), b1 (H), W2 (2 x H), b2 (2)], batched over w."""
+    h = width
+    w1 = w[..., : 2 * h].reshape(*w.shape[:-1], h, 2)
+    b1 = w[..., 2 * h: 3 * h]
+    w2 = w[..., 3 * h: 5 * h].reshape(*w.shape[:-1], 2, h)
+    b2 = w[..., 5 * h: 5 * h + 2]
+    hidden = F.leaky_relu(x @ w1.transpose(-1, -2) + b1.unsqueeze(-2))
+    return hidden @ w2.transpose(-1, -2) + b2.unsqueeze(-2)
+
+
+def fc_potential(w, x, y, width, prior_scale=1.0):
+    """U(w) = -sum log softmax(f(x; w))[y] + |w|^2 / (2 s^2) + D/2 log(2 pi s^2), written independently."""
+    nll = F.cross_entropy(fc_logits(w, x, width), y, reduction="sum")
+    d = w.shape[-1]
+    return nll + 0.5 * (w * w).sum() / prior_scale**2 + 0.5 * d * math.log(2 * math.pi * prior_scale**2)
+
+
+def flat_init(spec, seed):
+    p = init_params(spec, seed)
+    return torch.cat([p["1.weight"].flatten(), p["1.bias"], p["3.weight"].flatten(), p["3.bias"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_potential_and_gradient_match_hand_written():
+    x, y, _, _ = moons(60)
+    spec, width = fc_spec(5), 5
+    w = torch.stack([flat_init(spec, s) * 3 for s in range(3)])
+    ref = torch.stack([fc_potential(wi, x, y, width, prior_scale=0.7) for wi in w])
+    got = bnn_potential(spec, x, y, prior_scale=0.7)(w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    wr = w.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(sum(fc_potential(wi, x, y, width, 0.7) for wi in wr), wr)
+    for budget in (10**9, 1000):  # one pass, and the data in chunks of 7 points
+        u, g = bnn_value_and_grad(spec, x, y, prior_scale=0.7, budget=budget)(w)
+        torch.testing.assert_close(u, ref.double(), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptation_windows_follow_stan():
+    assert adaptation_windows(1000) == [(0, 74), (75, 99), (100, 149), (150, 249), (250, 449), (450, 949),
+                                        (950, 999)]
+    assert adaptation_windows(100) == [(0, 14), (15, 89), (90, 99)]
+    assert adaptation_windows(10) == [(0, 9)]
+    for w in (20, 57, 150, 333, 2000):  # contiguous cover of the warm-up
+        win = adaptation_windows(w)
+        assert win[0][0] == 0 and win[-1][1] == w - 1
+        assert all(b[0] == a[1] + 1 for a, b in zip(win, win[1:]))
+
+
+def test_correlated_gaussian_mean_and_covariance():
+    """5-D Gaussian with correlations up to 0.9 and scales 0.1..10: moments within 5 Monte Carlo s.e."""
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5])
+    corr = torch.full((5, 5), 0.3) + 0.7 * torch.eye(5)
+    corr[0, 1] = corr[1, 0] = 0.9
+    cov = corr * scales[:, None] * scales[None, :]
+    prec = torch.linalg.inv(cov)
+    mean = torch.randn(5, generator=gen) * 3
+
+    def potential(q):
+        d = q - mean
+        return 0.5 * ((d @ prec) * d).sum(-1)
+
+    samples, diag = hmc_sample(potential, torch.zeros(4, 5), n_samples=1500, warmup=400, step_size=0.1,
+                               num_steps=10, seed=0, log=quiet)
+    assert samples.shape == (4, 1500, 5)
+    assert sum(diag["divergences"]) == 0
+    s = samples.double()
+    ess = effective_sample_size(s, chain_dim=0, sample_dim=1)
+    se_mean = s.reshape(-1, 5).std(0) / ess.sqrt()
+    assert ((s.mean((0, 1)) - mean.double()).abs() < 5 * se_mean).all(), (s.mean((0, 1)), mean)
+    centred = s - mean.double()  # products of centred draws estimate the covariance entries
+    prods = centred[..., :, None] * centred[..., None, :]
+    ess_p = effective_sample_size(prods, chain_dim=0, sample_dim=1)
+    se_cov = prods.reshape(-1, 5, 5).std(0) / ess_p.sqrt()
+    err = (prods.mean((0, 1)) - cov.double()).abs()
+    assert (err < 5 * se_cov).all(), (prods.mean((0, 1)), cov)
+    # the adapted inverse mass matrix is the posterior variance, to within estimation noise
+    assert 0.1**2 / 3 < diag["inverse_mass_min"][0] and diag["inverse_mass_max"][0] < 10**2 * 3
+
+
+def _nuts_vs_ours(n, width, nuts_warmup, nuts_samples, warmup, draws, num_steps):
+    x, y, x_test, _ = moons(n)
+    spec = fc_spec(width)
+    pyro.set_rng_seed(0)
+    kernel = NUTS(potential_fn=lambda z: fc_potential(z["w"], x, y, width))
+    mcmc = MCMC(kernel, num_samples=nuts_samples, warmup_steps=nuts_warmup, disable_progbar=True,
+                initial_params={"w": flat_init(spec, 123)})
+    mcmc.run()
+    p_nuts = fc_logits(mcmc.get_samples()["w"], x_test, width).softmax(-1)[..., 1]  # (S, B)
+    ess_nuts = effective_sample_size(p_nuts[None].double(), 0, 1)
+
+    post, diag = run_hmc(spec, x, y, n_samples=4 * draws, warmup=warmup, step_size=0.01, num_steps=num_steps,
+                         num_chains=4, seed=0, log=quiet)
+    assert sum(diag["divergences"]) == 0
+    # our stored samples, run through the hand-written network (checks the flat layout too)
+    p = post.params
+    w = torch.cat([p["1.weight"].flatten(1), p["1.bias"], p["3.weight"].flatten(1), p["3.bias"]], dim=1)
+    p_ours = fc_logits(w, x_test, width).softmax(-1)[..., 1].reshape(4, draws, -1)
+    torch.testing.assert_close(p_ours.reshape(4 * draws, -1), post.logits(x_test).softmax(-1)[..., 1])
+    ess_ours = effective_sample_size(p_ours.double(), 0, 1)
+    se = (p_nuts.double().var(0) / ess_nuts + p_ours.double().reshape(4 * draws, -1).var(0) / ess_ours).sqrt()
+    diff = (p_nuts.mean(0).double() - p_ours.mean((0, 1)).double()).abs()
+    assert (diff < 4 * se + 0.01).all(), (p_nuts.mean(0), p_ours.mean((0, 1)), se)
+
+
+def test_bnn_predictive_agrees_with_pyro_nuts():
+    """Tiny fc network (width 4, 22 weights) on 50 half-moons points: posterior predictive on 8 test points."""
+    _nuts_vs_ours(n=50, width=4, nuts_warmup=150, nuts_samples=200, warmup=200, draws=300, num_steps=10)
+
+
+@pytest.mark.slow
+def test_bnn_predictive_agrees_with_pyro_nuts_long():
+    _nuts_vs_ours(n=200, width=8, nuts_warmup=500, nuts_samples=1000, warmup=500, draws=1000, num_steps=20)
+
+
+def test_acceptance_sane_and_no_divergences_after_warmup():
+    x, y, _, _ = moons(100)
+    spec = dict(architecture="fc2", input_shape=(2,), num_classes=2, hidden_size=8, activation="leaky")
+    post, diag = run_hmc(spec, x, y, n_samples=100, warmup=200, step_size=0.001, num_steps=10, num_chains=2,
+                         seed=1, log=quiet)
+    assert post.n_samples == 100
+    for a in diag["acceptance_rate"] + diag["mean_accept_prob"]:
+        assert 0.6 <= a <= 0.99
+    assert diag["divergences"] == [0, 0]
+    assert diag["num_steps"] == 10
+    # every iteration costs num_steps gradients, plus the step-size searches and the initial gradient
+    assert 1 + 250 * 10 <= diag["gradient_evaluations_per_chain"][0] <= 1 + 250 * 10 + 200
+    assert all(s > 0.001 for s in diag["step_size"])  # adapted away from the initial guess
+
+
+def test_same_seed_same_samples_and_other_seed_differs():
+    x, y, _, _ = moons(40)
+    spec = fc_spec(4)
+    kw = dict(n_samples=20, warmup=30, step_size=0.01, num_steps=5, num_chains=2, log=quiet)
+    a, da = run_hmc(spec, x, y, seed=3, **kw)
+    b, db = run_hmc(spec, x, y, seed=3, **kw)
+    c, _ = run_hmc(spec, x, y, seed=4, **kw)
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k])
+        assert not torch.equal(a.params[k], c.params[k])
+    assert da["step_size"] == db["step_size"]
+    # chains are concatenated: the first half is chain 0, the two chains differ
+    assert not torch.equal(a.params["1.weight"][:10], a.params["1.weight"][10:])
+
+
+def test_several_chains_report_rhat_and_ess():
+    x, y, x_test, y_test = moons(60)
+    spec = fc_spec(4)
+    post, diag = run_hmc(spec, x, y, n_samples=90, warmup=60, step_size=0.01, num_steps=8, num_chains=3, seed=0,
+                         x_eval=x_test, y_eval=y_test, log=quiet)
+    for key in ("loglik_rhat", "loglik_ess", "pred_rhat_median", "pred_rhat_max", "pred_ess_min",
+                "pred_ess_median"):
+        assert diag[key] is not None and math.isfinite(diag[key]), key
+    assert diag["pred_rhat_max"] >= diag["pred_rhat_median"] > 0.8
+    assert 0 < diag["pred_ess_min"] <= diag["pred_ess_median"]
+    # recompute the log-likelihood trace independently and compare the statistics
+    p = post.params
+    w = torch.cat([p["1.weight"].flatten(1), p["1.bias"], p["3.weight"].flatten(1), p["3.bias"]], dim=1)
+    ll = torch.stack([-F.cross_entropy(fc_logits(wi, x, 4), y, reduction="sum") for wi in w]).reshape(3, 30)
+    assert split_gelman_rubin(ll.double(), 0, 1).item() == pytest.approx(diag["loglik_rhat"], rel=1e-3)
+    assert effective_sample_size(ll.double(), 0, 1).item() == pytest.approx(diag["loglik_ess"], rel=1e-3)
+    torch.testing.assert_close(ll.mean(1).double(), torch.tensor(diag["loglik_mean"], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-3)
+    # test-point traces: probability of the true class under each draw
+    probs = fc_logits(w, x_test, 4).softmax(-1).gather(-1, y_test.view(1, -1, 1).expand(90, -1, 1))
+    r = split_gelman_rubin(probs.squeeze(-1).reshape(3, 30, -1).double(), 0, 1)
+    assert r.max().item() == pytest.approx(diag["pred_rhat_max"], rel=1e-3)
+    assert "weight" not in " ".join(diag)  # no weight-space R-hat
+
+
+def test_predictive_summary_skips_constant_points():
+    """A test point predicted with probability exactly 1 in every draw must not blank the others' ESS."""
+    gen = torch.Generator().manual_seed(0)
+    traces = torch.rand(3, 40, 5, generator=gen, dtype=torch.float64)
+    traces[..., 2] = 1.0
+    out = hmc_diagnostics.summarise(torch.randn(3, 40, generator=gen), traces)
+    keep = traces[..., [0, 1, 3, 4]]
+    assert out["pred_points_constant"] == 1 and out["pred_points"] == 5
+    assert out["pred_ess_min"] == pytest.approx(effective_sample_size(keep, 0, 1).min().item())
+    assert out["pred_rhat_max"] == pytest.approx(split_gelman_rubin(keep, 0, 1).max().item())
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    x, y, _, _ = moons(40)
+    spec = fc_spec(4)
+    kw = dict(n_samples=30, warmup=40, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet)
+    full, dfull = run_hmc(spec, x, y, **kw)
+
+    saves = []
+    real_save = hmc.save_checkpoint
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        saves.append(state["state"]["it"])
+        if len(saves) == 4:
+            raise KeyboardInterrupt  # killed right after the fourth checkpoint (mid sampling)
+
+    monkeypatch.setattr(hmc, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, **kw)
+    assert saves == [15, 30, 40, 45]  # every 15 iterations and at the end of warm-up
+    monkeypatch.setattr(hmc, "save_checkpoint", real_save)
+    resumed, dres = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, resume=True, **kw)
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k])
+    assert dres["acceptance_rate"] == dfull["acceptance_rate"]
+    assert dres["gradient_evaluations"] == dfull["gradient_evaluations"]
+    # a finished checkpoint resumes to the same result without sampling again
+    again, _ = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **kw)
+    assert torch.equal(again.params["1.weight"], full.params["1.weight"])
+    # other settings: a clear error rather than a silent mix
+    with pytest.raises(UserError, match="different settings"):
+        run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **dict(kw, seed=6))
+
+
+def test_persistent_divergence_is_a_user_error_and_keeps_checkpoint(tmp_path):
+    def potential(q):  # finite only at the starting point: every proposal diverges
+        return torch.where((q == 0).all(-1), 0.0, torch.nan) + 0 * q.sum(-1)
+
+    with pytest.raises(UserError, match="diverged on 50 consecutive"):
+        hmc_sample(potential, torch.zeros(2, 3), n_samples=100, warmup=0, step_size=0.1, num_steps=3,
+                   checkpoint=tmp_path / "ck", checkpoint_every=20, log=quiet)
+    kept = hmc.load_checkpoint(tmp_path / "ck")
+    assert kept["state"]["it"] == 40 and not kept["complete"]
+    with pytest.raises(UserError, match="not finite at the initial point"):
+        hmc_sample(lambda q: q.sum(-1) * torch.nan, torch.zeros(1, 2), n_samples=5, warmup=5, step_size=0.1,
+                   num_steps=2, log=quiet)
+
+
+def test_legacy_mode_reproduces_the_papers_per_minibatch_chains():
+    x, y, _, _ = moons(5000)
+    spec = fc_spec(4)
+    post, diag = run_hmc(spec, x, y, n_samples=250, warmup=10, step_size=0.01, num_steps=2, mode="legacy",
+                         batch_size=1024, seed=0, log=quiet)
+    leg = diag["legacy"]
+    assert (leg["num_batches"], leg["batch_samples"], leg["last_batch_size"]) == (4, 63, 904)
+    assert post.n_samples == 250
+    distinct = torch.unique(post.params["1.weight"].flatten(1), dim=0).shape[0]
+    assert distinct <= leg["distinct_draws"] <= 63  # rejections repeat a draw, resampling repeats more
+    for n, (nb, bs, last) in {10000: (9, 28, 784), 15000: (14, 18, 664)}.items():
+        _, _, info = hmc._legacy_batch(torch.zeros(n, 2), torch.zeros(n), 250, 1024, 1)
+        assert (info["num_batches"], info["batch_samples"], info["last_batch_size"]) == (nb, bs, last)
+
+
+def test_bad_settings_are_user_errors():
+    x, y, _, _ = moons(20)
+    spec = fc_spec(4)
+    kw = dict(n_samples=5, warmup=5, step_size=0.01, num_steps=2, log=quiet)
+    with pytest.raises(UserError, match="unknown HMC mode"):
+        run_hmc(spec, x, y, mode="minibatch", **kw)
+    with pytest.raises(UserError, match="only used by the legacy"):
+        run_hmc(spec, x, y, batch_size=10, **kw)
+    with pytest.raises(UserError, match="positive batch_size"):
+        run_hmc(spec, x, y, mode="legacy", **kw)
+    with pytest.raises(UserError, match="labels must lie"):
+        run_hmc(spec, x, y + 2, **kw)
+    with pytest.raises(UserError, match="step_size"):
+        run_hmc(spec, x, y, **dict(kw, step_size=-1.0))
+    with pytest.raises(UserError, match="resume needs"):
+        run_hmc(spec, x, y, resume=True, **kw)
