@@ -23,18 +23,20 @@ ARCH = ["--dataset", "half_moons", "--architecture", "fc2", "--activation", "lea
 MODELS = {
     "nn": ("train-nn", ["--epochs", "20", "--lr", "0.01"]),
     "ensemble": ("train-ensemble", ["--epochs", "20", "--lr", "0.01", "--ensemble_size", "10"]),
-    "vi": ("train-bnn", ["--inference", "svi", "--epochs", "40", "--lr", "0.01", "--n_samples", "100"]),
-    "hmc": ("train-bnn", ["--inference", "hmc", "--n_samples", "100", "--warmup", "200", "--step_size", "0.01",
+    "vi": ("train-bnn", ["--inference", "svi", "--epochs", "30", "--lr", "0.01", "--n_samples", "100"]),
+    "hmc": ("train-bnn", ["--inference", "hmc", "--n_samples", "100", "--warmup", "300", "--step_size", "0.01",
                           "--num_steps", "20"]),
 }
+# The reduced Figure 1 grid (the paper's: widths 32-512, 5000-15000 points, warm-up 100-500, 250 samples).
+GRID = dict(widths="8,32,128", sizes="500,2000,8000", warmup=200)
 ATTACK_TYPE = {"nn": "nn", "ensemble": "ensemble", "vi": "bnn", "hmc": "bnn"}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (models, tables, figures, report)")
-    parser.add_argument("--n_inputs", type=positive_int, default=2000, help="training points (the first n)")
-    parser.add_argument("--hidden_size", type=positive_int, default=64, help="fc2 width of the four models")
-    parser.add_argument("--test_points", type=positive_int, default=500, help="test points attacked")
+    parser.add_argument("--n_inputs", type=positive_int, default=5000, help="training points (the first n)")
+    parser.add_argument("--hidden_size", type=positive_int, default=128, help="fc2 width of the four models")
+    parser.add_argument("--test_points", type=positive_int, default=1000, help="test points attacked")
     parser.add_argument("--epsilon", type=float, default=0.1, help="attack radius (inputs lie in [0, 1])")
     parser.add_argument("--grid", type=str2bool, default=True, help="run the reduced Figure 1 grid")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,8 +96,8 @@ def run(args) -> dict:
     if args.grid:
         print("\n##### reduced Figure 1 grid")
         t0 = time.perf_counter()
-        grid_flags = ["--test_points", 100, "--hidden_sizes", "8,32,128", "--n_inputs_list", "250,1000,4000",
-                      "--warmups", 100, "--n_samples", 100, "--posterior_samples", 100, "--step_size", 0.01,
+        grid_flags = ["--test_points", 100, "--hidden_sizes", GRID["widths"], "--n_inputs_list", GRID["sizes"],
+                      "--warmups", GRID["warmup"], "--n_samples", 100, "--posterior_samples", 100, "--step_size", 0.01,
                       "--num_steps", 20, *common[:2], "--seed", args.seed, "--device", args.device]
         command("grid-search-half-moons", *grid_flags)
         grid = command("plot-half-moons-overparam", "--test_points", 100, "--savedir", out / "models")

@@ -46,7 +46,7 @@ def _acc(table, model, attack, loss):
 
 def report(out: Path, trained: dict, attacks, masking, grid, timings: dict, args) -> Path:
     """Write out/report.md and return its path."""
-    models = [dict(model=LABELS.get(k, k), samples=s.get("samples"), test_acc=s.get("test_acc_all", s.get("test_acc")),
+    models = [dict(model=LABELS.get(k, k), samples=s.get("samples"), test_acc=s.get("test_acc", s.get("test_acc_10")),
                    train_time_s=s.get("train_time_s"),
                    hmc_acceptance=_fmt_list(s.get("acceptance_rate")), divergences=_fmt_list(s.get("divergences")))
               for k, s in trained.items()]
@@ -56,7 +56,8 @@ def report(out: Path, trained: dict, attacks, masking, grid, timings: dict, args
              f"Models: fc2, {args.hidden_size} hidden units, leaky ReLU, trained on the first {args.n_inputs} "
              f"half-moons points; attacks on the first {args.test_points} test points with eps = {args.epsilon} "
              f"(inputs lie in [0, 1]). Seed {args.seed}. Total time {timings['total']:.0f} s.\n",
-             "## Models\n", markdown_table(pd.DataFrame(models).fillna("")), "",
+             "## Models\n", "Test accuracy on the first n_inputs test points (BNNs: posterior predictive of 10 "
+             "samples).\n", markdown_table(pd.DataFrame(models).fillna("")), "",
              "## Attacks\n",
              "Adversarial accuracy (%) and mean softmax robustness, FGSM and 40-step PGD, with the `predictive` loss "
              "(-log of the posterior predictive, the default) and the paper's `legacy` loss (cross-entropy on the "
@@ -64,10 +65,12 @@ def report(out: Path, trained: dict, attacks, masking, grid, timings: dict, args
              markdown_table(attacks.drop(columns=["epsilon"])), "", _attack_paragraph(attacks), "",
              "## Gradient masking check\n", "![masking](masking_check.png)\n", _masking_paragraph(masking), ""]
     if grid is not None:
+        from robustbnn.experiments.demo import GRID
+
         parts += ["## Figure 1, reduced\n",
-                  "HMC BNNs of widths 8, 32, 128 trained on 250, 1000 and 4000 points; expected loss gradients "
-                  "with 100 posterior samples on 100 test points (the paper: widths 32-512, 5000-15000 points, "
-                  "250 samples).\n",
+                  f"HMC BNNs of widths {GRID['widths']} trained on {GRID['sizes']} points (warm-up {GRID['warmup']}, "
+                  "100 samples); expected loss gradients with 100 posterior samples on 100 test points (the paper: "
+                  "widths 32-512, 5000-15000 points, 250 samples).\n",
                   "![figure 1](models/halfMoons_overparam_100.png)\n", "![norms](models/halfMoons_gradnorm_100.png)\n",
                   _grid_paragraph(grid), ""]
     parts += ["## Time\n", markdown_table(pd.DataFrame([dict(step=k, seconds=v) for k, v in timings.items()]),

@@ -9,6 +9,11 @@ from robustbnn.experiments.common import add_common, setup, str2bool
 from robustbnn.experiments.models import add_model_flags, model_folder, record_metrics, train_or_load
 
 
+# HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
+HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
+                        "loglik_rhat", "loglik_ess", "time_s")
+
+
 def add_train_arguments(parser, kind: str) -> None:
     add_model_flags(parser, kind)
     parser.add_argument("--train", type=str2bool, default=True, help="train (True) or load (False)")
@@ -24,7 +29,8 @@ def train_and_test(args, kind: str):
     summary = {"model": folder.name, "folder": str(folder), "samples": post.n_samples}
     if args.train:
         summary["train_time_s"] = post.meta["train_time_s"]
-        summary.update({k: v for k, v in post.meta.get("diagnostics", {}).items() if not isinstance(v, (list, dict))})
+        diagnostics = post.meta.get("diagnostics", {})
+        summary.update({k: diagnostics[k] for k in HEADLINE_DIAGNOSTICS if k in diagnostics})
     if args.test:
         summary["test_acc"] = post.accuracy(data.x_test, data.y_test)
         print(f"Accuracy ({post.n_samples} sample{'s' * (post.n_samples > 1)}, {len(data.x_test)} test points): "
