@@ -35,7 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro.ops.stats import effective_sample_size
 
 from robustbnn.data import load_dataset
-from robustbnn.inference.hmc import bnn_potential, flatten, param_layout, run_hmc, unflatten
+from robustbnn.inference.hmc import bnn_potential, flatten, param_layout, run_hmc
 from robustbnn.nets import init_params, make_net
 
 

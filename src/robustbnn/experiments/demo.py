@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustbnn.artifacts import write_csv
-from robustbnn.experiments.common import positive_int, str2bool
+from robustbnn.experiments.common import nonneg_float, positive_int, str2bool
 from robustbnn.experiments.demo_report import masking_figure, report
 
 # The demo's models: one fc2 architecture, four inference methods (flags of the train commands).
@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n_inputs", type=positive_int, default=5000, help="training points (the first n)")
     parser.add_argument("--hidden_size", type=positive_int, default=128, help="fc2 width of the four models")
     parser.add_argument("--test_points", type=positive_int, default=1000, help="test points attacked")
-    parser.add_argument("--epsilon", type=float, default=0.1, help="attack radius (inputs lie in [0, 1])")
+    parser.add_argument("--epsilon", type=nonneg_float, default=0.1, help="attack radius (inputs lie in [0, 1])")
     parser.add_argument("--grid", type=str2bool, default=True, help="run the reduced Figure 1 grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -68,7 +68,7 @@ def run(args) -> dict:
         timings[f"train {name}"] = time.perf_counter() - t0
 
     rows, masking = [], []
-    for name, (cmd, flags) in MODELS.items():
+    for name, (_, flags) in MODELS.items():
         for method in ("fgsm", "pgd"):
             for loss in ("predictive", "legacy"):
                 print(f"\n##### {method} ({loss} loss) on {name}")
@@ -91,7 +91,7 @@ def run(args) -> dict:
     table = pd.DataFrame(rows)
     write_csv(out / "attacks.csv", table)
     write_csv(out / "masking_check.csv", masking)
-    figures = {"masking": masking_figure(pd.DataFrame(masking), out / "masking_check")}
+    masking_figure(pd.DataFrame(masking), out / "masking_check")
     grid = None
     if args.grid:
         print("\n##### reduced Figure 1 grid")

@@ -52,7 +52,7 @@ def report(out: Path, trained: dict, attacks, masking, grid, timings: dict, args
               for k, s in trained.items()]
     import pandas as pd
 
-    parts = [f"# robustbnn demo: half moons\n",
+    parts = ["# robustbnn demo: half moons\n",
              f"Models: fc2, {args.hidden_size} hidden units, leaky ReLU, trained on the first {args.n_inputs} "
              f"half-moons points; attacks on the first {args.test_points} test points with eps = {args.epsilon} "
              f"(inputs lie in [0, 1]). Seed {args.seed}. Total time {timings['total']:.0f} s.\n",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
 
 from robustbnn.artifacts import model_name, write_config, write_csv
 from robustbnn.errors import UserError
@@ -55,6 +55,8 @@ def add_model_flags(parser, kind: str, n_inputs_help: str | None = None, ensembl
         g.add_argument("--likelihood", default="scaled", choices=("scaled", "legacy"),
                        help="VI: scaled = true ELBO (N / batch); legacy = the paper's unscaled minibatch term")
         g.add_argument("--num_chains", type=positive_int, default=1, help="HMC chains (R-hat and ESS need 2+)")
+        g.add_argument("--target_accept", type=positive_float, default=0.8,
+                       help="HMC: acceptance probability the step-size adaptation aims at")
         g.add_argument("--hmc_mode", default="full_batch", choices=("full_batch", "legacy"),
                        help="legacy = the paper's per-minibatch chains (reproduction only)")
     g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
@@ -80,7 +82,7 @@ def model_settings(kind: str, args) -> dict:
             base.setdefault("step_size", None)
             base.setdefault("num_steps", None)
         base.update(prior_scale=args.prior_scale, likelihood=args.likelihood, num_chains=args.num_chains,
-                    hmc_mode=args.hmc_mode)
+                    hmc_mode=args.hmc_mode, target_accept=getattr(args, "target_accept", 0.8))
         missing = [k for k in (("epochs", "lr") if inference == "svi" else ("n_samples", "warmup")) if base.get(k) is None]
         if missing:
             raise UserError(f"{inference} needs {', '.join('--' + m for m in missing)} (the preset has none)")
@@ -144,9 +146,14 @@ def train_model(settings: dict, data, args, device) -> tuple[Posterior, list[dic
                                     warmup=settings["warmup"], step_size=settings["step_size"],
                                     num_steps=settings["num_steps"], num_chains=settings["num_chains"],
                                     prior_scale=settings["prior_scale"], seed=args.seed, mode=settings["hmc_mode"],
+                                    target_accept=settings.get("target_accept", 0.8),
                                     batch_size=settings["batch_size"] if settings["hmc_mode"] == "legacy" else None,
                                     x_eval=data.x_test[:500], y_eval=data.y_test[:500], **common)
         history = []
+        accept, divergent = diagnostics.get("acceptance_rate", []), sum(diagnostics.get("divergences", []))
+        if divergent or any(a < 0.5 for a in accept):
+            print(f"warning: HMC acceptance {', '.join(f'{a:.2f}' for a in accept)} with {divergent} divergences "
+                  "after warm-up: the step size is not adapted; use a longer --warmup", file=sys.stderr)
     post.meta = dict(post.meta, kind="vi" if settings.get("inference") == "svi" else settings.get("inference", kind),
                      name=folder.name, dataset=data.name, settings=settings, seed=args.seed,
                      train_time_s=time.perf_counter() - t0, diagnostics=diagnostics)
