@@ -40,7 +40,7 @@ BNN_PRESETS = {
 # Training batch sizes of the seed: model_nn.py 64, ensemble members 100, SVI 128, HMC 5000 (legacy
 # per-minibatch chains; our default HMC is full batch).
 BATCH_SIZE = {"nn": 64, "ensemble": 100, "svi": 128, "hmc": 5000}
-# HMC constructor defaults of the seed (initial values: Pyro keeps step_size * num_steps fixed).
+# HMC constructor defaults of the seed: the initial step size (adapted in warm-up) and the leapfrog steps.
 HMC_DEFAULTS = dict(step_size=0.005, num_steps=10)
 HALF_MOONS_HMC = dict(step_size=0.001, num_steps=10)
 

@@ -7,13 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-
-from robustbnn.artifacts import model_name, write_config, write_csv
+from robustbnn.artifacts import model_name, write_config, write_csv, write_json
 from robustbnn.errors import UserError
+from robustbnn.experiments.common import positive_float, positive_int, savedir, show_progress, str2bool
 from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.inference.sgd import train_nets
-from robustbnn.artifacts import write_json
-from robustbnn.experiments.common import positive_float, positive_int, savedir, show_progress, str2bool
 from robustbnn.nets import ACTIVATIONS, ARCHITECTURES
 from robustbnn.plots import training_curves
 from robustbnn.posterior import Posterior
@@ -35,7 +33,7 @@ BNN_OVERRIDES = {
     "n_samples": dict(type=positive_int, help="HMC: samples kept; VI: samples drawn from the guide"),
     "warmup": dict(type=positive_int, help="HMC warm-up iterations"),
     "step_size": dict(type=positive_float, help="HMC initial step size"),
-    "num_steps": dict(type=positive_int, help="HMC leapfrog steps (initial; trajectory length is kept)"),
+    "num_steps": dict(type=positive_int, help="HMC leapfrog steps per iteration (fixed; the step size adapts)"),
 }
 
 
