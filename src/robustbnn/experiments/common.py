@@ -29,34 +29,27 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def positive_int(value) -> int:
+def _number(value, cast, ok, expected: str):
+    """`cast(value)` if it passes `ok`, else argparse's one-line error saying what was expected."""
     try:
-        v = int(value)
+        v = cast(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return v
+
+
+def positive_int(value) -> int:
+    return _number(value, int, lambda v: v >= 1, "a positive integer")
 
 
 def nonneg_float(value) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {value!r}")
-    return v
+    return _number(value, float, lambda v: math.isfinite(v) and v >= 0, "a finite non-negative number")
 
 
 def positive_float(value) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value!r}")
-    return v
+    return _number(value, float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
 
 
 def int_list(value) -> list[int]:
