@@ -126,3 +126,27 @@ def real_data_root():
     """The real data folder ($ROBUSTBNN_DATA, else data/ at the repo root); `robustbnn fetch-data` fills it."""
     env = os.environ.get("ROBUSTBNN_DATA")
     return Path(env) if env else REPO_ROOT / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and steady on a machine shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(argv, capsys):
+    """Run a robustbnn command in-process; return (exit code, stdout, stderr)."""
+    from robustbnn.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -63,13 +63,7 @@ def predictive_loss(logits, y):
 TINY = 200  # activations budget: forces sample chunks of 1-2 and input chunks of a few inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 # --------------------------------------------------------------------------------------------

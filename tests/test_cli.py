@@ -7,24 +7,12 @@ import sys
 import pytest
 import torch
 
-from robustbnn.cli import main
 from robustbnn.posterior import Posterior
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_cli
 
 TINY = ["--dataset", "half_moons", "--architecture", "fc2", "--hidden_size", "8", "--epochs", "2",
         "--n_inputs", "300"]
 NAME = "half_moons_nn_hid=8_act=leaky_arch=fc2_ep=2_lr=0.01"
-
-
-def run_cli(argv, capsys):
-    """Run in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err):

@@ -4,20 +4,11 @@ import json
 
 import pandas as pd
 
-from robustbnn.cli import main
+from tests.conftest import run_cli
+
 
 GRID = ["--hidden_sizes", "4,8", "--n_inputs_list", "100,200", "--warmups", "20", "--n_samples", "10",
         "--posterior_samples", "10", "--step_size", "0.01", "--num_steps", "5", "--test_points", "30"]
-
-
-def run_cli(argv, capsys):
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_grid_search_resumes_and_feeds_figure_1(tmp_path, capsys):

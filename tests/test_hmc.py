@@ -23,12 +23,7 @@ from robustbnn.inference.hmc import (
 from robustbnn.nets import init_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def quiet(*_):

@@ -20,13 +20,7 @@ SPEC = dict(architecture="fc", input_shape=[1, 3, 3], num_classes=10, hidden_siz
 LEGACY_FLOOR = 1 - (math.e - 1) / (math.e + 9)  # 0.8534: the double-softmax bound for 10 classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make_post(n_samples=6, kind="vi", spec=SPEC, scale=3.0):

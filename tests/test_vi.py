@@ -16,13 +16,7 @@ from robustbnn.posterior import Posterior, draw_guide_samples
 quiet = lambda *a: None  # noqa: E731
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one thread is faster, and steady on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 SIGMA = 0.5  # known noise of the linear-regression likelihood
 
