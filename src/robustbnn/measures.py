@@ -9,6 +9,7 @@ numbers, which matters for VI).
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from robustbnn.attacks import (
     GRAD_BUDGET, attack, check_inputs, check_loss, input_gradient, legacy_output, legacy_softmax_output,
@@ -100,7 +101,8 @@ def _check_counts(post: Posterior, sample_counts) -> list[int]:
 
 
 def expected_loss_gradients(post: Posterior, x: torch.Tensor, y: torch.Tensor, sample_counts=(1, 10, 50, 100),
-                            *, legacy: bool = False, budget: int = GRAD_BUDGET) -> torch.Tensor:
+                            *, legacy: bool = False, budget: int = GRAD_BUDGET,
+                            progress: bool = False) -> torch.Tensor:
     """Expected loss gradients G_S(x) = (1/S) sum_{s<S} grad_x CE(f(x; w_s), y) for each S in `sample_counts`.
 
     Carbone et al. (2020), section 4: in the large-data, overparametrised limit E_{p(w|D)}[grad_x L]
@@ -117,7 +119,7 @@ def expected_loss_gradients(post: Posterior, x: torch.Tensor, y: torch.Tensor, s
     s_chunk, b_chunk = post.chunks(len(xd), budget)
     out = torch.empty(len(counts), *xd.shape, device=xd.device)
     with torch.enable_grad():
-        for b0 in range(0, len(xd), b_chunk):
+        for b0 in tqdm(range(0, len(xd), b_chunk), desc="expected loss gradients", unit="chunk", disable=not progress):
             xb = xd[b0:b0 + b_chunk].detach().requires_grad_(True)
             yb = yd[b0:b0 + b_chunk]
             running, start = torch.zeros_like(xb), 0

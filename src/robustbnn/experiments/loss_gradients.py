@@ -17,7 +17,8 @@ from robustbnn import measures
 from robustbnn.artifacts import atomic_path, write_config, write_csv
 from robustbnn.errors import UserError
 from robustbnn.experiments.attack import MODEL_TYPES
-from robustbnn.experiments.common import add_common, int_list, positive_int, settings_of, setup, str2bool
+from robustbnn.experiments.common import (add_common, int_list, positive_int, settings_of, setup, show_progress,
+                                          str2bool)
 from robustbnn.experiments.models import add_model_flags, load_model, model_folder, model_settings
 
 
@@ -47,7 +48,8 @@ def compute_or_load(post, x, y, counts, path: Path, compute: bool = True) -> tor
         return grads
     if not compute:
         raise UserError(f"missing {path}; compute it with `robustbnn loss-gradients` or --compute_grads=True")
-    grads = measures.expected_loss_gradients(post, x, y, counts, legacy=path.stem.endswith("_legacy")).cpu()
+    grads = measures.expected_loss_gradients(post, x, y, counts, legacy=path.stem.endswith("_legacy"),
+                                             progress=show_progress()).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({"grads": grads.contiguous(), "sample_counts": torch.tensor(counts)}, str(tmp))
