@@ -83,20 +83,14 @@ def attack_kwargs(args, method: str | None = None) -> dict:
     return kw
 
 
-def sample_counts(args, kind: str, n_stored: int | None = None) -> tuple[int, list[int]]:
+def sample_counts(args, kind: str) -> tuple[int, list[int]]:
     """(attack samples, defence sample counts) with the seed's defaults."""
     default = {"nn": 1, "ensemble": args.ensemble_size, "bnn": 10}[kind]
     attack_samples = args.attack_samples or default
     defence = args.defence_samples or [attack_samples]
     if kind == "nn" and (attack_samples != 1 or defence != [1]):
         raise UserError("a deterministic network has one sample; drop --attack_samples / --defence_samples")
-    if n_stored is not None and max(defence + [attack_samples]) > n_stored:
-        raise UserError(f"asked for {max(defence + [attack_samples])} samples but the model holds {n_stored}")
     return attack_samples, defence
-
-
-def test_slice(data, n: int):
-    return data.x_test[:n], data.y_test[:n]
 
 
 def run(args) -> dict:
@@ -107,18 +101,15 @@ def run(args) -> dict:
     test_n = args.n_inputs
     args.n_inputs = args.train_inputs  # the model's own n_inputs (its name and training set)
     settings = model_settings(kind, args)
-    data = load_dataset(settings["dataset"], args.train_inputs, args.data_dir)
     attack_samples, defence = sample_counts(args, kind)
-    full = load_dataset(settings["dataset"], None, args.data_dir) if test_n > len(data.x_test) else data
-    x, y = test_slice(full, test_n)
+    data = load_dataset(settings["dataset"], None, args.data_dir)
+    x, y = data.x_test[:test_n], data.y_test[:test_n]
     n_needed = max(defence + [attack_samples])
     if args.train:
-        post, _ = train_model(settings, data, args, device)
-        post = post.redraw(n_needed, args.seed) if post.guide is not None else post
+        train = load_dataset(settings["dataset"], args.train_inputs, args.data_dir)
+        post = train_model(settings, train, args, device)[0].redraw(n_needed, args.seed)
     else:
-        post = load_model(settings, data, args, device, n_samples=n_needed if settings.get("inference") == "svi"
-                          else None)
-    sample_counts(args, kind, post.n_samples)
+        post = load_model(settings, data, args, device, n_samples=n_needed)
     folder = model_folder(args, settings)
     label = f"{args.attack_method}_{args.attack_loss}_eps={args.epsilon}_attackSamp={attack_samples}"
     if args.avg_posterior:

@@ -75,10 +75,7 @@ def run(args) -> dict:
     settings = model_settings(kind, args)
     data = load_dataset(settings["dataset"], None, args.data_dir)
     counts = args.samples_list
-    post = load_model(settings, data, args, device,
-                      n_samples=max(counts) if settings.get("inference") == "svi" else None)
-    if max(counts) > post.n_samples:
-        raise UserError(f"asked for {max(counts)} posterior samples but the model holds {post.n_samples}")
+    post = load_model(settings, data, args, device, n_samples=max(counts))
     x, y = data.x_test[:test_n], data.y_test[:test_n]
     folder = model_folder(args, settings)
     path = gradients_path(folder, counts, len(x), args.legacy)

@@ -166,7 +166,12 @@ def train_model(settings: dict, data, args, device) -> tuple[Posterior, list[dic
 
 
 def load_model(settings: dict, data, args, device, n_samples: int | None = None) -> Posterior:
-    """Load the saved model for `settings`; the architecture must match the preset and dataset."""
+    """Load the saved model for `settings`; the architecture must match the preset and dataset.
+
+    `n_samples` is what the caller needs: a VI guide draws that many samples (seeded by --seed), a
+    stored posterior keeps its first `n_samples`, and asking for more than it holds is an error.
+    `None` keeps every stored sample (VI: the number drawn at training).
+    """
     folder = model_folder(args, settings)
     if not (folder / "posterior.json").exists():
         cmd = {"nn": "train-nn", "ensemble": "train-ensemble", "bnn": "train-bnn"}[settings["kind"]]

@@ -46,7 +46,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--same_samples", type=str2bool, default=False,
                         help="attack and evaluate the BNN with the same count n, for each n of --samples_list")
     parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="L-inf radius of the attacks")
-    parser.add_argument("--test", type=str2bool, default=True, help="print each model's clean test accuracy")
+    add_figure_flags(parser)
+
+
+def add_figure_flags(parser) -> None:
+    """--test, --attack, the attack settings and the common flags (shared with plot-eps-attacks)."""
+    parser.add_argument("--test", type=str2bool, default=True, help="print the clean test accuracies")
     parser.add_argument("--attack", type=str2bool, default=True,
                         help="compute the attacks and the table (True) or redraw from the saved table (False)")
     add_attack_flags(parser)
@@ -187,15 +192,9 @@ def compute_table(args, bnn_args, nn_s, ens_s, bnn_s, test_n, device, load_datas
     counts, eps = args.samples_list, args.epsilon
     bnn_attack = counts if args.same_samples else [args.attack_samples]
     needed = max(counts + bnn_attack)
-    bnn = load_model(bnn_s, data, bnn_args, device,
-                     n_samples=needed if bnn_s["inference"] == "svi" else None)
-    if needed > bnn.n_samples:
-        raise UserError(f"the BNN holds {bnn.n_samples} samples but {needed} are asked for; lower --samples_list / "
-                        "--attack_samples")
+    bnn = load_model(bnn_s, data, bnn_args, device, n_samples=needed)
     net = load_model(nn_s, data, args, device)
-    ens = load_model(ens_s, data, args, device)
-    if ens.n_samples < max(counts):
-        raise UserError(f"the ensemble holds {ens.n_samples} members but --samples_list asks for {max(counts)}")
+    ens = load_model(ens_s, data, args, device, n_samples=max(counts))
     if spec_of(bnn_s, data) != spec_of(nn_s, data):
         raise UserError("the network and the BNN have different architectures")
     common = dict(attack_method=args.attack_method, attack_loss=args.attack_loss, epsilon=eps,

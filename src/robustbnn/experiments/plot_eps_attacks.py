@@ -18,11 +18,11 @@ from pathlib import Path
 from robustbnn import plots
 from robustbnn.artifacts import environment, write_csv, write_json
 from robustbnn.errors import UserError
-from robustbnn.experiments.attack import add_attack_flags, formats
-from robustbnn.experiments.common import add_common, float_list, int_list, settings_of, setup, str2bool
+from robustbnn.experiments.attack import formats
+from robustbnn.experiments.common import float_list, int_list, settings_of, setup
 from robustbnn.experiments.models import add_model_flags, load_model, model_folder, model_settings
-from robustbnn.experiments.plot_baseline_attacks import (attack_and_evaluate, config_path, figures_dir, legacy_note,
-                                                          load_table)
+from robustbnn.experiments.plot_baseline_attacks import (add_figure_flags, attack_and_evaluate, config_path,
+                                                          figures_dir, legacy_note, load_table)
 
 
 def add_arguments(parser) -> None:
@@ -32,11 +32,7 @@ def add_arguments(parser) -> None:
                         help="comma-separated L-inf radii")
     parser.add_argument("--samples_list", type=int_list, default=[1, 10, 50],
                         help="comma-separated posterior sample counts (each used by the attack and the evaluation)")
-    parser.add_argument("--test", type=str2bool, default=True, help="print the clean test accuracy for each count")
-    parser.add_argument("--attack", type=str2bool, default=True,
-                        help="compute the attacks and the table (True) or redraw from the saved table (False)")
-    add_attack_flags(parser)
-    add_common(parser)
+    add_figure_flags(parser)
 
 
 def run(args) -> dict:
@@ -57,10 +53,7 @@ def run(args) -> dict:
         data = load_dataset(settings["dataset"], None, args.data_dir)
         x, y = data.x_test[:test_n], data.y_test[:test_n]
         counts = args.samples_list
-        post = load_model(settings, data, args, device,
-                          n_samples=max(counts) if settings["inference"] == "svi" else None)
-        if max(counts) > post.n_samples:
-            raise UserError(f"the BNN holds {post.n_samples} samples but --samples_list asks for {max(counts)}")
+        post = load_model(settings, data, args, device, n_samples=max(counts))
         kind = post.meta.get("kind", "vi" if settings["inference"] == "svi" else "hmc")
         rows = []
         print(f"\n{args.attack_method} attacks on {len(x)} {settings['dataset']} test points")

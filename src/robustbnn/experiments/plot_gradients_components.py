@@ -151,10 +151,7 @@ def run(args) -> dict:
     data = load_dataset(settings["dataset"], None, args.data_dir)
     x, y = data.x_test[:test_n], data.y_test[:test_n]
     counts = sorted(set(args.samples_list) | set(args.heatmap_samples))
-    post = load_model(settings, data, args, device, n_samples=max(counts) if settings["inference"] == "svi" else None)
-    if max(counts) > post.n_samples:
-        raise UserError(f"the BNN holds {post.n_samples} posterior samples but S = {max(counts)} is asked for; "
-                        "lower --samples_list / --heatmap_samples")
+    post = load_model(settings, data, args, device, n_samples=max(counts))
     kind = post.meta.get("kind", "vi" if settings["inference"] == "svi" else "hmc")
     print(f"\n=== Expected loss gradients of {folder.name} on {len(x)} test inputs, S = {counts}")
     t1 = time.perf_counter()
