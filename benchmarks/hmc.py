@@ -11,8 +11,9 @@ Metrics: gradient evaluations per second (one evaluation = one full-batch gradie
 counted exactly on both sides) and effective samples per second of the training log-likelihood
 (ESS from `pyro.ops.stats.effective_sample_size`; noisy for short runs; for C chains the sum of
 the per-chain ESS, as C separate Pyro chains would give). Ours runs 1 chain, and C chains as one
-batch, against Pyro's single chain (C Pyro chains would take C times as long on the same cores). An extra line drives Pyro's HMC kernel with our flat-vector potential (`potential_fn`),
-which separates Pyro's model overhead from its integrator overhead.
+batch, against Pyro's single chain (C Pyro chains would take C times as long on the same cores). An
+extra line drives Pyro's HMC kernel with our flat-vector potential (`potential_fn`), which separates
+Pyro's model overhead from its integrator overhead.
 
     python benchmarks/hmc.py [--quick] [--threads N]
 
@@ -35,8 +36,9 @@ from pyro.nn.module import to_pyro_module_
 from pyro.ops.stats import effective_sample_size
 
 from robustbnn.data import load_dataset
-from robustbnn.inference.hmc import bnn_potential, flatten, param_layout, run_hmc
-from robustbnn.nets import init_params, make_net
+from robustbnn.inference.hmc import bnn_potential, log_prior, run_hmc
+from robustbnn.nets import init_params, template
+from robustbnn.posterior import flatten, param_layout
 
 
 class FixedStepsHMC(HMC):
@@ -68,7 +70,7 @@ class FixedStepsHMC(HMC):
 
 def pyro_bnn(spec: dict):
     """The standard Pyro BNN: PyroModule network with N(0, 1) PyroSample priors on every parameter."""
-    net = make_net(**spec)
+    net = template(spec)
     to_pyro_module_(net)
     for module in net.modules():
         for name, p in list(module.named_parameters(recurse=False)):
@@ -83,15 +85,10 @@ def pyro_bnn(spec: dict):
 
 
 def loglik_of(spec, x, y, flat):
-    """Training log-likelihood of every draw (S, D) -> (S,), from the potential minus the prior."""
+    """Training log-likelihood of every draw (S, D) -> (S,), from the potential minus the N(0, 1) prior."""
     pot = bnn_potential(spec, x, y)
     with torch.no_grad():
-        out = []
-        for chunk in flat.split(64):
-            d = chunk.shape[-1]
-            log_prior = -0.5 * chunk.double().square().sum(-1) - 0.5 * d * torch.log(torch.tensor(2 * torch.pi))
-            out.append(-(pot(chunk).double() + log_prior))
-    return torch.cat(out)
+        return torch.cat([-(pot(chunk) + log_prior(chunk, 1.0)) for chunk in flat.split(64)])
 
 
 def run_pyro_model(spec, x, y, *, warmup, draws, step_size, num_steps, seed):
@@ -116,8 +113,9 @@ def run_pyro_potential(spec, x, y, *, warmup, draws, step_size, num_steps, seed)
     pyro.set_rng_seed(seed)
     layout = param_layout(init_params(spec, seed))
     pot = bnn_potential(spec, x, y)
-    kernel = FixedStepsHMC(potential_fn=lambda z: pot(z["w"][None])[0], step_size=step_size, num_steps=num_steps,
-                           fixed_steps=num_steps, adapt_step_size=True, adapt_mass_matrix=True)
+    # the energy in the dtype of the position (ours is float64, which would turn Pyro's weights float64)
+    kernel = FixedStepsHMC(potential_fn=lambda z: pot(z["w"][None])[0].to(z["w"].dtype), step_size=step_size,
+                           num_steps=num_steps, fixed_steps=num_steps, adapt_step_size=True, adapt_mass_matrix=True)
     kernel._wrap_potential()
     mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True,
                 initial_params={"w": flatten(init_params(spec, seed), layout)})
@@ -158,17 +156,19 @@ def main():
     ess_pyro = ess(loglik_of(spec, x, y, flat)[None]) / t_pyro
     rate_pyro = g_pyro / t_pyro
 
-    _, diag1 = run_hmc(spec, x, y, n_samples=draws, num_chains=1, log=lambda *_: None, **common)
+    diag1 = run_hmc(spec, x, y, n_samples=draws, num_chains=1, log=lambda *_: None, **common).meta["diagnostics"]
     rate1 = diag1["gradient_evaluations"] / diag1["time_s"]
     ess1 = (diag1["loglik_ess"] or 0.0) / diag1["time_s"]
     emit("gradient_evals_per_s_1chain", rate1, "grad/s", rate_pyro, setting + "; baseline Pyro HMC(model)")
     emit("loglik_ess_per_s_1chain", ess1, "ESS/s", ess_pyro, setting + "; baseline Pyro HMC(model)")
 
     c = args.chains
-    postc, diagc = run_hmc(spec, x, y, n_samples=draws * c, num_chains=c, log=lambda *_: None, **common)
+    postc = run_hmc(spec, x, y, n_samples=draws * c, num_chains=c, log=lambda *_: None, **common)
+    diagc = postc.meta["diagnostics"]
     rate_c = diagc["gradient_evaluations"] / diagc["time_s"]
     layout = param_layout(init_params(spec, 0))
-    ll = loglik_of(spec, x, y, flatten(postc.params, layout, batch_dims=1)).reshape(c, draws)
+    # the stored draws interleave the chains: draw 0 of every chain, then draw 1, ...
+    ll = loglik_of(spec, x, y, flatten(postc.params, layout, batch_dims=1)).reshape(draws, c).T
     # like for like with C separate Pyro chains: the sum of each chain's own ESS (the pooled multi-chain
     # ESS also penalises chains that disagree, i.e. not yet converged; it is given in the note)
     ess_c = sum(ess(ll[i:i + 1]) for i in range(c)) / diagc["time_s"]

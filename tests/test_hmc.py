@@ -16,11 +16,12 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from sklearn.datasets import make_moons
 
 from robustbnn.errors import UserError
-from robustbnn.inference import hmc, hmc_diagnostics
-from robustbnn.inference.hmc import (
-    adaptation_windows, bnn_potential, bnn_value_and_grad, hmc_sample, run_hmc,
-)
+from robustbnn.inference import hmc, hmc_diagnostics, hmc_kernel
+from robustbnn.inference.checkpoint import load_checkpoint
+from robustbnn.inference.hmc import bnn_potential, bnn_value_and_grad, run_hmc
+from robustbnn.inference.hmc_kernel import SamplerSettings, adaptation_windows, hmc_sample, run_sampler
 from robustbnn.nets import init_params
+from robustbnn.posterior import flatten, param_layout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
@@ -73,13 +74,15 @@ def test_potential_and_gradient_match_hand_written():
     w = torch.stack([flat_init(spec, s) * 3 for s in range(3)])
     ref = torch.stack([fc_potential(wi, x, y, width, prior_scale=0.7) for wi in w])
     got = bnn_potential(spec, x, y, prior_scale=0.7)(w)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got, ref.double(), rtol=1e-5, atol=1e-3)
     wr = w.clone().requires_grad_(True)
     (g_ref,) = torch.autograd.grad(sum(fc_potential(wi, x, y, width, 0.7) for wi in wr), wr)
+    loglik_ref = torch.stack([-F.cross_entropy(fc_logits(wi, x, width), y, reduction="sum") for wi in w])
     for budget in (10**9, 1000):  # one pass, and the data in chunks of 7 points
-        u, g = bnn_value_and_grad(spec, x, y, prior_scale=0.7, budget=budget)(w)
+        u, g, loglik = bnn_value_and_grad(spec, x, y, prior_scale=0.7, budget=budget)(w)
         torch.testing.assert_close(u, ref.double(), rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loglik, loglik_ref.double(), rtol=1e-5, atol=1e-3)
 
 
 def test_adaptation_windows_follow_stan():
@@ -136,14 +139,16 @@ def _nuts_vs_ours(n, width, nuts_warmup, nuts_samples, warmup, draws, num_steps)
     p_nuts = fc_logits(mcmc.get_samples()["w"], x_test, width).softmax(-1)[..., 1]  # (S, B)
     ess_nuts = effective_sample_size(p_nuts[None].double(), 0, 1)
 
-    post, diag = run_hmc(spec, x, y, n_samples=4 * draws, warmup=warmup, step_size=0.01, num_steps=num_steps,
-                         num_chains=4, seed=0, log=quiet)
+    post = run_hmc(spec, x, y, n_samples=4 * draws, warmup=warmup, step_size=0.01, num_steps=num_steps,
+                   num_chains=4, seed=0, log=quiet)
+    diag = post.meta["diagnostics"]
     assert sum(diag["divergences"]) == 0
-    # our stored samples, run through the hand-written network (checks the flat layout too)
+    # our stored samples, run through the hand-written network (checks the flat layout too); the stored
+    # order interleaves the chains, so (draws, chains) -> (chains, draws)
     p = post.params
     w = torch.cat([p["1.weight"].flatten(1), p["1.bias"], p["3.weight"].flatten(1), p["3.bias"]], dim=1)
-    p_ours = fc_logits(w, x_test, width).softmax(-1)[..., 1].reshape(4, draws, -1)
-    torch.testing.assert_close(p_ours.reshape(4 * draws, -1), post.logits(x_test).softmax(-1)[..., 1])
+    p_ours = fc_logits(w, x_test, width).softmax(-1)[..., 1].reshape(draws, 4, -1).transpose(0, 1)
+    torch.testing.assert_close(p_ours.transpose(0, 1).reshape(4 * draws, -1), post.logits(x_test).softmax(-1)[..., 1])
     ess_ours = effective_sample_size(p_ours.double(), 0, 1)
     se = (p_nuts.double().var(0) / ess_nuts + p_ours.double().reshape(4 * draws, -1).var(0) / ess_ours).sqrt()
     diff = (p_nuts.mean(0).double() - p_ours.mean((0, 1)).double()).abs()
@@ -163,11 +168,15 @@ def test_bnn_predictive_agrees_with_pyro_nuts_long():
 def test_acceptance_sane_and_no_divergences_after_warmup():
     x, y, _, _ = moons(100)
     spec = dict(architecture="fc2", input_shape=(2,), num_classes=2, hidden_size=8, activation="leaky")
-    post, diag = run_hmc(spec, x, y, n_samples=100, warmup=200, step_size=0.001, num_steps=10, num_chains=2,
-                         seed=1, log=quiet)
-    assert post.n_samples == 100
-    for a in diag["acceptance_rate"] + diag["mean_accept_prob"]:
+    post = run_hmc(spec, x, y, n_samples=100, warmup=200, step_size=0.001, num_steps=10, num_chains=2,
+                   seed=1, log=quiet)
+    diag = post.meta["diagnostics"]
+    assert post.n_samples == 100 and post.kind == "mcmc" and post.meta["inference"] == "hmc"
+    assert post.meta["hmc"]["num_chains"] == 2
+    for a in diag["mean_accept_prob"]:
         assert 0.6 <= a <= 0.99
+    for a in diag["acceptance_rate"]:  # 50 draws per chain: all accepted happens (chain 1 here)
+        assert 0.6 <= a <= 1.0
     assert diag["divergences"] == [0, 0]
     assert diag["num_steps"] == 10
     # every iteration costs num_steps gradients, plus the step-size searches and the initial gradient
@@ -179,22 +188,119 @@ def test_same_seed_same_samples_and_other_seed_differs():
     x, y, _, _ = moons(40)
     spec = fc_spec(4)
     kw = dict(n_samples=20, warmup=30, step_size=0.01, num_steps=5, num_chains=2, log=quiet)
-    a, da = run_hmc(spec, x, y, seed=3, **kw)
-    b, db = run_hmc(spec, x, y, seed=3, **kw)
-    c, _ = run_hmc(spec, x, y, seed=4, **kw)
+    before = torch.random.get_rng_state()
+    a = run_hmc(spec, x, y, seed=3, **kw)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global random state is left alone
+    b = run_hmc(spec, x, y, seed=3, **kw)
+    c = run_hmc(spec, x, y, seed=4, **kw)
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k])
         assert not torch.equal(a.params[k], c.params[k])
-    assert da["step_size"] == db["step_size"]
-    # chains are concatenated: the first half is chain 0, the two chains differ
-    assert not torch.equal(a.params["1.weight"][:10], a.params["1.weight"][10:])
+    assert a.meta["diagnostics"]["step_size"] == b.meta["diagnostics"]["step_size"]
+    # chains are interleaved: even rows are chain 0, odd rows chain 1, and the two chains differ
+    assert not torch.equal(a.params["1.weight"][0::2], a.params["1.weight"][1::2])
+
+
+def test_stored_draws_interleave_the_chains():
+    """With 4 chains the first 4 samples are draw 0 of chains 0..3: any prefix spans every chain."""
+    x, y, _, _ = moons(40)
+    spec = fc_spec(4)
+    post = run_hmc(spec, x, y, n_samples=10, warmup=20, step_size=0.01, num_steps=3, num_chains=4, seed=2, log=quiet)
+    assert post.meta["diagnostics"]["draws_per_chain"] == 3 and post.n_samples == 10
+    # the same run through the kernel directly: the per-chain draws (C, draws, D)
+    layout = param_layout(init_params(spec, 2))
+    q0 = torch.stack([flatten(init_params(spec, 2 + c), layout) for c in range(4)])
+    cfg = SamplerSettings(draws=3, warmup=20, step_size=0.01, num_steps=3)
+    _, trace = run_sampler(bnn_value_and_grad(spec, x, y), q0, cfg, seed=2, log=quiet)
+    stored = flatten(post.params, layout, batch_dims=1)
+    for r in range(10):
+        assert torch.equal(stored[r], trace.samples[r % 4, r // 4]), r
+    torch.testing.assert_close(stored, trace.samples.transpose(0, 1).reshape(-1, stored.shape[1])[:10], rtol=0, atol=0)
+    first = stored[:4]
+    assert all(not torch.equal(first[i], first[j]) for i in range(4) for j in range(i))
+    # the recorded per-draw log-likelihood is that of the stored weights
+    ll = torch.stack([-F.cross_entropy(fc_logits(w, x, 4), y, reduction="sum") for w in trace.samples.flatten(0, 1)])
+    torch.testing.assert_close(trace.sample_loglik.flatten(), ll.double(), rtol=1e-5, atol=1e-3)
+
+
+def test_one_step_from_init_is_reproducible_and_pure():
+    """`init` then one `step` on their own; the same generator state gives the same step, the input state
+    is left as it was, and folding `step` reproduces `run_sampler`."""
+    gen_mean = torch.tensor([1.0, -2.0, 0.5])
+
+    def potential(q):
+        return 0.5 * ((q - gen_mean) ** 2 / torch.tensor([1.0, 4.0, 0.25])).sum(-1)
+
+    vg = hmc_kernel.autograd_value_and_grad(potential)
+    cfg = SamplerSettings(draws=5, warmup=30, step_size=0.3, num_steps=4)
+    windows = adaptation_windows(cfg.warmup)
+    q0 = torch.zeros(3, 3)
+    gen = torch.Generator().manual_seed(7)
+    s0 = hmc_kernel.init(vg, q0, cfg, gen)
+    assert s0.it == 0 and s0.q.shape == (3, 3) and s0.da_t == 0
+    snapshot = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s0.as_dict().items()}
+    rng = gen.get_state()
+    s1 = hmc_kernel.step(s0, vg, cfg, windows, gen)
+    gen.set_state(rng)
+    s1b = hmc_kernel.step(s0, vg, cfg, windows, gen)
+    def same(a, b):  # bit-identical, NaN included (loglik is NaN for a potential without a likelihood)
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()) \
+            if torch.is_tensor(a) else a == b
+
+    for k, v in s1.as_dict().items():
+        assert same(v, getattr(s1b, k)), k
+    for k, v in s0.as_dict().items():  # step did not modify its input
+        assert same(v, snapshot[k]), k
+    assert s1.loglik.isnan().all()
+    assert s1.it == 1 and s1.da_t == 1
+    assert torch.equal(s1.grad_evals, s0.grad_evals + cfg.num_steps)
+    assert not (s1.accepted & s1.divergent).any()
+    assert torch.equal(s1.q, torch.where(s1.accepted[:, None], s1.q, s0.q))  # a rejection keeps the position
+    torch.testing.assert_close(s1.u, potential(s1.q).double())
+    # run_sampler is `init` followed by `step` until cfg.iterations
+    gen = torch.Generator().manual_seed(7)
+    state = hmc_kernel.init(vg, q0, cfg, gen)
+    while state.it < cfg.iterations:
+        state = hmc_kernel.step(state, vg, cfg, windows, gen)
+    final, trace = run_sampler(vg, q0, cfg, seed=7, log=quiet)
+    assert torch.equal(final.q, state.q) and torch.equal(final.inv_mass, state.inv_mass)
+    assert torch.equal(trace.samples[:, -1], state.q)
+
+
+def test_pyro_adaptation_helpers_work_batched():
+    """DualAveraging and WelfordCovariance act elementwise: a (C,) / (C, D) batch equals C separate runs."""
+    from pyro.ops.dual_averaging import DualAveraging
+    from pyro.ops.welford import WelfordCovariance
+
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randn(20, 3, 4, generator=gen, dtype=torch.float64)
+    batched = WelfordCovariance(diagonal=True)
+    for d in draws:
+        batched.update(d)
+    for c in range(3):
+        one = WelfordCovariance(diagonal=True)
+        for d in draws[:, c]:
+            one.update(d)
+        torch.testing.assert_close(batched.get_covariance()[c], one.get_covariance())
+    n = 20
+    torch.testing.assert_close(batched.get_covariance(), (n / (n + 5)) * draws.var(0) + 1e-3 * 5 / (n + 5))
+    accept = torch.rand(15, 3, generator=gen, dtype=torch.float64)
+    da = DualAveraging(prox_center=torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+    for a in accept:
+        da.step(0.8 - a)
+    for c, mu in enumerate((0.0, 1.0, -1.0)):
+        one = DualAveraging(prox_center=mu)
+        for a in accept[:, c]:
+            one.step(0.8 - a.item())
+        assert da.get_state()[1][c].item() == pytest.approx(one.get_state()[1])
 
 
 def test_several_chains_report_rhat_and_ess():
     x, y, x_test, y_test = moons(60)
     spec = fc_spec(4)
-    post, diag = run_hmc(spec, x, y, n_samples=90, warmup=60, step_size=0.01, num_steps=8, num_chains=3, seed=0,
-                         x_eval=x_test, y_eval=y_test, log=quiet)
+    post = run_hmc(spec, x, y, n_samples=90, warmup=60, step_size=0.01, num_steps=8, num_chains=3, seed=0,
+                   x_eval=x_test, y_eval=y_test, log=quiet)
+    diag = post.meta["diagnostics"]
     for key in ("loglik_rhat", "loglik_ess", "pred_rhat_median", "pred_rhat_max", "pred_ess_min",
                 "pred_ess_median"):
         assert diag[key] is not None and math.isfinite(diag[key]), key
@@ -203,14 +309,14 @@ def test_several_chains_report_rhat_and_ess():
     # recompute the log-likelihood trace independently and compare the statistics
     p = post.params
     w = torch.cat([p["1.weight"].flatten(1), p["1.bias"], p["3.weight"].flatten(1), p["3.bias"]], dim=1)
-    ll = torch.stack([-F.cross_entropy(fc_logits(wi, x, 4), y, reduction="sum") for wi in w]).reshape(3, 30)
+    ll = torch.stack([-F.cross_entropy(fc_logits(wi, x, 4), y, reduction="sum") for wi in w]).reshape(30, 3).T
     assert split_gelman_rubin(ll.double(), 0, 1).item() == pytest.approx(diag["loglik_rhat"], rel=1e-3)
     assert effective_sample_size(ll.double(), 0, 1).item() == pytest.approx(diag["loglik_ess"], rel=1e-3)
     torch.testing.assert_close(ll.mean(1).double(), torch.tensor(diag["loglik_mean"], dtype=torch.float64),
                                rtol=1e-4, atol=1e-3)
     # test-point traces: probability of the true class under each draw
     probs = fc_logits(w, x_test, 4).softmax(-1).gather(-1, y_test.view(1, -1, 1).expand(90, -1, 1))
-    r = split_gelman_rubin(probs.squeeze(-1).reshape(3, 30, -1).double(), 0, 1)
+    r = split_gelman_rubin(probs.squeeze(-1).reshape(30, 3, -1).transpose(0, 1).double(), 0, 1)
     assert r.max().item() == pytest.approx(diag["pred_rhat_max"], rel=1e-3)
     assert "weight" not in " ".join(diag)  # no weight-space R-hat
 
@@ -231,10 +337,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     x, y, _, _ = moons(40)
     spec = fc_spec(4)
     kw = dict(n_samples=30, warmup=40, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet)
-    full, dfull = run_hmc(spec, x, y, **kw)
+    full = run_hmc(spec, x, y, **kw)
+    dfull = full.meta["diagnostics"]
 
     saves = []
-    real_save = hmc.save_checkpoint
+    real_save = hmc_kernel.save_checkpoint
 
     def save_then_die(folder, state):
         real_save(folder, state)
@@ -242,21 +349,23 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         if len(saves) == 4:
             raise KeyboardInterrupt  # killed right after the fourth checkpoint (mid sampling)
 
-    monkeypatch.setattr(hmc, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(hmc_kernel, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, **kw)
     assert saves == [15, 30, 40, 45]  # every 15 iterations and at the end of warm-up
-    monkeypatch.setattr(hmc, "save_checkpoint", real_save)
-    resumed, dres = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, resume=True, **kw)
+    monkeypatch.setattr(hmc_kernel, "save_checkpoint", real_save)
+    resumed = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, resume=True, **kw)
+    dres = resumed.meta["diagnostics"]
     for k in full.params:
         assert torch.equal(full.params[k], resumed.params[k])
+    assert dres["loglik_mean"] == dfull["loglik_mean"] and dres["step_size"] == dfull["step_size"]
     assert dres["acceptance_rate"] == dfull["acceptance_rate"]
     assert dres["gradient_evaluations"] == dfull["gradient_evaluations"]
     # a finished checkpoint resumes to the same result without sampling again
-    again, _ = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **kw)
+    again = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **kw)
     assert torch.equal(again.params["1.weight"], full.params["1.weight"])
     # other settings: a clear error rather than a silent mix
-    with pytest.raises(UserError, match="different settings"):
+    with pytest.raises(UserError, match=r"different settings \(init, seed\)"):
         run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **dict(kw, seed=6))
 
 
@@ -267,7 +376,7 @@ def test_persistent_divergence_is_a_user_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(UserError, match="diverged on 50 consecutive"):
         hmc_sample(potential, torch.zeros(2, 3), n_samples=100, warmup=0, step_size=0.1, num_steps=3,
                    checkpoint=tmp_path / "ck", checkpoint_every=20, log=quiet)
-    kept = hmc.load_checkpoint(tmp_path / "ck")
+    kept = load_checkpoint(tmp_path / "ck")
     assert kept["state"]["it"] == 40 and not kept["complete"]
     with pytest.raises(UserError, match="not finite at the initial point"):
         hmc_sample(lambda q: q.sum(-1) * torch.nan, torch.zeros(1, 2), n_samples=5, warmup=5, step_size=0.1,
@@ -277,9 +386,9 @@ def test_persistent_divergence_is_a_user_error_and_keeps_checkpoint(tmp_path):
 def test_legacy_mode_reproduces_the_papers_per_minibatch_chains():
     x, y, _, _ = moons(5000)
     spec = fc_spec(4)
-    post, diag = run_hmc(spec, x, y, n_samples=250, warmup=10, step_size=0.01, num_steps=2, mode="legacy",
-                         batch_size=1024, seed=0, log=quiet)
-    leg = diag["legacy"]
+    post = run_hmc(spec, x, y, n_samples=250, warmup=10, step_size=0.01, num_steps=2, mode="legacy",
+                   batch_size=1024, seed=0, log=quiet)
+    leg = post.meta["diagnostics"]["legacy"]
     assert (leg["num_batches"], leg["batch_samples"], leg["last_batch_size"]) == (4, 63, 904)
     assert post.n_samples == 250
     distinct = torch.unique(post.params["1.weight"].flatten(1), dim=0).shape[0]
@@ -299,8 +408,12 @@ def test_bad_settings_are_user_errors():
         run_hmc(spec, x, y, batch_size=10, **kw)
     with pytest.raises(UserError, match="positive batch_size"):
         run_hmc(spec, x, y, mode="legacy", **kw)
-    with pytest.raises(UserError, match="labels must lie"):
+    with pytest.raises(UserError, match="out of range"):
         run_hmc(spec, x, y + 2, **kw)
+    with pytest.raises(UserError, match="one-hot"):
+        run_hmc(spec, x, F.one_hot(y), **kw)
+    with pytest.raises(UserError, match="do not fit"):
+        run_hmc(spec, torch.zeros(20, 3), y, **kw)
     with pytest.raises(UserError, match="step_size"):
         run_hmc(spec, x, y, **dict(kw, step_size=-1.0))
     with pytest.raises(UserError, match="resume needs"):

@@ -1,35 +1,136 @@
-"""Training checkpoints: plain tensors and numbers written atomically, read with weights_only."""
+"""Training checkpoints: one safetensors file per folder holds a nested state, written atomically, read without pickle.
+
+A state is a nest of dicts (str or int keys), lists, tuples, tensors, numbers, strings, None and bools: for example
+an optimizer's `state_dict()` or a `torch.Generator.get_state()` ByteTensor. `save_checkpoint` writes the state's
+tensors to folder/checkpoint.safetensors, each keyed by its path in the nest (`group/optimizer/state/0/exp_avg`),
+and the JSON of everything else to the file's metadata, with a placeholder {"__tensor__": key} where each tensor
+was. Tuples and dicts whose keys are not all strings are tagged ({"__tuple__": [...]}, {"__dict__": [[key, value],
+...]}), so `load_checkpoint` rebuilds exactly the saved structure: int keys stay ints, tuples stay tuples, and
+`Optimizer.load_state_dict` and `Generator.set_state` accept what comes back. The file is replaced atomically, so an
+interrupted save leaves the previous checkpoint.
+
+A state's "fingerprint" entry (a dict of JSON values: the settings the run depends on) is compared with the
+caller's on load, so a run never resumes from a checkpoint made with other settings.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from robustbnn.artifacts import atomic_path
 from robustbnn.errors import UserError
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LEGACY_FILE = "checkpoint.pt"  # the pickled checkpoints of earlier versions, no longer read
+METADATA_KEY = "robustbnn.checkpoint"
+FORMAT = 1
+_TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 
 
 def save_checkpoint(folder, state: dict) -> None:
-    """Write `state` (tensors, dicts, lists, numbers) to folder/checkpoint.pt atomically."""
+    """Write `state` (see the module docstring) to folder/checkpoint.safetensors atomically.
+
+    Tensors are stored on the CPU; one that shares memory with an earlier one (a view) is stored as a copy.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    record = _encode(state, "", tensors, set())
+    metadata = {METADATA_KEY: json.dumps({"format": FORMAT, "state": record})}
     with atomic_path(Path(folder) / CHECKPOINT_FILE) as tmp:
-        torch.save(state, tmp)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_checkpoint(folder) -> dict | None:
-    """The last checkpoint in `folder`, or None; a corrupt one is an error, never silently ignored."""
-    path = Path(folder) / CHECKPOINT_FILE
+def load_checkpoint(folder, fingerprint: dict | None = None) -> dict | None:
+    """The state last saved in `folder`, or None if there is none.
+
+    A corrupt file is a one-line `UserError`, never silently ignored. Given `fingerprint`, the saved
+    state's "fingerprint" entry must equal it, else a `UserError` names the settings that differ.
+    """
+    folder = Path(folder)
+    path = folder / CHECKPOINT_FILE
     if not path.exists():
+        if (folder / LEGACY_FILE).exists():
+            raise UserError(f"{folder / LEGACY_FILE} was written by an older robustbnn (a pickle, no longer read); "
+                            "delete it or run without resume")
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), "pt") as f:
+            record = json.loads((f.metadata() or {})[METADATA_KEY])
+        if record["format"] != FORMAT:
+            raise ValueError(f"format {record['format']}")
+        state = _decode(record["state"], tensors)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise UserError(f"corrupt checkpoint {path} ({exc.__class__.__name__}); delete it to start over") from None
+    if fingerprint is not None:
+        saved = state.get("fingerprint") if isinstance(state, dict) else None
+        saved = saved if isinstance(saved, dict) else {}
+        diff = sorted(str(k) for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if diff:
+            raise UserError(f"the checkpoint in {folder} was made with different settings ({', '.join(diff)}); "
+                            "delete it or run without resume")
+    return state
 
 
 def clear_checkpoint(folder) -> None:
-    path = Path(folder) / CHECKPOINT_FILE
-    if path.exists():
-        path.unlink()
+    """Delete the checkpoint in `folder` (and a pickled one of an earlier version), if any."""
+    for name in (CHECKPOINT_FILE, LEGACY_FILE):
+        path = Path(folder) / name
+        if path.exists():
+            path.unlink()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short hash of a tensor's values, for fingerprints (the data, the initial point)."""
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _encode(obj, path: str, tensors: dict, storages: set):
+    """The JSON form of `obj`; its tensors go into `tensors`, keyed by their path."""
+    child = lambda key: f"{path}/{key}" if path else str(key)  # noqa: E731
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() == 0 or ptr in storages:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        key = path or "tensor"
+        while key in tensors:  # a str key containing "/" could repeat another path
+            key += "'"
+        tensors[key] = t
+        return {_TENSOR: key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, child(i), tensors, storages) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, child(i), tensors, storages) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in (_TENSOR, _TUPLE, _DICT) for k in obj):
+            return {k: _encode(v, child(k), tensors, storages) for k, v in obj.items()}
+        bad = [k for k in obj if isinstance(k, bool) or not isinstance(k, (str, int))]
+        if bad:
+            raise TypeError(f"checkpoint state at {path or '/'}: dict keys must be str or int, got {bad[0]!r}")
+        return {_DICT: [[k, _encode(v, child(k), tensors, storages)] for k, v in obj.items()]}
+    raise TypeError(f"checkpoint state at {path or '/'}: cannot store a {type(obj).__name__}")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            ((tag, value),) = obj.items()
+            if tag == _TENSOR:
+                return tensors[value]
+            if tag == _TUPLE:
+                return tuple(_decode(v, tensors) for v in value)
+            if tag == _DICT:
+                return {k: _decode(v, tensors) for k, v in value}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,503 @@
+"""Batched Hamiltonian Monte Carlo on any differentiable potential: C chains run in lock-step as one batch.
+
+The one job of this module is to sample exp(-U(q)) for a potential U given as `value_and_grad(q)`, which maps
+positions q of shape (C, D), one row per chain, to (U (C,) float64, grad U (C, D)) and optionally a third
+entry, the target's log-likelihood (C,), carried along with each draw. It holds no neural-network code: the
+Bayesian neural network target is `inference/hmc.py`.
+
+The sampler is HMC (Neal 2011, "MCMC using Hamiltonian dynamics") with a diagonal mass matrix M: momentum
+p ~ N(0, M), L leapfrog steps of size eps, then a Metropolis test that accepts with probability
+min(1, exp(-(H(q', p') - H(q, p)))), H(q, p) = U(q) + p^T M^{-1} p / 2. It is written as two pure functions
+over a typed state, as the `posteriors` library and BlackJAX write samplers:
+
+    state = init(value_and_grad, q0, cfg, gen)            # U and grad U at q0, first step-size search
+    state = step(state, value_and_grad, cfg, windows, gen) # one iteration of every chain, with warm-up
+
+`run_sampler` folds `step` over the iterations, keeps the draws and per-iteration statistics (`Trace`) and
+checkpoints both; a resumed run gives bit-identical draws. One `torch.Generator` drives every random draw.
+All chains share each batched forward/backward, and the whole state is a handful of tensors.
+
+Choices (Stan and Pyro conventions unless said):
+- Fixed number of leapfrog steps L = `num_steps` per iteration; the trajectory length eps * L follows the
+  adapted step size. (Pyro instead fixes the length step_size * num_steps and recomputes L from the adapted
+  step.) A fixed L gives every chain the same number of gradient evaluations, so chains stay in lock-step,
+  and a run costs exactly (warmup + draws * thin) * L gradients, known in advance.
+- Warm-up (Hoffman & Gelman 2014; Stan reference manual, "HMC algorithm parameters"): the log step size
+  follows dual averaging towards `target_accept` (gamma 0.05, t0 10, kappa 0.75;
+  `pyro.ops.dual_averaging.DualAveraging`, elementwise over chains); the inverse mass matrix is the
+  regularised variance of the draws in doubling windows (`pyro.ops.welford.WelfordCovariance`, diagonal,
+  with Stan's shrinkage; start buffer 75, first window 25, end buffer 50, shrunk to 15% / 75% / 10% for
+  short warm-ups, one window below 20); after each window a new step size is searched (doubled or halved
+  until the one-step acceptance crosses 0.8) and dual averaging restarts at mu = log(10 eps). The final
+  step size is the dual-averaging average.
+- A proposal whose energy error H(new) - H(old) exceeds 1000 or is not finite is divergent: it is rejected
+  and counted (in warm-up and after it separately). A chain that diverges on 50 consecutive iterations
+  stops the run with a UserError (the last checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from pyro.ops.dual_averaging import DualAveraging
+from pyro.ops.welford import WelfordCovariance
+from tqdm.auto import tqdm
+
+from robustbnn.errors import UserError
+from robustbnn.inference import hmc_diagnostics
+from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
+
+MAX_ENERGY_ERROR = 1000.0  # as Pyro and Stan
+MAX_CONSECUTIVE_DIVERGENCES = 50
+DA_T0, DA_KAPPA, DA_GAMMA = 10, 0.75, 0.05  # dual averaging, Hoffman & Gelman (2014); Pyro's defaults
+STEP_SEARCH_LOG_ACCEPT = math.log(0.8)  # Stan's threshold for the step-size search
+MIN_STEP, MAX_STEP = 1e-10, 1e10
+CHECKPOINT_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Per-chain draws kept, warm-up iterations, initial step size, leapfrog steps, thinning, target acceptance."""
+
+    draws: int
+    warmup: int
+    step_size: float
+    num_steps: int
+    thin: int = 1
+    target_accept: float = 0.8
+
+    def __post_init__(self):
+        if self.draws < 1 or self.warmup < 0 or self.num_steps < 1 or self.thin < 1:
+            raise UserError(f"HMC needs draws >= 1, warmup >= 0, num_steps >= 1 and thin >= 1 "
+                            f"(got {self.draws}, {self.warmup}, {self.num_steps}, {self.thin})")
+        if not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise UserError(f"HMC step_size must be a positive number, got {self.step_size}")
+        if not 0 < self.target_accept < 1:
+            raise UserError(f"target acceptance must lie strictly between 0 and 1, got {self.target_accept}")
+
+    @property
+    def iterations(self) -> int:
+        return self.warmup + self.draws * self.thin
+
+
+def adaptation_windows(warmup: int) -> list[tuple[int, int]]:
+    """Stan's warm-up schedule as inclusive (start, end) iteration windows.
+
+    Window 0 is the start buffer (step size only), the middle windows (doubling in length) also estimate
+    the mass matrix, the last is the end buffer (step size only). This mirrors Pyro's private
+    `pyro.infer.mcmc.adaptation.WarmupAdapter._build_adaptation_schedule` line for line (a private API,
+    hence the copy).
+    """
+    if warmup <= 0:
+        return []
+    if warmup < 20:
+        return [(0, warmup - 1)]
+    start, end, first = 75, 50, 25
+    if start + end + first > warmup:
+        start, end = int(0.15 * warmup), int(0.1 * warmup)
+        first = warmup - start - end
+    windows = [(0, start - 1)]
+    end_start = warmup - end
+    size, begin = first, start
+    while begin < end_start:
+        cur = size
+        if 3 * cur <= end_start - begin:
+            size = 2 * cur
+        else:
+            cur = end_start - begin
+        windows.append((begin, begin + cur - 1))
+        begin += cur
+    windows.append((end_start, warmup - 1))
+    return windows
+
+
+def kinetic(p: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
+    """K(p) = p^T M^{-1} p / 2 per chain, summed in float64 (D can be ~10^6)."""
+    return 0.5 * (p.double().square() * inv_mass.double()).sum(-1)
+
+
+def evaluate(value_and_grad, q: torch.Tensor):
+    """(U, grad U, loglik) at q; loglik is NaN when `value_and_grad` returns only (U, grad U)."""
+    out = value_and_grad(q)
+    u, g = out[0].double(), out[1]
+    loglik = out[2].double() if len(out) > 2 and out[2] is not None else torch.full_like(u, math.nan)
+    return u, g, loglik
+
+
+def leapfrog(value_and_grad, q, p, g, eps, inv_mass, num_steps):
+    """`num_steps` velocity-Verlet steps of size eps (C, 1) from (q, p) with g = grad U(q).
+
+    p <- p - eps/2 grad U(q); q <- q + eps M^{-1} p; p <- p - eps/2 grad U(q), with the inner half steps
+    fused. Returns q, p, U(q), grad U(q) and the log-likelihood (see `evaluate`) at the end.
+    """
+    p = p - 0.5 * eps * g
+    for i in range(num_steps):
+        q = q + eps * inv_mass * p
+        u, g, loglik = evaluate(value_and_grad, q)
+        p = p - (eps if i < num_steps - 1 else 0.5 * eps) * g
+    return q, p, u, g, loglik
+
+
+def autograd_value_and_grad(potential_fn):
+    """(U, grad U) of a differentiable `potential_fn`: (C, D) -> (C,), with chains independent."""
+
+    def value_and_grad(q):
+        with torch.enable_grad():
+            q = q.detach().requires_grad_(True)
+            u = potential_fn(q)
+            (g,) = torch.autograd.grad(u.sum(), q)
+        return u.detach().double(), g.detach()
+
+    return value_and_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# The state and its two transitions
+
+
+@dataclass(frozen=True, eq=False)
+class HMCState:
+    """Everything the sampler carries from one iteration to the next, for C chains in D dimensions.
+
+    Position: q (C, D); u = U(q) (C,) float64; g = grad U(q) (C, D); loglik (C,) float64, the target's
+    log-likelihood at q (NaN if the target does not give it).
+    Adaptation: inv_mass (C, D), the diagonal of M^{-1}; log_eps (C,) float64, the current log step size;
+    Pyro's `DualAveraging` state per chain: da_prox (its prox_center mu), da_g_avg (H-bar), da_x_avg
+    (log eps-bar) and da_t; Pyro's `WelfordCovariance` state: wf_mean, wf_m2 (C, D) float64 and wf_n.
+    Bookkeeping: it, iterations done; grad_evals (C,) int64 on the CPU, gradient evaluations per chain;
+    run_div (C,) int64 on the CPU, consecutive divergent iterations; and the last transition's
+    accept_prob (C,) float64, accepted and divergent (C,) bool, energy_error (C,) float64.
+    """
+
+    q: torch.Tensor
+    u: torch.Tensor
+    g: torch.Tensor
+    loglik: torch.Tensor
+    inv_mass: torch.Tensor
+    log_eps: torch.Tensor
+    da_prox: torch.Tensor
+    da_g_avg: torch.Tensor
+    da_x_avg: torch.Tensor
+    da_t: int
+    wf_mean: torch.Tensor
+    wf_m2: torch.Tensor
+    wf_n: int
+    it: int
+    grad_evals: torch.Tensor
+    run_div: torch.Tensor
+    accept_prob: torch.Tensor
+    accepted: torch.Tensor
+    divergent: torch.Tensor
+    energy_error: torch.Tensor
+
+    def as_dict(self) -> dict:
+        """The fields as a dict of the same tensors and ints (no copies), e.g. for a checkpoint."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, device) -> "HMCState":
+        """The inverse of `as_dict`, with the tensors moved to `device` (the CPU counters stay on the CPU)."""
+        return cls(**{k: (v if k in _CPU_FIELDS or not torch.is_tensor(v) else v.to(device)) for k, v in d.items()})
+
+
+_CPU_FIELDS = ("grad_evals", "run_div")
+
+
+def init(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, gen: torch.Generator) -> HMCState:
+    """The state at positions q0 (C, D): U and grad U evaluated, unit mass, step size cfg.step_size; with a
+    warm-up, the first step-size search (`find_step_size`) is done here, drawing from `gen`."""
+    q0 = q0.detach().clone()
+    c, d = q0.shape
+    u, g, loglik = evaluate(value_and_grad, q0)
+    bad = (~torch.isfinite(u)) | (~torch.isfinite(g).all(-1))
+    if bad.any():
+        raise UserError(f"the potential or its gradient is not finite at the initial point of chain(s) "
+                        f"{bad.nonzero().flatten().tolist()}; check the data and the prior scale")
+    f64 = dict(dtype=torch.float64, device=q0.device)
+    no = dict(dtype=torch.bool, device=q0.device)
+    state = HMCState(
+        q=q0, u=u, g=g, loglik=loglik, inv_mass=torch.ones_like(q0),
+        log_eps=torch.full((c,), math.log(cfg.step_size), **f64),
+        da_prox=torch.zeros(c, **f64), da_g_avg=torch.zeros(c, **f64), da_x_avg=torch.zeros(c, **f64), da_t=0,
+        wf_mean=torch.zeros(c, d, **f64), wf_m2=torch.zeros(c, d, **f64), wf_n=0, it=0,
+        grad_evals=torch.ones(c, dtype=torch.long), run_div=torch.zeros(c, dtype=torch.long),
+        accept_prob=torch.zeros(c, **f64), accepted=torch.zeros(c, **no), divergent=torch.zeros(c, **no),
+        energy_error=torch.zeros(c, **f64),
+    )
+    return find_step_size(state, value_and_grad, gen) if cfg.warmup > 0 else state
+
+
+def step(state: HMCState, value_and_grad, cfg: SamplerSettings, windows, gen: torch.Generator) -> HMCState:
+    """One HMC iteration of every chain, then (during warm-up) the adaptation; returns a new state.
+
+    Momentum p ~ N(0, M), `cfg.num_steps` leapfrog steps, Metropolis test with probability
+    min(1, exp(-(H(q', p') - H(q, p)))); divergent proposals are rejected. `windows` is
+    `adaptation_windows(cfg.warmup)` (None computes it). The input state is not modified.
+    """
+    windows = adaptation_windows(cfg.warmup) if windows is None else windows
+    t = state.it
+    q, inv_mass = state.q, state.inv_mass
+    eps = state.log_eps.exp().to(q.dtype)[:, None]
+    p = _randn(gen, q.shape, q) * inv_mass.rsqrt()
+    qn, pn, un, gn, lln = leapfrog(value_and_grad, q, p, state.g, eps, inv_mass, cfg.num_steps)
+    delta = (un + kinetic(pn, inv_mass)) - (state.u + kinetic(p, inv_mass))
+    delta = torch.where(torch.isfinite(delta), delta, torch.inf)
+    divergent = delta > MAX_ENERGY_ERROR
+    accept_prob = torch.where(divergent, 0.0, torch.exp(-delta.clamp(min=0)))
+    uniform = torch.rand(len(delta), generator=gen, dtype=torch.float64).to(delta.device)
+    accept = (uniform < accept_prob) & ~divergent
+    state = replace(
+        state, q=torch.where(accept[:, None], qn, q), g=torch.where(accept[:, None], gn, state.g),
+        u=torch.where(accept, un, state.u), loglik=torch.where(accept, lln, state.loglik), it=t + 1,
+        grad_evals=state.grad_evals + cfg.num_steps, run_div=torch.where(divergent.cpu(), state.run_div + 1, 0),
+        accept_prob=accept_prob, accepted=accept, divergent=divergent, energy_error=delta,
+    )
+    return _adapt(state, t, windows, cfg, value_and_grad, gen) if t < cfg.warmup else state
+
+
+def find_step_size(state: HMCState, value_and_grad, gen: torch.Generator) -> HMCState:
+    """Double (or halve) each chain's step size until the one-leapfrog acceptance crosses 0.8.
+
+    The search of Hoffman & Gelman (2014, Algorithm 4) with Stan's threshold, as Pyro's
+    `HMC._find_reasonable_step_size` does it, here for all chains at once (chains that have crossed stop);
+    then dual averaging restarts at mu = log(10 eps).
+    """
+    q, inv_mass, g, u = state.q, state.inv_mass, state.g, state.u
+    eps = state.log_eps.exp().cpu()
+    grad_evals = state.grad_evals.clone()
+
+    def direction(idx):  # idx: CPU indices of the chains still searching
+        z = _randn(gen, q.shape, q)  # drawn for every chain, so the stream does not depend on idx
+        i = idx.to(q.device)
+        p = z[i] * inv_mass[i].rsqrt()
+        step_ = eps[idx].to(q.device, q.dtype)[:, None]
+        _, pn, un, _, _ = leapfrog(value_and_grad, q[i], p, g[i], step_, inv_mass[i], 1)
+        grad_evals[idx] += 1
+        delta = (un + kinetic(pn, inv_mass[i])) - (u[i] + kinetic(p, inv_mass[i]))
+        delta = torch.where(torch.isfinite(delta), delta, torch.inf).cpu()
+        return torch.where(-delta > STEP_SEARCH_LOG_ACCEPT, 1.0, -1.0).double()
+
+    first = direction(torch.arange(len(eps)))
+    active = torch.ones(len(eps), dtype=torch.bool)
+    for _ in range(200):
+        active &= (eps > MIN_STEP) & (eps < MAX_STEP)
+        if not active.any():
+            break
+        idx = active.nonzero().flatten()
+        eps[idx] = eps[idx] * 2.0 ** first[idx]
+        active[idx] = direction(idx) == first[idx]
+    eps = eps.clamp(MIN_STEP, MAX_STEP).to(state.log_eps.device)
+    zeros = torch.zeros_like(state.da_g_avg)
+    return replace(state, log_eps=eps.log(), da_prox=(10 * eps).log(), da_g_avg=zeros, da_x_avg=zeros.clone(),
+                   da_t=0, grad_evals=grad_evals)
+
+
+def _adapt(state: HMCState, t: int, windows, cfg: SamplerSettings, value_and_grad, gen) -> HMCState:
+    """Warm-up bookkeeping after iteration t (0-based), following Pyro's WarmupAdapter.
+
+    Dual averaging (Hoffman & Gelman 2014, eq. 6), with a_t the acceptance probability:
+    H_t = (1 - 1/(t + t0)) H_{t-1} + (target - a_t)/(t + t0); log eps_t = mu - sqrt(t)/gamma H_t;
+    log eps-bar_t = t^-kappa log eps_t + (1 - t^-kappa) log eps-bar_{t-1}. In the middle windows,
+    Welford's running mean and sum of squares of q; at a window's end M^{-1} = (n/(n+5)) var + 1e-3 (5/(n+5))
+    (Stan's shrinkage) and a new step-size search; at the end of warm-up eps = eps-bar.
+    """
+    w = next(i for i, (a, b) in enumerate(windows) if a <= t <= b)
+    last = len(windows) - 1
+    da = DualAveraging(prox_center=state.da_prox, t0=DA_T0, kappa=DA_KAPPA, gamma=DA_GAMMA)
+    da._x_avg, da._g_avg, da._t = state.da_x_avg, state.da_g_avg, state.da_t
+    da.step(cfg.target_accept - state.accept_prob)
+    log_eps, x_avg = da.get_state()
+    state = replace(state, log_eps=log_eps, da_x_avg=x_avg, da_g_avg=da._g_avg, da_t=da._t)
+    mass_phase = 0 < w < last
+    if mass_phase:
+        welford = _welford(state)
+        welford.update(state.q.double())
+        state = replace(state, wf_mean=welford._mean, wf_m2=welford._m2, wf_n=welford.n_samples)
+    if t != windows[w][1]:
+        return state
+    if w == last:
+        return replace(state, log_eps=state.da_x_avg.clone())
+    if mass_phase and state.wf_n >= 2:
+        inv_mass = _welford(state).get_covariance(regularize=True).to(state.q.dtype)
+        state = replace(state, inv_mass=inv_mass, wf_mean=torch.zeros_like(state.wf_mean),
+                        wf_m2=torch.zeros_like(state.wf_m2), wf_n=0)
+        return find_step_size(state, value_and_grad, gen)
+    return state
+
+
+def _welford(state: HMCState) -> WelfordCovariance:
+    """Pyro's diagonal Welford estimator holding the state's running moments (elementwise, so (C, D) works)."""
+    welford = WelfordCovariance(diagonal=True)
+    # a copy of m2: Pyro's update adds to it in place, and the input state must stay as it was
+    welford._mean, welford._m2, welford.n_samples = state.wf_mean, state.wf_m2.clone(), state.wf_n
+    return welford
+
+
+def _randn(gen, shape, like):
+    return torch.randn(shape, generator=gen, dtype=like.dtype).to(like.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole run: the kept draws, per-iteration statistics, checkpoints
+
+
+@dataclass(eq=False)
+class Trace:
+    """What a run keeps, filled in place by `run_sampler` after each `step`.
+
+    Per iteration (C, T), on the CPU: accept_prob, accepted, divergent, energy_error. Per kept draw:
+    samples (C, draws, D) on the device of q, and on the CPU their potential sample_u and log-likelihood
+    sample_loglik (C, draws) float64. Wall time: elapsed, and warmup_elapsed for the warm-up.
+    """
+
+    accept_prob: torch.Tensor
+    accepted: torch.Tensor
+    divergent: torch.Tensor
+    energy_error: torch.Tensor
+    samples: torch.Tensor
+    sample_u: torch.Tensor
+    sample_loglik: torch.Tensor
+    elapsed: float = 0.0
+    warmup_elapsed: float = 0.0
+
+    @classmethod
+    def empty(cls, state: HMCState, cfg: SamplerSettings) -> "Trace":
+        c, d = state.q.shape
+        t = cfg.iterations
+        return cls(accept_prob=torch.zeros(c, t), accepted=torch.zeros(c, t, dtype=torch.uint8),
+                   divergent=torch.zeros(c, t, dtype=torch.uint8), energy_error=torch.zeros(c, t),
+                   samples=torch.zeros(c, cfg.draws, d, dtype=state.q.dtype, device=state.q.device),
+                   sample_u=torch.zeros(c, cfg.draws, dtype=torch.float64),
+                   sample_loglik=torch.zeros(c, cfg.draws, dtype=torch.float64))
+
+    def record(self, state: HMCState, cfg: SamplerSettings) -> None:
+        """Store the transition that produced `state` (iteration state.it - 1) and, if kept, its draw."""
+        t = state.it - 1
+        self.accept_prob[:, t] = state.accept_prob.float().cpu()
+        self.accepted[:, t] = state.accepted.cpu().to(torch.uint8)
+        self.divergent[:, t] = state.divergent.cpu().to(torch.uint8)
+        self.energy_error[:, t] = state.energy_error.float().cpu()
+        if t >= cfg.warmup and (t - cfg.warmup + 1) % cfg.thin == 0:
+            k = (t - cfg.warmup) // cfg.thin
+            self.samples[:, k] = state.q
+            self.sample_u[:, k] = state.u.cpu()
+            self.sample_loglik[:, k] = state.loglik.cpu()
+
+
+def run_sampler(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, *, seed: int = 0, checkpoint=None,
+                resume: bool = False, fingerprint: dict | None = None, checkpoint_every: int | None = None,
+                progress: bool = False, log=print) -> tuple[HMCState, Trace]:
+    """Run HMC chains from q0 (C, D) for cfg.iterations iterations; return the final state and the trace.
+
+    `value_and_grad(q)` maps positions (C', D) to (U (C',) float64, grad U (C', D)[, loglik (C',)]) for any
+    subset of chains. One generator seeded with `seed` drives every random draw, so a seed fixes the run.
+    With `checkpoint` (a folder) the state, trace and generator are saved atomically every
+    `checkpoint_every` iterations (default: every 5 minutes), at the end of warm-up and at the end;
+    `resume` continues a saved run made with the same `fingerprint` (settings, plus the sampler settings,
+    seed and initial point added here) and gives the same draws as an uninterrupted run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    fingerprint = dict(fingerprint or {}, sampler=asdict(cfg), seed=seed, init=tensor_digest(q0))
+    state = trace = None
+    if checkpoint is not None and resume:
+        saved = load_checkpoint(checkpoint, fingerprint=fingerprint)
+        if saved is not None:
+            state = HMCState.from_dict(saved["state"], q0.device)
+            trace = Trace(**dict(saved["trace"], samples=saved["trace"]["samples"].to(q0.device)))
+            gen.set_state(saved["rng"])
+            log(f"hmc: resuming from {checkpoint} at iteration {state.it} of {cfg.iterations}")
+    if state is None:
+        started = time.perf_counter()
+        state = init(value_and_grad, q0, cfg, gen)
+        trace = Trace.empty(state, cfg)
+        trace.elapsed += time.perf_counter() - started
+
+    def save(complete=False):
+        if checkpoint is not None:
+            cpu = lambda d: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}  # noqa: E731
+            save_checkpoint(checkpoint, {"fingerprint": fingerprint, "state": cpu(state.as_dict()),
+                                         "trace": cpu(vars(trace)), "rng": gen.get_state(), "complete": complete})
+
+    windows = adaptation_windows(cfg.warmup)
+    bar = tqdm(total=cfg.iterations, initial=state.it, disable=not progress, desc="hmc", unit="it")
+    last_save = time.perf_counter()
+    try:
+        while state.it < cfg.iterations:
+            started = time.perf_counter()
+            state = step(state, value_and_grad, cfg, windows, gen)
+            trace.record(state, cfg)
+            trace.elapsed += time.perf_counter() - started
+            t = state.it
+            if t <= cfg.warmup:
+                trace.warmup_elapsed = trace.elapsed
+            stuck = state.run_div >= MAX_CONSECUTIVE_DIVERGENCES
+            if stuck.any():
+                kept = f"; the last checkpoint in {checkpoint} is kept" if checkpoint is not None else ""
+                raise UserError(
+                    f"HMC chain(s) {stuck.nonzero().flatten().tolist()} diverged on {MAX_CONSECUTIVE_DIVERGENCES} "
+                    f"consecutive iterations (iteration {t}, step size {state.log_eps.exp().min().item():.2e}): use "
+                    f"a smaller step size, a longer warm-up or a smaller prior scale{kept}")
+            bar.update(1)
+            if t % 10 == 0 or t == cfg.iterations:
+                lo = max(0, t - 50)
+                bar.set_postfix(step=f"{state.log_eps.exp().mean().item():.2e}",
+                                acc=f"{trace.accept_prob[:, lo:t].mean().item():.2f}")
+            due = (t % checkpoint_every == 0) if checkpoint_every else (time.perf_counter() - last_save
+                                                                       > CHECKPOINT_SECONDS)
+            if t == cfg.warmup or t == cfg.iterations or due:
+                save(complete=t == cfg.iterations)
+                last_save = time.perf_counter()
+                if t == cfg.warmup and cfg.warmup > 0:
+                    log(f"hmc: warm-up done in {trace.elapsed:.1f}s, step size(s) "
+                        + ", ".join(f"{e:.3g}" for e in state.log_eps.exp().tolist()))
+    finally:
+        bar.close()
+    return state, trace
+
+
+def sampler_diagnostics(state: HMCState, trace: Trace, cfg: SamplerSettings) -> dict:
+    """Acceptance, divergences, adapted step sizes, cost and time of a finished run, per chain."""
+    w = cfg.warmup
+    eps = state.log_eps.exp().cpu()
+    inv_mass = state.inv_mass.float()
+    return {
+        "num_chains": int(state.q.shape[0]),
+        "acceptance_rate": trace.accepted[:, w:].float().mean(1).tolist(),
+        "mean_accept_prob": trace.accept_prob[:, w:].mean(1).tolist(),
+        "warmup_mean_accept_prob": trace.accept_prob[:, :w].mean(1).tolist() if w else None,
+        "divergences": trace.divergent[:, w:].sum(1).tolist(),
+        "divergences_warmup": trace.divergent[:, :w].sum(1).tolist(),
+        "step_size": eps.tolist(),
+        "num_steps": cfg.num_steps,
+        "trajectory_length": (eps * cfg.num_steps).tolist(),
+        "inverse_mass_min": inv_mass.min(-1).values.tolist(),
+        "inverse_mass_max": inv_mass.max(-1).values.tolist(),
+        "gradient_evaluations": int(state.grad_evals.sum()),
+        "gradient_evaluations_per_chain": state.grad_evals.tolist(),
+        "time_s": float(trace.elapsed),
+        "warmup_time_s": float(trace.warmup_elapsed),
+    }
+
+
+def hmc_sample(potential_fn, q0: torch.Tensor, *, n_samples: int, warmup: int, step_size: float, num_steps: int,
+               thin: int = 1, seed: int = 0, target_accept: float = 0.8, checkpoint=None, resume: bool = False,
+               checkpoint_every: int | None = None, progress: bool = False, log=print) -> tuple[torch.Tensor, dict]:
+    """HMC on any differentiable potential: `potential_fn` maps (C, D) positions to (C,) energies.
+
+    `q0` is (C, D) (C chains) or (D,). Returns the kept draws (C, n_samples, D) per chain and the
+    diagnostics of `sampler_diagnostics` plus the kept draws' "potential" (C, n_samples) and its
+    split R-hat and ESS ("potential_rhat", "potential_ess"; None when too few draws).
+    """
+    q0 = q0[None] if q0.dim() == 1 else q0
+    cfg = SamplerSettings(int(n_samples), int(warmup), float(step_size), int(num_steps), int(thin),
+                          float(target_accept))
+    state, trace = run_sampler(autograd_value_and_grad(potential_fn), q0, cfg, seed=seed, checkpoint=checkpoint,
+                               resume=resume, checkpoint_every=checkpoint_every, progress=progress, log=log)
+    diag = sampler_diagnostics(state, trace, cfg)
+    diag["potential"] = trace.sample_u
+    conv = hmc_diagnostics.summarise(-trace.sample_u)
+    diag["potential_rhat"], diag["potential_ess"] = conv["loglik_rhat"], conv["loglik_ess"]
+    return trace.samples, diag

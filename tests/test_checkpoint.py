@@ -1,0 +1,147 @@
+"""Checkpoints: safetensors + JSON, no pickle; nested states round-trip exactly (optimizer state dicts,
+generator states, int keys, tuples); corrupt files and other settings are one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from robustbnn.errors import UserError
+from robustbnn.inference.checkpoint import (CHECKPOINT_FILE, LEGACY_FILE, clear_checkpoint, load_checkpoint,
+                                            save_checkpoint)
+
+
+def assert_same(a, b, path="state"):
+    """Equal values of exactly the same types, recursively (tensors: dtype, shape and values)."""
+    assert type(a) is type(b), (path, type(a), type(b))
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def adam_after_steps(steps=3):
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = torch.optim.Adam(params, lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        (params[0].square().sum() + params[1].sin().sum()).backward()
+        opt.step()
+    return params, opt
+
+
+def nested_state():
+    params, opt = adam_after_steps()
+    gen = torch.Generator().manual_seed(11)
+    torch.rand(5, generator=gen)
+    big = torch.arange(12.0)
+    return {
+        "optimizer": opt.state_dict(),
+        "rng": gen.get_state(),
+        "ints": {0: torch.zeros(2, dtype=torch.uint8), 7: (1, 2.5, "x", None, True)},
+        "list": [torch.ones(2, 2, dtype=torch.float64), {"k": 3, "nan": float("nan")}, []],
+        "views": (big[:6], big[6:], big.view(3, 4)),  # tensors sharing memory
+        "flags": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "tagged": {"__tuple__": 1},  # a plain dict whose key looks like a tag
+        "odd/key": {"a": torch.ones(1)},
+        "odd": {"key/a": torch.zeros(1)},  # the same path as the entry above
+        "history": [{"epoch": 1, "loss": 0.25, "acc": None}],
+    }, params, opt, gen
+
+
+def test_nested_state_round_trips_exactly(tmp_path):
+    state, params, opt, gen = nested_state()
+    save_checkpoint(tmp_path, state)
+    loaded = load_checkpoint(tmp_path)
+    assert_same(state, loaded)
+    assert isinstance(loaded["ints"][7], tuple) and 0 in loaded["ints"]
+    # the optimizer and the generator accept what comes back and continue exactly
+    _, opt2 = adam_after_steps(0)
+    params2 = opt2.param_groups[0]["params"]
+    with torch.no_grad():
+        for p, q in zip(params2, params):
+            p.copy_(q)
+    opt2.load_state_dict(loaded["optimizer"])
+    for o, ps in ((opt, params), (opt2, params2)):
+        o.zero_grad()
+        (ps[0].square().sum() + ps[1].sin().sum()).backward()
+        o.step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    gen2 = torch.Generator()
+    gen2.set_state(loaded["rng"])
+    assert torch.equal(torch.rand(4, generator=gen2), torch.rand(4, generator=gen))
+
+
+def test_file_is_safetensors_without_pickle(tmp_path):
+    state, *_ = nested_state()
+    save_checkpoint(tmp_path, state)
+    path = tmp_path / CHECKPOINT_FILE
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: 8-byte header length, then a JSON header
+    header = json.loads(raw[8:8 + header_len])
+    assert "__metadata__" in header and not raw.startswith(b"PK") and b"\x80\x02" not in raw[:2]
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        record = json.loads(f.metadata()["robustbnn.checkpoint"])
+    assert "optimizer/state/0/exp_avg" in keys and "rng" in keys
+    assert record["state"]["rng"] == {"__tensor__": "rng"}
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+
+
+def test_corrupt_or_old_checkpoint_is_a_one_line_user_error(tmp_path):
+    assert load_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, {"a": torch.ones(3)})
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(UserError, match="corrupt checkpoint") as info:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(info.value)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        load_checkpoint(tmp_path)
+    clear_checkpoint(tmp_path)
+    assert not path.exists() and load_checkpoint(tmp_path) is None
+    (tmp_path / LEGACY_FILE).write_bytes(b"PK...")
+    with pytest.raises(UserError, match="older robustbnn"):
+        load_checkpoint(tmp_path)
+    clear_checkpoint(tmp_path)
+    assert not (tmp_path / LEGACY_FILE).exists()
+
+
+def test_fingerprint_mismatch_names_the_settings(tmp_path):
+    fingerprint = {"lr": 0.01, "seed": 3, "spec": {"input_shape": [2], "hidden_size": 4}, "mode": "full"}
+    save_checkpoint(tmp_path, {"fingerprint": fingerprint, "it": 5})
+    assert load_checkpoint(tmp_path, fingerprint=dict(fingerprint))["it"] == 5
+    other = dict(fingerprint, seed=4, spec={"input_shape": [2], "hidden_size": 8}, extra=1)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(tmp_path, fingerprint=other)
+    message = str(info.value)
+    assert message == (f"the checkpoint in {tmp_path} was made with different settings (extra, seed, spec); "
+                       "delete it or run without resume")
+
+
+def test_unsupported_values_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="a/b"):
+        save_checkpoint(tmp_path, {"a": {"b": object()}})
+    with pytest.raises(TypeError, match="keys must be str or int"):
+        save_checkpoint(tmp_path, {"a": {1.5: 2}})
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
