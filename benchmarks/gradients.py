@@ -29,8 +29,8 @@ import resource
 import torch
 import torch.nn.functional as F
 
-import attacks as bench  # benchmarks/attacks.py: shared setup, baselines and probes
-from attacks import MATMUL_FLOPS, emit, matmul_peak, paper_nets, probe, random_inputs, random_posterior
+from _common import (MATMUL_FLOPS, emit, matmul_peak, paper_nets, probe, random_inputs, random_posterior, setup,
+                     timed)
 from robustbnn import measures
 
 COUNTS = [1, 10, 50, 100]
@@ -78,7 +78,7 @@ def memory_probe(n_samples: int, n_inputs: int) -> None:
 
 
 def main():
-    args = bench.setup(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = setup(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return
@@ -90,18 +90,18 @@ def main():
     peak = matmul_peak()
     emit(name, "matmul_peak", round(peak, 1), "GFLOP/s")
 
-    post = random_posterior(max(COUNTS), kind="hmc")
+    post = random_posterior(max(COUNTS), kind="mcmc")
     x, y = random_inputs(n_inputs)
     scale = 1000 / n_inputs
 
-    t_ours = bench.timed(lambda: measures.expected_loss_gradients(post, x, y, COUNTS), reps=3 if args.quick else 1)
+    t_ours = timed(lambda: measures.expected_loss_gradients(post, x, y, COUNTS), reps=3 if args.quick else 1)
     nets = paper_nets(post)
-    t_base = bench.timed(lambda: paper_loss_gradients(nets, x[:n_base], y[:n_base], COUNTS), warmup=False)
+    t_base = timed(lambda: paper_loss_gradients(nets, x[:n_base], y[:n_base], COUNTS), warmup=False)
     t_base *= 1000 / n_base
     emit(name, "loss_gradients_time", round(t_ours * scale, 3), "s per 1000 inputs", round(t_base, 3),
          round(t_base / (t_ours * scale), 1))
     strict = paper_nets(post, weight_grads=False)
-    t_strict = bench.timed(lambda: loop_loss_gradients(strict, x[:n_base], y[:n_base], COUNTS), warmup=False)
+    t_strict = timed(lambda: loop_loss_gradients(strict, x[:n_base], y[:n_base], COUNTS), warmup=False)
     t_strict *= 1000 / n_base
     emit(name, "loss_gradients_time_vs_input_grad_loop", round(t_ours * scale, 3), "s per 1000 inputs",
          round(t_strict, 3), round(t_strict / (t_ours * scale), 1))

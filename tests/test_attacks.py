@@ -24,7 +24,7 @@ def stacked(spec, seeds, scale=1.0):
 
 def make_post(n_samples=7, kind="vi", spec=SPEC, scale=3.0):
     # scale > 1 makes the samples disagree, so the losses give different directions.
-    return Posterior(spec, stacked(spec, range(n_samples), scale), {"kind": kind})
+    return Posterior.from_arch(spec, stacked(spec, range(n_samples), scale), kind=kind)
 
 
 def batch(n=6, seed=0, spec=SPEC):
@@ -38,7 +38,7 @@ def sample_modules(post):
     """One plain nn.Module per posterior sample (the paper's way)."""
     nets = []
     for s in range(post.n_samples):
-        net = make_net(**post.spec)
+        net = make_net(**post.arch.builtin_spec)
         net.load_state_dict({k: v[s] for k, v in post.params.items()})
         nets.append(net)
     return nets
@@ -81,7 +81,7 @@ def linear_post(a_list, b_list, kind):
         "3.weight": torch.stack([torch.cat([a, -a], dim=1) for a in a_list]),
         "3.bias": torch.stack(b_list),
     }
-    return Posterior(spec, params, {"kind": kind})
+    return Posterior.from_arch(spec, params, kind=kind)
 
 
 def test_fgsm_linear_closed_form():
@@ -106,7 +106,7 @@ def test_predictive_gradient_linear_mixture_closed_form():
     d, c, n, s = 5, 3, 8, 4
     a = [torch.randn(c, d, generator=gen) for _ in range(s)]
     b = [torch.randn(c, generator=gen) for _ in range(s)]
-    post = linear_post(a, b, "hmc")
+    post = linear_post(a, b, "mcmc")
     x = 0.05 + 0.9 * torch.rand(n, d, generator=gen)
     y = torch.randint(0, c, (n,), generator=gen)
     ps = torch.stack([(x @ ai.T + bi).softmax(-1) for ai, bi in zip(a, b)])  # (S, N, C)
@@ -129,7 +129,7 @@ def test_predictive_gradient_linear_mixture_closed_form():
 def test_predictive_gradient_matches_loop(budget):
     post = make_post(7)
     x, y = batch(6)
-    s_chunk, b_chunk = post.chunks(len(x), budget)
+    s_chunk, b_chunk = post.chunks(x, budget)
     if budget == TINY:
         assert s_chunk < post.n_samples and b_chunk < len(x)  # chunking really splits samples and inputs
     want = loop_grad(post, x, y, predictive_loss)
@@ -156,17 +156,17 @@ def test_expected_gradient_is_mean_of_per_sample_gradients(budget):
 
 
 @pytest.mark.parametrize("budget", [attacks.GRAD_BUDGET, TINY])
-@pytest.mark.parametrize("kind", ["vi", "hmc", "ensemble", "nn"])
+@pytest.mark.parametrize("kind", ["vi", "mcmc", "ensemble", "nn"])
 def test_legacy_gradient_matches_paper_output(kind, budget):
     n = 1 if kind == "nn" else 6
     post = make_post(n, kind=kind)
     x, y = batch(5)
-    if kind in ("vi", "hmc"):  # CE on the mean probabilities: softmax applied twice
+    if kind in ("vi", "mcmc"):  # CE on the mean probabilities: softmax applied twice
         ref = lambda lg, yi: F.cross_entropy(lg.softmax(-1).mean(0), yi)  # noqa: E731
     else:  # CE on the (mean) logits
         ref = lambda lg, yi: F.cross_entropy(lg.mean(0), yi)  # noqa: E731
     want = loop_grad(post, x, y, ref)
-    torch.testing.assert_close(input_gradient(post, x, y, "legacy", budget=budget), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(input_gradient(post, x, y, "legacy", budget=budget), want, rtol=1e-4, atol=1e-6)  # the matmul forward rounds differently from the loop
 
 
 def test_losses_give_different_directions():
@@ -181,10 +181,10 @@ def test_losses_give_different_directions():
 
 @pytest.mark.parametrize("loss", attacks.LOSSES)
 def test_chunk_size_does_not_change_results(loss):
-    post = make_post(9, kind="hmc")
+    post = make_post(9, kind="mcmc")
     x, y = batch(11, seed=5)
     ref = input_gradient(post, x, y, loss, budget=10**9)
-    assert post.chunks(len(x), 10**9) == (9, 11)
+    assert post.chunks(x, 10**9) == (9, 11)
     for budget in (80, 700, 3000):
         torch.testing.assert_close(input_gradient(post, x, y, loss, budget=budget), ref, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(fgsm(post, x, y, 0.1, loss=loss, budget=budget), fgsm(post, x, y, 0.1, loss=loss))
@@ -218,7 +218,7 @@ def test_attacks_work_under_no_grad():
 @pytest.mark.parametrize("seed", range(6))
 def test_pgd_stays_in_eps_ball_and_valid_range(seed):
     gen = torch.Generator().manual_seed(seed)
-    post = make_post(3, kind="hmc")
+    post = make_post(3, kind="mcmc")
     lo, hi = sorted((-1.0 + 2 * torch.rand(2, generator=gen)).tolist())
     x = lo + (hi - lo) * torch.rand(10, 1, 3, 3, generator=gen)
     y = torch.randint(0, 5, (10,), generator=gen)
@@ -243,7 +243,7 @@ def test_pgd_single_step_closed_forms():
 
 
 def test_pgd_iterates_match_a_reference_loop():
-    post = make_post(4, kind="hmc")
+    post = make_post(4, kind="mcmc")
     x, y = batch(5, seed=4)
     eps, alpha, iters = 0.15, 0.02, 6
     ref = x.clone()
@@ -305,7 +305,6 @@ def test_bad_arguments_are_user_errors():
         lambda: fgsm(post, x.view(3, 9), y, 0.1),  # wrong shape
         lambda: fgsm(post, x, y + 5, 0.1),  # label out of range
         lambda: fgsm(post, x, F.one_hot(y, 5).float(), 0.1),
-        lambda: fgsm(Posterior(post.spec, post.params, {}), x, y, 0.1, loss="legacy"),  # unknown model kind
         lambda: pgd(post, x, y, 0.1, iterations=0),
         lambda: pgd(post, x, y, 0.1, alpha=-1.0),
         lambda: pgd(post, x, y, 0.1, legacy=True, random_start=True),

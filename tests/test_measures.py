@@ -10,8 +10,8 @@ from robustbnn import measures
 from robustbnn.attacks import fgsm, input_gradient, pgd
 from robustbnn.errors import UserError
 from robustbnn.measures import (
-    accuracy, eps_sweep, evaluate_attack, expected_loss_gradients, softmax_robustness, vanishing_classification,
-    zero_gradient_fraction,
+    eps_sweep, evaluate_attack, expected_loss_gradients, legacy_softmax_robustness, softmax_robustness,
+    vanishing_classification, zero_gradient_fraction,
 )
 from robustbnn.nets import init_params, make_net
 from robustbnn.posterior import Posterior
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread i
 
 def make_post(n_samples=6, kind="vi", spec=SPEC, scale=3.0):
     ps = [init_params(spec, s) for s in range(n_samples)]
-    return Posterior(spec, {k: scale * torch.stack([p[k] for p in ps]) for k in ps[0]}, {"kind": kind})
+    return Posterior.from_arch(spec, {k: scale * torch.stack([p[k] for p in ps]) for k in ps[0]}, kind=kind)
 
 
 def batch(n=8, seed=0, spec=SPEC):
@@ -38,7 +38,7 @@ def loop_probs(post, x):
     """Per-sample probabilities with one plain nn.Module per sample: (S, N, C)."""
     out = []
     for s in range(post.n_samples):
-        net = make_net(**post.spec)
+        net = make_net(**post.arch.builtin_spec)
         net.load_state_dict({k: v[s] for k, v in post.params.items()})
         with torch.no_grad():
             out.append(net(x))
@@ -49,7 +49,7 @@ def per_sample_grads(post, x, y, transform=lambda z: z):
     """grad_x CE(transform(f(x; w_s)), y) one sample and one input at a time: (S, N, ...)."""
     grads = torch.zeros(post.n_samples, *x.shape)
     for s in range(post.n_samples):
-        net = make_net(**post.spec)
+        net = make_net(**post.arch.builtin_spec)
         net.load_state_dict({k: v[s] for k, v in post.params.items()})
         for i in range(len(x)):
             xi = x[i:i + 1].clone().requires_grad_(True)
@@ -66,7 +66,7 @@ def test_accuracy_matches_loop():
     post = make_post(5, scale=1.0)
     x, y = batch(40)
     pred = loop_probs(post, x).softmax(-1).mean(0).argmax(-1)
-    assert accuracy(post, x, y) == pytest.approx(100.0 * (pred == y).float().mean().item())
+    assert post.accuracy(x, y) == pytest.approx(100.0 * (pred == y).float().mean().item())
 
 
 def test_softmax_robustness_hand_values():
@@ -78,14 +78,14 @@ def test_softmax_robustness_hand_values():
 def test_legacy_softmax_robustness_floor_10_classes():
     onehot = torch.eye(10)
     r = softmax_robustness(onehot[[0]], onehot[[1]])
-    r_legacy = softmax_robustness(onehot[[0]], onehot[[1]], legacy=True)
+    r_legacy = legacy_softmax_robustness(onehot[[0]], onehot[[1]])
     assert r.item() == 0.0  # the correct measure reaches 0
     assert r_legacy.item() == pytest.approx(LEGACY_FLOOR, abs=1e-6)  # the extreme case of the bound
     for conc in (0.01, 0.1, 1.0):  # random probability vectors, from near one-hot to flat
         d = torch.distributions.Dirichlet(torch.full((10,), conc))
         torch.manual_seed(int(conc * 100))
         p, q = d.sample((500,)), d.sample((500,))
-        assert softmax_robustness(p, q, legacy=True).min() >= LEGACY_FLOOR - 1e-6
+        assert legacy_softmax_robustness(p, q).min() >= LEGACY_FLOOR - 1e-6
 
 
 def test_softmax_robustness_rejects_logits_and_shapes():
@@ -120,7 +120,7 @@ def test_legacy_robustness_bnn_floor_and_correct_reaches_zero():
     assert legacy["robustness"].min() >= LEGACY_FLOOR - 1e-6
     assert correct["robustness"].min() < 0.1
     p, q = loop_probs(post, x).softmax(-1).mean(0), loop_probs(post, x_adv).softmax(-1).mean(0)
-    torch.testing.assert_close(legacy["robustness"], softmax_robustness(p, q, legacy=True), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(legacy["robustness"], legacy_softmax_robustness(p, q), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nn", "ensemble"])
@@ -145,7 +145,7 @@ def test_expected_loss_gradients_are_nested_means(budget):
     post = make_post(20, scale=2.0)
     x, y = batch(5)
     if budget == 100:
-        s_chunk, b_chunk = post.chunks(len(x), budget)
+        s_chunk, b_chunk = post.chunks(x, budget)
         assert s_chunk < 20 and b_chunk < 5
     counts = [1, 3, 10, 20]
     grads = expected_loss_gradients(post, x, y, counts, budget=budget)
@@ -168,7 +168,7 @@ def test_expected_loss_gradients_any_order_and_duplicates():
 
 
 def test_expected_loss_gradients_legacy_double_softmax():
-    post = make_post(6, kind="hmc")
+    post = make_post(6, kind="mcmc")
     x, y = batch(4)
     got = expected_loss_gradients(post, x, y, [2, 6], legacy=True, budget=100)
     per = per_sample_grads(post, x, y, transform=lambda z: z.softmax(-1))
@@ -236,7 +236,7 @@ def trained_ensemble(n_members=3, steps=150):
             opt.step()
         members.append({n: p.detach() for n, p in net.named_parameters()})
     params = {n: torch.stack([m[n] for m in members]) for n in members[0]}
-    return Posterior(spec, params, {"kind": "ensemble"}), x, y
+    return Posterior.from_arch(spec, params, kind="ensemble"), x, y
 
 
 def test_eps_sweep_reaches_zero_at_the_whole_box():
@@ -249,3 +249,66 @@ def test_eps_sweep_reaches_zero_at_the_whole_box():
     assert rows[2]["adv_acc"] == 0.0  # no gradient masking: the whole box is reachable
     fgsm_rows = eps_sweep(post, x, y, [1.0], "fgsm", "expected")
     assert fgsm_rows[0]["adv_acc"] == 0.0 and fgsm_rows[0]["method"] == "fgsm"
+
+
+def test_vanishing_classification_needs_two_counts():
+    # with one count `all()` over an empty axis labelled every input "vanishing"
+    with pytest.raises(UserError, match="at least two"):
+        vanishing_classification(torch.ones(1, 3, 2), [10])
+
+
+def _paper_classes(norms):
+    """The classification before the resolution floor, written out: null if n_1 = 0, vanishing if
+    non-increasing, else increasing."""
+    out = []
+    for row in norms.tolist():
+        if row[0] == 0:
+            out.append("null")
+        elif all(b <= a for a, b in zip(row, row[1:])):
+            out.append("vanishing")
+        else:
+            out.append("increasing")
+    return out
+
+
+def test_resolution_floor_classes_and_zero_tolerance_reproduces_the_paper():
+    floor = measures.resolution_floor([1, 28, 28])
+    assert floor == pytest.approx(2.0 ** -24 / 784)
+    # norms per input over S = 1, 10, 100 (the inputs' single gradient component carries the norm)
+    rows = torch.tensor([
+        [1e-17, 3e-14, 2e-16],  # float32 noise of a saturated softmax at every S
+        [0.0, 0.0, 0.0],        # exactly zero everywhere
+        [0.0, 1e-3, 2e-3],      # null at S=1, then real gradients
+        [5e-2, 1e-2, 1e-3],     # vanishing
+        [1e-3, 1e-14, 0.0],     # vanishing into noise
+        [1e-3, 5e-3, 1e-2],     # increasing
+        [1e-14, 1e-3, 1e-12],   # noise, a real value, noise: "increasing" from the floor
+    ])
+    grads = rows.T.reshape(3, 7, 1)
+    cls = vanishing_classification(grads, [1, 10, 100], null_tol=floor)
+    assert cls["labels"] == ["saturated", "saturated", "null", "vanishing", "vanishing", "increasing", "null"]
+    assert cls["saturated"] == pytest.approx(2 / 7)
+    assert cls["unsaturated"]["vanishing"] == pytest.approx(2 / 5)
+    zero = vanishing_classification(grads, [1, 10, 100], null_tol=0.0)
+    assert zero["labels"] == _paper_classes(zero["norms"])  # today's counts
+    assert zero["saturated"] == 0.0 and zero["labels"][0] == "increasing"  # the noise the floor removes
+    with pytest.raises(UserError, match="null_tol"):
+        vanishing_classification(grads, [1, 10, 100], null_tol=-1.0)
+
+
+def test_saturated_share_counts_per_sample_gradients_below_the_floor():
+    """A posterior whose samples are confident (saturated) on some inputs: the share of (sample, input)
+    pairs below the floor matches a per-sample loop, and G_S is unchanged by the per-sample pass."""
+    post = make_post(6, kind="mcmc", scale=1.0)
+    scale = torch.tensor([200.0, 200.0, 200.0, 1.0, 1.0, 1.0]).view(6, *([1] * 2))
+    post = post.with_params({k: v * scale.view(6, *([1] * (v.dim() - 1))) for k, v in post.params.items()})
+    x, _ = batch(10, seed=3)
+    y = post.log_predictive(x).argmax(-1)  # the confident samples agree with their own argmax
+    floor = 1e-12
+    study = measures.loss_gradient_study(post, x, y, [1, 3, 6], floor=floor, budget=150)
+    per = per_sample_grads(post, x, y)  # (S, N, ...)
+    small = per.flatten(2).abs().amax(-1) < floor  # (S, N)
+    for k, s in enumerate([1, 3, 6]):
+        assert study["saturated_share"][k] == pytest.approx(small[:s].float().mean().item())
+        torch.testing.assert_close(study["grads"][k], per[:s].mean(0), rtol=1e-3, atol=1e-6)  # weights x200: large values
+    assert study["saturated_share"][1] > 0  # the construction does saturate

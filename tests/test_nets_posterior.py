@@ -7,7 +7,7 @@ import torch
 
 from robustbnn.errors import UserError
 from robustbnn.nets import init_params, make_net
-from robustbnn.posterior import Posterior, log_mean_softmax
+from robustbnn.posterior import MeanFieldGuide, Posterior, load, log_mean_softmax
 
 CONV = dict(architecture="conv", input_shape=[1, 28, 28], num_classes=10, hidden_size=16, activation="leaky")
 FC2 = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=8, activation="tanh")
@@ -40,15 +40,27 @@ def test_bad_architecture_and_activation():
         make_net("conv", [2], 2, 8, "relu")
 
 
+@pytest.mark.parametrize("side", [14, 15])
+def test_conv_rejects_inputs_below_16(side):
+    # 14 -> 10 -> 5 -> 1 -> 0: a 0-sized map would be a raw RuntimeError in the forward
+    with pytest.raises(UserError, match="at least 16x16"):
+        make_net("conv", [1, side, side], 10, 8, "relu")
+    assert make_net("conv", [1, 16, 16], 10, 8, "relu")(torch.rand(1, 1, 16, 16)).shape == (1, 10)
+
+
 def test_init_params_seeded():
     a, b, c = init_params(FC2, 3), init_params(FC2, 3), init_params(FC2, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["1.weight"], c["1.weight"])
 
 
+def make(spec, n, kind="ensemble", **meta):
+    return Posterior.from_arch(spec, stacked(spec, range(n)), kind=kind, meta=meta)
+
+
 def test_vectorised_logits_equal_per_sample_loop():
     params = stacked(CONV, range(3))
-    post = Posterior(CONV, params)
+    post = Posterior.from_arch(CONV, params, kind="ensemble")
     x = torch.rand(5, 1, 28, 28)
     net = make_net(**CONV)
     for s in range(3):
@@ -56,14 +68,25 @@ def test_vectorised_logits_equal_per_sample_loop():
         torch.testing.assert_close(post.logits(x)[s], net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_fast_path_equals_vmap_path():
+    from torch.func import functional_call, vmap
+
+    from robustbnn.posterior import stacked_logits
+
+    post = make(dict(FC2, input_shape=[1, 3, 3], hidden_size=5), 4)
+    x = torch.rand(6, 1, 3, 3)
+    slow = vmap(lambda p, xb: functional_call(post.net, p, (xb,)), in_dims=(0, None))(post.params, x)
+    torch.testing.assert_close(stacked_logits(post.net, post.params, x), slow, rtol=1e-5, atol=1e-6)
+
+
 def test_predictive_is_mean_of_softmax_and_chunking_is_exact():
-    post = Posterior(FC2, stacked(FC2, range(7)))
+    post = make(FC2, 7)
     x = torch.rand(33, 2)
     logits = post.logits(x)
     expected = torch.softmax(logits, -1).mean(0)
     torch.testing.assert_close(post.predictive(x), expected)
     tiny = post.logits(x, budget=40)  # forces many sample and input chunks
-    assert post.chunks(33, budget=40) != post.chunks(33)
+    assert post.chunks(x, budget=40) != post.chunks(x)
     torch.testing.assert_close(tiny, logits)
 
 
@@ -76,54 +99,118 @@ def test_log_mean_softmax_is_stable():
 
 
 def test_take_prefix_and_too_many_samples():
-    post = Posterior(FC2, stacked(FC2, range(4)))
+    post = make(FC2, 4)
     assert post.take(2).n_samples == 2
     assert torch.equal(post.take(2).params["1.weight"], post.params["1.weight"][:2])
     with pytest.raises(UserError, match="holds 4"):
         post.take(5)
 
 
-def test_save_load_bit_identical(tmp_path):
-    post = Posterior(CONV, stacked(CONV, range(2)), meta={"kind": "ensemble"})
+def test_posterior_is_a_value():
+    post = make(FC2, 3, note=[1])
+    other = post.take(2)
+    assert "tensor" not in repr(post) and "ensemble" in repr(post)
+    assert post != make(FC2, 3) and post == post  # identity, never an elementwise tensor comparison
+    other.meta["note"].append(2)  # meta is copied, not shared
+    assert post.meta["note"] == [1]
+    assert post.take(None) is not post
+
+
+def test_kind_is_a_field_and_checked():
+    assert make(FC2, 1, kind="mcmc").kind == "mcmc"
+    with pytest.raises(UserError, match="unknown posterior kind"):
+        make(FC2, 1, kind="hmc")
+
+
+def test_mean_network_is_for_vi_guides_only():
+    with pytest.raises(UserError, match="VI guides only"):
+        make(FC2, 3, kind="mcmc").mean()
+    loc = init_params(FC2, 0)
+    guide = MeanFieldGuide(make_net(**FC2), loc, {k: torch.full_like(v, 0.1) for k, v in loc.items()})
+    mean = guide.mean()
+    assert mean.kind == "nn" and mean.n_samples == 1  # legacy evaluation then uses logits, as the paper did
+    assert torch.equal(mean.params["1.weight"][0], loc["1.weight"])
+
+
+def test_save_load_bit_identical_one_file(tmp_path):
+    post = make(CONV, 2, kind="ensemble", dataset="mnist")
     post.save(tmp_path / "m")
-    back = Posterior.load(tmp_path / "m", spec=CONV)
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["posterior.safetensors"]
+    back = Posterior.load(tmp_path / "m", arch=CONV)
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(back.logits(x), post.logits(x))
-    assert back.meta["kind"] == "ensemble"
-    assert not list((tmp_path / "m").glob(".*tmp*")), "no temporary files left behind"
+    assert back.kind == "ensemble" and back.meta["dataset"] == "mnist" and back.input_shape == (1, 28, 28)
 
 
-def test_guide_posterior_redraws_nested_samples(tmp_path):
+def test_guide_saved_and_loaded_as_a_guide(tmp_path):
     loc = init_params(FC2, 0)
     scale = {k: torch.full_like(v, 0.1) for k, v in loc.items()}
-    from robustbnn.posterior import draw_guide_samples
-
-    post = Posterior(FC2, draw_guide_samples(loc, scale, 10, seed=1), guide={"loc": loc, "scale": scale})
-    post.save(tmp_path / "vi")
-    back = Posterior.load(tmp_path / "vi", n_samples=20, seed=1)
-    assert back.n_samples == 20
-    assert torch.equal(back.params["1.weight"][:10], post.params["1.weight"])
-    assert torch.equal(back.mean().params["1.weight"][0], loc["1.weight"])
+    guide = MeanFieldGuide(make_net(**FC2), loc, scale, {"n_samples": 10}, Posterior.from_arch(FC2, stacked(FC2, [0])).arch)
+    first = guide.draw(10, seed=1)
+    guide.save(tmp_path / "vi")
+    back = load(tmp_path / "vi")
+    assert isinstance(back, MeanFieldGuide)  # load returns what is stored: no hidden sampling
+    more = back.draw(20, seed=1)
+    assert more.kind == "vi" and more.n_samples == 20
+    assert torch.equal(more.params["1.weight"][:10], first.params["1.weight"])  # nested, seeded draws
+    assert back.samples(None).n_samples == 10
+    assert not torch.equal(back.draw(10, seed=2).params["1.weight"], first.params["1.weight"])
 
 
 def test_load_mismatch_is_a_clear_error(tmp_path):
-    Posterior(FC2, stacked(FC2, range(1))).save(tmp_path / "m")
+    make(FC2, 1, kind="nn").save(tmp_path / "m")
     with pytest.raises(UserError, match="not the requested"):
-        Posterior.load(tmp_path / "m", spec=dict(FC2, hidden_size=16))
-    # shapes inside the file that do not match the sidecar's architecture
+        Posterior.load(tmp_path / "m", arch=dict(FC2, hidden_size=16))
+
+
+def _rewrite_metadata(path, change):
     import json
 
-    info = json.loads((tmp_path / "m" / "posterior.json").read_text())
-    info["spec"]["hidden_size"] = 16
-    (tmp_path / "m" / "posterior.json").write_text(json.dumps(info))
-    with pytest.raises(UserError, match="do not match the architecture"):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        record = json.loads(f.metadata()["robustbnn"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(record)
+    save_file(tensors, str(path), metadata={"robustbnn": json.dumps(record)})
+
+
+def test_saved_architecture_that_does_not_fit_the_weights(tmp_path):
+    make(FC2, 1, kind="nn").save(tmp_path / "m")
+    _rewrite_metadata(tmp_path / "m" / "posterior.safetensors", lambda r: r["arch"]["kwargs"].update(hidden_size=16))
+    with pytest.raises(UserError, match="do not match the architecture") as err:
         Posterior.load(tmp_path / "m")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r.update(kind=7),
+    lambda r: r.update(meta="not a dict"),
+    lambda r: r.update(input_shape="2"),
+    lambda r: r.pop("arch"),
+])
+def test_metadata_with_wrong_types_is_one_line(tmp_path, change):
+    make(FC2, 1, kind="nn").save(tmp_path / "m")
+    _rewrite_metadata(tmp_path / "m" / "posterior.safetensors", change)
+    with pytest.raises(UserError, match="wrong-typed") as err:
+        Posterior.load(tmp_path / "m")
+    assert "\n" not in str(err.value)
 
 
 def test_load_corrupt_or_missing(tmp_path):
     with pytest.raises(UserError, match="no saved model"):
         Posterior.load(tmp_path / "nothing")
-    Posterior(FC2, stacked(FC2, range(1))).save(tmp_path / "m")
+    make(FC2, 1, kind="nn").save(tmp_path / "m")
     (tmp_path / "m" / "posterior.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt"):
         Posterior.load(tmp_path / "m")
+
+
+def test_templates_leave_the_global_random_state_alone(tmp_path):
+    make(FC2, 2).save(tmp_path / "m")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    make(CONV, 1)
+    Posterior.load(tmp_path / "m")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -19,8 +19,10 @@ def quiet(*_):
 
 def test_ensemble_member_equals_member_trained_alone():
     x, y = moons()
-    ens, hist = train_nets(SPEC, x, y, seeds=[0, 1, 2], epochs=2, lr=0.01, batch_size=50, log=quiet)
-    alone, _ = train_nets(SPEC, x, y, seeds=[2], epochs=2, lr=0.01, batch_size=50, log=quiet)
+    ens = train_nets(SPEC, x, y, seeds=[0, 1, 2], epochs=2, lr=0.01, batch_size=50, log=quiet)
+    alone = train_nets(SPEC, x, y, seeds=[2], epochs=2, lr=0.01, batch_size=50, log=quiet)
+    hist = ens.meta["history"]
+    assert (ens.kind, alone.kind) == ("ensemble", "nn")
     for k in alone.params:
         torch.testing.assert_close(alone.params[k][0], ens.params[k][2], rtol=1e-5, atol=1e-6)
     assert not torch.equal(ens.params["1.weight"][0], ens.params["1.weight"][1])
@@ -29,18 +31,19 @@ def test_ensemble_member_equals_member_trained_alone():
 
 def test_same_seed_same_weights_and_learns():
     x, y = moons()
-    a, _ = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
-    b, _ = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
+    a = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
+    b = train_nets(SPEC, x, y, seeds=[5], epochs=5, lr=0.02, batch_size=32, log=quiet)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
     assert a.accuracy(x, y) > 95
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     x, y = moons()
-    full, _ = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet)
+    full = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet)
     train_nets(SPEC, x, y, seeds=[0, 1], epochs=2, lr=0.01, batch_size=64, log=quiet, checkpoint=tmp_path)
-    resumed, hist = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet,
-                               checkpoint=tmp_path, resume=True)
+    resumed = train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, lr=0.01, batch_size=64, log=quiet,
+                         checkpoint=tmp_path, resume=True)
+    hist = resumed.meta["history"]
     assert [h["epoch"] for h in hist] == [1, 1, 2, 2, 3, 3, 4, 4]
     for k in full.params:
         torch.testing.assert_close(resumed.params[k], full.params[k])

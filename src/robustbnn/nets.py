@@ -1,12 +1,18 @@
-"""Architectures of the paper (fc, fc2, conv) for any input shape, as plain `nn.Sequential` templates.
+"""Architectures: the paper's built-in fc, fc2 and conv for any input shape, and any importable factory.
 
 The networks output logits. Parameters use PyTorch's default initialisation; a `Posterior` holds the
 weights, so these modules are only templates for `torch.func.functional_call`.
+
+An `Architecture` names a factory `package.module:function` and its keyword arguments; building it
+imports that one name and calls it. The paper's specs are `Architecture(BUILTIN, spec)`, so a saved
+model records how to rebuild its template without pickle.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,8 +47,9 @@ def make_net(architecture: str, input_shape, num_classes: int, hidden_size: int,
             nn.Flatten(), nn.Linear(flat, hidden_size), act(),
             nn.Linear(hidden_size, hidden_size), act(), nn.Linear(hidden_size, num_classes),
         )
-    if len(input_shape) != 3 or min(input_shape[1:]) < 14:
-        raise UserError(f"the conv architecture needs image inputs (C, H, W) of at least 14x14, got {input_shape}")
+    # 5x5 conv, 2x2 pool, 5x5 conv, 2x2 pool with stride 1: H -> H-4 -> (H-4)//2 -> that-4 -> that-1 >= 1 needs H >= 16.
+    if len(input_shape) != 3 or min(input_shape[1:]) < 16:
+        raise UserError(f"the conv architecture needs image inputs (C, H, W) of at least 16x16, got {input_shape}")
     features = nn.Sequential(
         nn.Conv2d(input_shape[0], 32, kernel_size=5), act(), nn.MaxPool2d(kernel_size=2),
         nn.Conv2d(32, hidden_size, kernel_size=5), act(), nn.MaxPool2d(kernel_size=2, stride=1), nn.Flatten(),
@@ -52,19 +59,78 @@ def make_net(architecture: str, input_shape, num_classes: int, hidden_size: int,
     return nn.Sequential(*features, nn.Linear(n_features, num_classes))
 
 
-def init_params(spec: dict, seed: int) -> dict[str, torch.Tensor]:
-    """PyTorch's default initialisation of the network `spec`, seeded, as a parameter dict.
-
-    The caller's global random state is left untouched.
+def init_params(arch, seed: int) -> dict[str, torch.Tensor]:
+    """The architecture's own initialisation (PyTorch's defaults for fc, fc2, conv), seeded, as a parameter
+    dict; `arch` is a built-in spec dict or an `Architecture`. The caller's global random state is left
+    untouched.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = make_net(**spec)
+        net = as_architecture(arch).build()
     return {k: v.detach().clone() for k, v in net.named_parameters()}
 
 
-def template(spec: dict) -> nn.Sequential:
-    """The architecture as a module for `functional_call`, without consuming the global random state."""
-    with torch.random.fork_rng(devices=[]):
-        net = make_net(**spec)
-    return net.requires_grad_(False)
+def template(arch) -> nn.Module:
+    """The architecture (a built-in spec dict or an `Architecture`) as a module for `functional_call`,
+    without consuming the global random state."""
+    return as_architecture(arch).build()
+
+
+def as_architecture(arch) -> "Architecture":
+    """An `Architecture` as it is, a built-in spec dict (fc, fc2, conv) as `Architecture(BUILTIN, spec)`."""
+    return arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))
+
+
+BUILTIN = "robustbnn.nets:make_net"
+
+
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """An importable factory `package.module:function` and the keyword arguments it is called with.
+
+    `build()` imports only that name, calls it with `kwargs` without consuming the global random
+    state, and returns the module in eval mode with gradients off (a template: the weights live in
+    a `Posterior`). `kwargs` must be JSON values, since they are saved with the weights.
+    """
+
+    factory: str
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.factory, str) or self.factory.count(":") != 1 or not all(self.factory.split(":")):
+            raise UserError(f"an architecture is named as package.module:function, got {self.factory!r}")
+        if not isinstance(self.kwargs, dict):
+            raise UserError(f"architecture keyword arguments must be a JSON object, got {self.kwargs!r}")
+
+    def __eq__(self, other):
+        return isinstance(other, Architecture) and self.to_json() == other.to_json()
+
+    def build(self) -> nn.Module:
+        module_name, name = self.factory.split(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"cannot import the architecture {self.factory}: {exc}") from None
+        with torch.random.fork_rng(devices=[]):
+            try:
+                net = fn(**self.kwargs)
+            except TypeError as exc:
+                raise UserError(f"the architecture {self.factory} does not take {self.kwargs}: {exc}") from None
+        if not isinstance(net, nn.Module):
+            raise UserError(f"the architecture {self.factory} returned a {type(net).__name__}, not a torch nn.Module")
+        return net.eval().requires_grad_(False)
+
+    def to_json(self) -> dict:
+        kw = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs.items()}
+        return {"factory": self.factory, "kwargs": kw}
+
+    @classmethod
+    def from_json(cls, obj) -> "Architecture":
+        if not isinstance(obj, dict) or not isinstance(obj.get("factory"), str) or not isinstance(obj.get("kwargs", {}), dict):
+            raise UserError(f"an architecture record needs a factory name and keyword arguments, got {obj!r}")
+        return cls(obj["factory"], dict(obj.get("kwargs", {})))
+
+    @property
+    def builtin_spec(self) -> dict | None:
+        """The spec of a built-in architecture (fc, fc2, conv), else None."""
+        return self.to_json()["kwargs"] if self.factory == BUILTIN else None

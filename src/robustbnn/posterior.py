@@ -1,17 +1,25 @@
-"""`Posterior`: one architecture plus a stack of weight samples, with vectorised predictions.
+"""`Posterior`: any architecture plus a stack of weight samples, with vectorised predictions.
 
-A deterministic net is one sample, an ensemble of K nets is K samples, an HMC posterior is its draws
-and a VI posterior is draws from its mean-field guide. Predictions are computed for all samples at
-once with `torch.func.functional_call` under `torch.func.vmap`, chunked over samples and inputs to
-bound memory.
+A deterministic net is one sample, an ensemble of K nets is K samples, an MCMC posterior is its
+draws and a VI posterior is draws from its mean-field guide (`MeanFieldGuide.draw`). The template is
+any `torch.nn.Module`; the weights are a dict {name: tensor (S, *shape)}. Predictions are computed
+for all samples at once, chunked over samples and inputs to bound memory: networks made of Linear
+layers and elementwise activations run as batched matrix products, any other module through
+`torch.func.functional_call` under `torch.func.vmap`.
+
+Saved models are one `.safetensors` file: the weights, and in its metadata a JSON record of the kind,
+the architecture (an importable factory `package.module:function` with keyword arguments) and
+everything else, so the two cannot tear apart and loading runs no pickle.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
 import math
-from dataclasses import dataclass, field
+import types
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,72 +28,245 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, vmap
 
-from robustbnn.artifacts import atomic_path, write_json
+from robustbnn.artifacts import atomic_path
 from robustbnn.errors import UserError
-from robustbnn.nets import template
+from robustbnn.nets import BUILTIN, Architecture
 
 WEIGHTS_FILE = "posterior.safetensors"
-SIDECAR_FILE = "posterior.json"
+METADATA_KEY = "robustbnn"
+FORMAT = 2
+KINDS = ("nn", "ensemble", "vi", "mcmc")
 # Float32 activations held at once by a chunked forward pass (about 1 GiB).
 DEFAULT_BUDGET = 2**28
 
 
-def activation_numel(spec: dict) -> int:
-    """Number of activation values one input produces across all layers (sizes the chunks)."""
-    return _activation_numel(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items())))
+# --------------------------------------------------------------------------------------------------
+# The vectorised forward and the flat parameter layout (shared by predictions, attacks and samplers)
+
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity)
+_mlp_cache: "weakref.WeakKeyDictionary[nn.Module, list | None]" = weakref.WeakKeyDictionary()
+_numel_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-@functools.lru_cache(maxsize=64)
-def _activation_numel(spec_items) -> int:
-    # One real forward of a single zero input: cheap, and the meta device's first use costs seconds of imports.
-    total = 0
-    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec_items}
-    with torch.no_grad():
-        h = torch.zeros(1, *spec["input_shape"])
-        for layer in template(spec):
-            h = layer(h)
-            total += h.numel()
-    return max(total, 1)
+def _mlp_layers(net: nn.Module):
+    """The layers of an `nn.Sequential` of Flatten, Linear and elementwise activations, else None."""
+    if net not in _mlp_cache:
+        layers = list(net.named_children()) if isinstance(net, nn.Sequential) else []
+        ok = layers and all(isinstance(m, (nn.Flatten, nn.Linear, *_ELEMENTWISE)) for _, m in layers)
+        _mlp_cache[net] = layers if ok else None
+    return _mlp_cache[net]
 
 
-def stacked_logits(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits f(x; w_s) of every sample at once: params (S, ...) and x (B, ...) give (S, B, C)."""
-    return vmap(lambda p, xb: functional_call(net, p, (xb,)), in_dims=(0, None))(params, x)
+def stacked_logits(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                   per_sample_inputs: bool = False) -> torch.Tensor:
+    """Logits f(x; w_s) of every sample at once: params {name: (S, ...)} and x (B, ...) give (S, B, C).
 
-
-def draw_guide_samples(loc: dict, scale: dict, n_samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """Draw w_s = loc + scale * eps_s, s < n_samples, from a mean-field Normal guide.
-
-    Sample s uses a generator seeded with (seed, s), so the draws are nested prefixes (the first 10
-    of 100 samples are the 10 samples) and the same seed always gives the same weights.
+    With `per_sample_inputs`, x is (S, B, ...): sample s sees x[s] (for per-sample input gradients).
+    Multilayer perceptrons (fc, fc2, any Sequential of Flatten/Linear/elementwise layers) run as batched
+    matrix products h W_s^T + b_s (`torch.baddbmm`), about twice as fast forward and backward as
+    `vmap(functional_call)`, which every other module uses.
     """
-    out = {k: torch.empty((n_samples, *v.shape), dtype=v.dtype, device=v.device) for k, v in loc.items()}
-    for s in range(n_samples):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        for k in sorted(loc):  # a fixed order: dicts read back from disk may be ordered differently
-            v = loc[k]
-            eps = torch.randn(v.shape, generator=gen, dtype=v.dtype)
-            out[k][s] = v + scale[k] * eps.to(v.device)
-    return out
+    layers = _mlp_layers(net)
+    if layers is None:
+        in_dims = (0, 0 if per_sample_inputs else None)
+        return vmap(lambda p, xb: functional_call(net, p, (xb,)), in_dims=in_dims)(params, x)
+    h, batched = x, per_sample_inputs
+    for name, m in layers:
+        if isinstance(m, nn.Linear):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            if not batched:  # first layer: the same inputs for every sample
+                h, batched = h.expand(w.shape[0], *h.shape), True
+            h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        elif isinstance(m, nn.Flatten):
+            h = h.flatten(2) if batched else m(h)
+        else:
+            h = m(h)
+    return h
 
 
-@dataclass
+def activation_numel(net: nn.Module, input_shape) -> int:
+    """Activation values one input produces across all leaf modules (sizes the chunks), from one forward."""
+    shape = tuple(int(d) for d in input_shape)
+    cache = _numel_cache.setdefault(net, {})
+    if shape not in cache:
+        total = [0]
+
+        def hook(_module, _inputs, output):
+            if torch.is_tensor(output):
+                total[0] += output.numel()
+
+        leaves = [m for m in net.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                # a real forward of one zero input: the meta device's first use costs seconds of imports
+                device = next((t.device for t in net.parameters()), torch.device("cpu"))
+                out = net(torch.zeros(1, *shape, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+        cache[shape] = max(total[0], int(out.numel()), 1)
+    return cache[shape]
+
+
+def param_layout(params: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter, in order: the layout of the flat vector."""
+    return [(k, tuple(v.shape)) for k, v in params.items()]
+
+
+def flatten(params: dict[str, torch.Tensor], layout, batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate parameters (each (*batch, *shape)) into (*batch, D)."""
+    return torch.cat([params[k].reshape(*params[k].shape[:batch_dims], -1) for k, _ in layout], dim=-1)
+
+
+def unflatten(q: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    """Views of q (S, D) as {name: (S, *shape)}."""
+    sizes = [math.prod(s) for _, s in layout]
+    return {k: t.reshape(q.shape[0], *s) for (k, s), t in zip(layout, q.split(sizes, dim=-1))}
+
+
+def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log (1/S) sum_s softmax(logits_s) over the leading sample axis, via logsumexp (stable)."""
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+
+
+def check_shapes(net: nn.Module, params: dict[str, torch.Tensor], what: str) -> None:
+    """Fail with a clear message unless `params` holds every parameter of `net`, stacked (buffers optional)."""
+    expected = {k: tuple(v.shape) for k, v in net.named_parameters()}
+    buffers = {k: tuple(v.shape) for k, v in net.named_buffers()}
+    got = {k: tuple(v.shape[1:]) for k, v in params.items()}
+    allowed = expected | buffers
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(allowed))
+    wrong = sorted(k for k in set(allowed) & set(got) if allowed[k] != got[k])
+    if missing or extra or wrong:
+        detail = "; ".join(s for s in (
+            f"missing {missing}" if missing else "",
+            f"unexpected {extra}" if extra else "",
+            ", ".join(f"{k} has shape {got[k]} instead of {allowed[k]}" for k in wrong),
+        ) if s)
+        raise UserError(f"{what} do not match the architecture: {detail}")
+    sizes = {v.shape[0] for v in params.values()}
+    if len(sizes) != 1:
+        raise UserError(f"{what} hold different numbers of samples per parameter: {sorted(sizes)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Posterior
+
+
+@dataclass(eq=False)
 class Posterior:
-    """An architecture `spec` (see `nets.make_net`) and weight samples `params[name]` of shape (S, *shape).
+    """A template `net` and weight samples `params[name]` of shape (S, *shape).
 
-    `guide` optionally keeps the mean-field guide {"loc": {...}, "scale": {...}} of a VI posterior, so
-    that it is saved instead of the samples and any number of samples can be drawn again.
-    `meta` holds everything else that is saved in the JSON sidecar (dataset, settings, diagnostics).
+    `kind` is how the samples were obtained (nn, ensemble, vi, mcmc); the paper's legacy evaluation
+    depends on it. `arch` names an importable factory that rebuilds `net` (needed to save);
+    `input_shape` (one input, without the batch axis) is checked against inputs when known;
+    `meta` holds everything else that is saved (dataset, settings, diagnostics) and is copied, never
+    shared, between posteriors.
     """
 
-    spec: dict
-    params: dict[str, torch.Tensor]
-    meta: dict = field(default_factory=dict)
-    guide: dict | None = None
+    net: nn.Module = field(repr=False)
+    params: dict[str, torch.Tensor] = field(repr=False)
+    kind: str = "nn"
+    meta: dict = field(default_factory=dict, repr=False)
+    arch: Architecture | None = None
+    input_shape: tuple | None = None
 
     def __post_init__(self):
-        self.net = template(self.spec)
+        if self.kind not in KINDS:
+            raise UserError(f"unknown posterior kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not self.params:
+            raise UserError("a posterior needs at least one weight tensor")
         check_shapes(self.net, self.params, "the weight samples")
+        self.meta = copy.deepcopy(dict(self.meta))
+        spec = self.arch.builtin_spec if self.arch is not None else None
+        if self.input_shape is None and spec is not None:
+            self.input_shape = spec["input_shape"]
+        self.input_shape = None if self.input_shape is None else tuple(int(d) for d in self.input_shape)
+        self._num_classes = int(spec["num_classes"]) if spec is not None else None
+
+    # ---- constructors
+
+    @classmethod
+    def from_arch(cls, arch, params: dict, kind: str = "nn", meta: dict | None = None) -> "Posterior":
+        """Samples of an `Architecture` (or a built-in spec dict for fc, fc2, conv)."""
+        arch = arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))
+        return cls(arch.build(), params, kind, meta or {}, arch)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, params: dict | None = None, *, kind: str = "nn",
+                    arch: Architecture | str | None = None, arch_kwargs: dict | None = None,
+                    input_shape=None, meta: dict | None = None) -> "Posterior":
+        """Any `nn.Module` as a template; `params` None means one sample, the module's own weights.
+
+        Give `arch` ("package.module:function", called with `arch_kwargs`) to make it saveable.
+        """
+        if not isinstance(module, nn.Module):
+            raise UserError(f"from_module needs a torch nn.Module, got {type(module).__name__}")
+        net = copy.deepcopy(module).eval().requires_grad_(False)
+        if params is None:
+            params = {k: v.detach().unsqueeze(0).clone() for k, v in module.state_dict().items()}
+        return cls(net, dict(params), kind, meta or {}, _arch(arch, arch_kwargs), input_shape)
+
+    @classmethod
+    def from_state_dicts(cls, state_dicts, module: nn.Module | None = None, *, arch: Architecture | str | None = None,
+                         arch_kwargs: dict | None = None, kind: str = "ensemble", input_shape=None,
+                         meta: dict | None = None) -> "Posterior":
+        """An ensemble: K state dicts of one architecture stacked as K samples.
+
+        The template is `module`, or else built from `arch`; member k is sample k.
+        """
+        arch = _arch(arch, arch_kwargs)
+        if module is None and arch is None:
+            raise UserError("from_state_dicts needs the template module or its arch (package.module:function)")
+        state_dicts = list(state_dicts)
+        if not state_dicts:
+            raise UserError("from_state_dicts needs at least one state dict")
+        keys = [dict(sd) for sd in state_dicts]
+        for k, sd in enumerate(keys[1:], 1):
+            shapes0 = {n: tuple(v.shape) for n, v in keys[0].items()}
+            shapes = {n: tuple(v.shape) for n, v in sd.items()}
+            if shapes != shapes0:
+                diff = sorted(set(shapes0) ^ set(shapes)) or sorted(n for n in shapes0 if shapes0[n] != shapes[n])
+                raise UserError(f"state dict {k} has a different architecture from state dict 0 (differs at {diff[:3]})")
+        params = {n: torch.stack([sd[n].detach() for sd in keys]) for n in keys[0]}
+        net = arch.build() if module is None else copy.deepcopy(module).eval().requires_grad_(False)
+        return cls(net, params, kind, meta or {}, arch, input_shape)
+
+    @classmethod
+    def from_pyro_samples(cls, pyro_module: nn.Module, samples: dict, *, kind: str = "mcmc", input_shape=None,
+                          arch: Architecture | str | None = None, arch_kwargs: dict | None = None,
+                          meta: dict | None = None) -> "Posterior":
+        """A Pyro BNN: a `PyroModule` whose `PyroSample` sites are named like its parameters (`fc1.weight`),
+        and the dict {site: (S, *shape)} that `pyro.infer.MCMC.get_samples()` returns.
+
+        The template is a copy of the module with every `PyroSample` replaced by a plain parameter; its
+        forward runs with Pyro's sampling turned off, so a likelihood statement such as
+        `pyro.sample("obs", Categorical(logits=...), obs=y)` is skipped and the returned logits are
+        used. Sites of `samples` that are not module weights (e.g. a noise scale) are ignored.
+        """
+        from pyro.nn import PyroModule
+
+        if not isinstance(pyro_module, PyroModule):
+            raise UserError(f"from_pyro_samples needs a pyro.nn.PyroModule, got {type(pyro_module).__name__}")
+        net = copy.deepcopy(pyro_module)
+        params = {}
+        for prefix, m in net.named_modules():
+            for name in list(getattr(m, "_pyro_samples", {})):
+                site = f"{prefix}.{name}" if prefix else name
+                if site not in samples:
+                    raise UserError(f"the Pyro samples have no site {site!r} (they have {sorted(samples)})")
+                value = torch.as_tensor(samples[site]).detach()
+                delattr(m, name)
+                nn.Module.register_parameter(m, name, nn.Parameter(torch.zeros(value.shape[1:]), requires_grad=False))
+                params[site] = value
+        if not params:
+            raise UserError("the PyroModule has no PyroSample sites to fill with samples")
+        net.forward = types.MethodType(_quiet_forward(type(net).forward), net)
+        return cls(net.eval(), params, kind, meta or {}, _arch(arch, arch_kwargs), input_shape)
+
+    # ---- samples
 
     @property
     def n_samples(self) -> int:
@@ -97,55 +278,66 @@ class Posterior:
 
     @property
     def num_classes(self) -> int:
-        return int(self.spec["num_classes"])
+        """Number of classes: from the built-in spec, else from one forward of one input (needs input_shape)."""
+        if self._num_classes is None:
+            if self.input_shape is None:
+                raise UserError("the number of classes of this posterior is unknown: give input_shape")
+            self._num_classes = int(self.logits(torch.zeros(1, *self.input_shape), sample_slice=slice(0, 1)).shape[-1])
+        return self._num_classes
+
+    def with_params(self, params: dict, kind: str | None = None, meta: dict | None = None) -> "Posterior":
+        """A posterior of the same architecture with other samples (meta copied, optionally updated)."""
+        return replace(self, params=params, kind=kind or self.kind, meta=dict(self.meta, **(meta or {})))
 
     def take(self, n_samples: int | None) -> "Posterior":
         """The first `n_samples` samples (nested prefixes); `None` keeps them all."""
-        if n_samples is None or n_samples == self.n_samples:
-            return self
-        if n_samples < 1 or n_samples > self.n_samples:
+        if n_samples is not None and not 1 <= n_samples <= self.n_samples:
             raise UserError(f"asked for {n_samples} posterior samples but this model holds {self.n_samples}")
-        return Posterior(self.spec, {k: v[:n_samples] for k, v in self.params.items()}, self.meta, self.guide)
+        return self.with_params({k: v[:n_samples] for k, v in self.params.items()})
 
-    def redraw(self, n_samples: int, seed: int = 0) -> "Posterior":
-        """Fresh samples from the VI guide (any number); for other posteriors the first `n_samples`."""
-        if self.guide is None:
-            return self.take(n_samples)
-        params = draw_guide_samples(self.guide["loc"], self.guide["scale"], n_samples, seed)
-        return Posterior(self.spec, params, self.meta, self.guide)
+    def samples(self, n_samples: int | None, seed: int = 0) -> "Posterior":
+        """The posterior with `n_samples` weight samples: here the first n (a guide draws them)."""
+        return self.take(n_samples)
+
+    def member(self, k: int) -> "Posterior":
+        """Sample k alone, as a deterministic network (kind nn)."""
+        return self.with_params({n: v[k:k + 1] for n, v in self.params.items()}, kind="nn")
 
     def mean(self) -> "Posterior":
-        """One sample: the guide's mean weights for VI (`avg_posterior`), else the sample average."""
-        if self.guide is not None:
-            params = {k: v.unsqueeze(0).clone() for k, v in self.guide["loc"].items()}
-        else:
-            params = {k: v.mean(0, keepdim=True) for k, v in self.params.items()}
-        return Posterior(self.spec, params, self.meta, self.guide)
+        raise UserError(f"the mean network exists for VI guides only, not for a {self.kind} posterior "
+                        "(averaging the weights of different networks gives a meaningless network)")
 
     def to(self, device) -> "Posterior":
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        guide = None if self.guide is None else {"loc": move(self.guide["loc"]), "scale": move(self.guide["scale"])}
-        return Posterior(self.spec, move(self.params), self.meta, guide)
+        net = copy.deepcopy(self.net).to(device)
+        return replace(self, net=net, params={k: v.to(device) for k, v in self.params.items()})
 
-    def chunks(self, batch: int, budget: int = DEFAULT_BUDGET) -> tuple[int, int]:
+    # ---- predictions
+
+    def chunks(self, x: torch.Tensor, budget: int = DEFAULT_BUDGET) -> tuple[int, int]:
         """(sample chunk, input chunk) so that sample_chunk * input_chunk * activations <= budget."""
-        per_input = activation_numel(self.spec)
+        per_input = activation_numel(self.net, x.shape[1:])
         pairs = max(1, budget // per_input)
-        input_chunk = max(1, min(batch, pairs))
+        input_chunk = max(1, min(len(x), pairs))
         sample_chunk = max(1, min(self.n_samples, pairs // input_chunk))
         return sample_chunk, input_chunk
 
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
-        """f(x; w_s) for all samples: (S, B, C), on the posterior's device, chunked to bound memory."""
-        x = x.to(self.device)
-        s_chunk, b_chunk = self.chunks(len(x), budget)
-        out = torch.empty(self.n_samples, len(x), self.num_classes, device=self.device)
+    def sample_chunks(self, s_chunk: int):
+        """Consecutive slices of the weight samples, `s_chunk` at a time."""
         for s0 in range(0, self.n_samples, s_chunk):
-            p = {k: v[s0:s0 + s_chunk] for k, v in self.params.items()}
-            for b0 in range(0, len(x), b_chunk):
-                out[s0:s0 + s_chunk, b0:b0 + b_chunk] = stacked_logits(self.net, p, x[b0:b0 + b_chunk])
-        return out
+            yield {k: v[s0:s0 + s_chunk] for k, v in self.params.items()}
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, budget: int = DEFAULT_BUDGET, sample_slice: slice | None = None) -> torch.Tensor:
+        """f(x; w_s) for all samples: (S, B, C), on the posterior's device, chunked to bound memory."""
+        params = self.params if sample_slice is None else {k: v[sample_slice] for k, v in self.params.items()}
+        post = self if sample_slice is None else replace(self, params=params)
+        x = x.to(self.device)
+        s_chunk, b_chunk = post.chunks(x, budget)
+        rows = []
+        for p in post.sample_chunks(s_chunk):
+            rows.append(torch.cat([stacked_logits(self.net, p, x[b0:b0 + b_chunk])
+                                   for b0 in range(0, len(x), b_chunk)], dim=1))
+        return torch.cat(rows)
 
     @torch.no_grad()
     def log_predictive(self, x: torch.Tensor, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
@@ -161,81 +353,243 @@ class Posterior:
         pred = self.log_predictive(x, budget).argmax(-1).cpu()
         return 100.0 * (pred == y.cpu()).float().mean().item()
 
+    def as_module(self, budget: int = DEFAULT_BUDGET // 8) -> nn.Module:
+        """An `nn.Module` whose forward returns log p(x), the log posterior predictive, with gradients.
+
+        Feeding it to any attack library with a cross-entropy loss attacks -log p(x)[y] (since
+        log_softmax(log p) = log p), the `predictive` loss of `attacks.input_gradient`.
+        """
+        return PredictiveModule(self, budget)
+
+    # ---- storage
+
     def save(self, folder) -> Path:
-        """Write `posterior.safetensors` and the JSON sidecar atomically; return the folder."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.guide is not None:
-            tensors = {f"loc/{k}": v for k, v in self.guide["loc"].items()}
-            tensors |= {f"scale/{k}": v for k, v in self.guide["scale"].items()}
-            kind = "guide"
-        else:
-            tensors, kind = dict(self.params), "samples"
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp))
-        sidecar = {"spec": self.spec, "stored": kind, "n_samples": self.n_samples, "meta": self.meta}
-        write_json(folder / SIDECAR_FILE, sidecar)
-        return folder
+        """Write folder/posterior.safetensors (weights + JSON metadata) atomically; return the folder."""
+        return _save(folder, dict(self.params), "samples", self)
 
     @classmethod
-    def load(cls, folder, n_samples: int | None = None, seed: int = 0, device="cpu", spec: dict | None = None):
-        """Load a saved posterior. A VI guide is sampled again with `n_samples` draws seeded by `seed`.
+    def load(cls, path, device="cpu", arch: Architecture | dict | None = None) -> "Posterior | MeanFieldGuide":
+        """What is stored: a `Posterior`, or a `MeanFieldGuide` for a VI model (see `load`)."""
+        return load(path, device=device, arch=arch)
 
-        If `spec` is given, the saved architecture must equal it (a model that does not match the
-        requested preset or dataset is an error, not a silent reinterpretation).
-        """
-        folder = Path(folder)
-        sidecar, weights = folder / SIDECAR_FILE, folder / WEIGHTS_FILE
-        if not sidecar.exists() or not weights.exists():
-            raise UserError(f"no saved model in {folder} (train it first, or point --savedir at its parent folder)")
-        try:
-            info = json.loads(sidecar.read_text())
-            saved_spec = info["spec"]
-            saved_spec["input_shape"] = list(saved_spec["input_shape"])
-            tensors = load_file(str(weights), device="cpu")
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise UserError(f"corrupt saved model in {folder}: {exc}; train it again") from None
-        if spec is not None:
-            wanted = dict(spec, input_shape=list(spec["input_shape"]))
-            if wanted != saved_spec:
-                raise UserError(f"the model in {folder} has architecture {saved_spec}, not the requested {wanted}")
-        guide = None
-        if info.get("stored") == "guide":
+
+class PredictiveModule(nn.Module):
+    """forward(x) = log p(x) = logsumexp_s log_softmax(f(x; w_s)) - log S, differentiable in x.
+
+    The stacked weights are registered as (frozen) parameters, so `.to(device)` and libraries that
+    read `next(model.parameters()).device` work. Sample chunks bound the activations held at once.
+    """
+
+    def __init__(self, post: Posterior, budget: int):
+        super().__init__()
+        self.net, self.budget = post.net, budget
+        self.names = {k: k.replace(".", "__") for k in post.params}
+        for k, v in post.params.items():
+            self.register_parameter(self.names[k], nn.Parameter(v.detach(), requires_grad=False))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = {k: getattr(self, n) for k, n in self.names.items()}
+        s = next(iter(params.values())).shape[0]
+        per_input = activation_numel(self.net, x.shape[1:])
+        s_chunk = max(1, min(s, self.budget // max(1, per_input * len(x))))
+        parts = [stacked_logits(self.net, {k: v[s0:s0 + s_chunk] for k, v in params.items()}, x).log_softmax(-1)
+                 for s0 in range(0, s, s_chunk)]
+        return torch.logsumexp(torch.cat(parts), dim=0) - math.log(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# The VI guide: draws weight samples on request
+
+
+def draw_guide_samples(loc: dict, scale: dict, n_samples: int, seed: int) -> dict[str, torch.Tensor]:
+    """Draw w_s = loc + scale * eps_s, s < n_samples, from a mean-field Normal guide.
+
+    Sample s uses a generator seeded with (seed, s), so the draws are nested prefixes (the first 10
+    of 100 samples are the 10 samples) and the same seed always gives the same weights. The noise is
+    drawn on the CPU into one buffer per parameter and moved to the device once.
+    """
+    names = sorted(loc)  # a fixed order: dicts read back from disk may be ordered differently
+    eps = {k: torch.empty((n_samples, *loc[k].shape), dtype=loc[k].dtype) for k in names}
+    for s in range(n_samples):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        for k in names:
+            eps[k][s] = torch.randn(loc[k].shape, generator=gen, dtype=loc[k].dtype)
+    return {k: loc[k] + scale[k] * eps[k].to(loc[k].device) for k in loc}
+
+
+@dataclass(eq=False)
+class MeanFieldGuide:
+    """A mean-field Normal q(w) = prod_j N(w_j; loc_j, scale_j^2) over the weights of `net` (VI).
+
+    `draw(n, seed)` gives a `Posterior` of kind vi with n seeded, nested samples (the same seed, the
+    same weights: common random numbers between an attack and its evaluation); `mean()` gives the
+    network at the guide's means (the paper's `avg_posterior`), a posterior of kind nn.
+    """
+
+    net: nn.Module = field(repr=False)
+    loc: dict[str, torch.Tensor] = field(repr=False)
+    scale: dict[str, torch.Tensor] = field(repr=False)
+    meta: dict = field(default_factory=dict, repr=False)
+    arch: Architecture | None = None
+    input_shape: tuple | None = None
+    kind = "vi"
+
+    def __post_init__(self):
+        check_shapes(self.net, {k: v.unsqueeze(0) for k, v in self.loc.items()}, "the guide means")
+        if set(self.scale) != set(self.loc) or any(self.scale[k].shape != self.loc[k].shape for k in self.loc):
+            raise UserError("the guide's scales do not match its means")
+        self.meta = copy.deepcopy(dict(self.meta))
+
+    def _posterior(self, params: dict, kind: str, meta: dict) -> Posterior:
+        return Posterior(self.net, params, kind, dict(self.meta, **meta), self.arch, self.input_shape)
+
+    def draw(self, n_samples: int, seed: int = 0) -> Posterior:
+        if int(n_samples) < 1:
+            raise UserError(f"the number of samples to draw must be positive, got {n_samples}")
+        params = draw_guide_samples(self.loc, self.scale, int(n_samples), int(seed))
+        return self._posterior(params, "vi", {"guide_seed": int(seed)})
+
+    def samples(self, n_samples: int | None, seed: int = 0) -> Posterior:
+        """`draw(n_samples, seed)`; None draws the number kept at training (meta n_samples, else 100)."""
+        return self.draw(n_samples or int(self.meta.get("n_samples") or 100), seed)
+
+    def mean(self) -> Posterior:
+        return self._posterior({k: v.unsqueeze(0).clone() for k, v in self.loc.items()}, "nn",
+                               {"avg_posterior": True})
+
+    def fresh(self, n_samples: int, seed: int = 0) -> "FreshSamples":
+        """A defence that draws `n_samples` new weights at every prediction (attacks on it need EOT)."""
+        return FreshSamples(self, int(n_samples), int(seed))
+
+    def to(self, device) -> "MeanFieldGuide":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return replace(self, net=copy.deepcopy(self.net).to(device), loc=move(self.loc), scale=move(self.scale))
+
+    def save(self, folder) -> Path:
+        tensors = {f"loc/{k}": v for k, v in self.loc.items()} | {f"scale/{k}": v for k, v in self.scale.items()}
+        return _save(folder, tensors, "guide", self)
+
+
+@dataclass(eq=False)
+class FreshSamples:
+    """A defence that draws new weights at every prediction: draw i is `guide.draw(n_samples, seed + i)`.
+
+    Attacks on it average gradients over several draws (EOT); its predictions are random, so an
+    evaluation reports the share of independent draws that an adversarial input fools.
+    """
+
+    guide: MeanFieldGuide
+    n_samples: int
+    seed: int = 0
+    kind = "vi"
+
+    def draw(self, i: int) -> Posterior:
+        return self.guide.draw(self.n_samples, self.seed + int(i))
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+
+
+def _arch(arch, kwargs) -> Architecture | None:
+    if arch is None or isinstance(arch, Architecture):
+        if kwargs:
+            raise UserError("arch_kwargs given without an arch name")
+        return arch
+    return Architecture(str(arch), dict(kwargs or {}))
+
+
+def _quiet_forward(forward):
+    """The module's forward with Pyro's sample statements answered without drawing (see from_pyro_samples)."""
+    from pyro.poutine.messenger import Messenger
+
+    class _NoSampling(Messenger):
+        def _pyro_sample(self, msg):
+            fn = msg["fn"]
+            if not isinstance(fn, torch.distributions.Distribution):  # e.g. a plate's index site
+                return
+            if msg["value"] is None:  # a placeholder: the forward's logits are what we use
+                msg["value"] = torch.zeros(fn.batch_shape + fn.event_shape)
+            msg["done"] = True
+
+    def quiet(self, *args, **kwargs):
+        import pyro
+
+        with _NoSampling(), pyro.validation_enabled(False):
+            return forward(self, *args, **kwargs)
+
+    return quiet
+
+
+def _save(folder, tensors: dict, stored: str, obj) -> Path:
+    if obj.arch is None:
+        raise UserError("this posterior cannot be saved: its architecture is not importable; build it with "
+                        "arch='package.module:function' (and arch_kwargs) so that loading can rebuild it")
+    folder = Path(folder)
+    record = {"format": FORMAT, "stored": stored, "kind": obj.kind, "arch": obj.arch.to_json(),
+              "input_shape": None if obj.input_shape is None else list(obj.input_shape),
+              "n_samples": None if stored == "guide" else obj.n_samples, "meta": obj.meta}
+    try:
+        metadata = {METADATA_KEY: json.dumps(record, default=str)}
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"the posterior's meta cannot be written as JSON: {exc}") from None
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in tensors.items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return folder
+
+
+def _record(path: Path) -> tuple[dict, dict]:
+    try:
+        tensors = load_file(str(path), device="cpu")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        record = json.loads(metadata[METADATA_KEY])
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise UserError(f"corrupt or foreign saved model {path} ({exc.__class__.__name__}: {exc}); train it again") \
+            from None
+    checks = {"stored": lambda v: v in ("samples", "guide"), "kind": lambda v: v in KINDS,
+              "arch": lambda v: isinstance(v, dict), "meta": lambda v: isinstance(v, dict),
+              "input_shape": lambda v: v is None or (isinstance(v, list) and all(isinstance(d, int) for d in v))}
+    if not isinstance(record, dict):
+        raise UserError(f"the metadata of {path} is not a JSON object")
+    bad = [k for k, ok in checks.items() if not ok(record.get(k))]
+    if bad:
+        raise UserError(f"the metadata of {path} has missing or wrong-typed fields: "
+                        + ", ".join(f"{k}={record.get(k)!r}" for k in bad))
+    return record, tensors
+
+
+def load(path, device="cpu", arch: Architecture | dict | None = None) -> "Posterior | MeanFieldGuide":
+    """Load a saved model: a `Posterior` (samples), or a `MeanFieldGuide` for VI (draw samples from it).
+
+    `path` is the file or its folder. Loading imports only the architecture's factory. If `arch` (or
+    a built-in spec dict) is given, the saved architecture must equal it: a model that does not match
+    the requested preset or dataset is an error, not a silent reinterpretation.
+    """
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+    if not file.exists():
+        raise UserError(f"no saved model at {file} (train it first, or point --savedir at its parent folder)")
+    record, tensors = _record(file)
+    saved = Architecture.from_json(record["arch"])
+    if arch is not None:
+        wanted = arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))
+        if wanted != saved:
+            raise UserError(f"the model in {file.parent} has architecture {saved.to_json()}, not the requested "
+                            f"{wanted.to_json()}")
+    net = saved.build()
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    common = dict(meta=record["meta"], arch=saved, input_shape=record["input_shape"])
+    try:
+        if record["stored"] == "guide":
             loc = {k[4:]: v for k, v in tensors.items() if k.startswith("loc/")}
             scale = {k[6:]: v for k, v in tensors.items() if k.startswith("scale/")}
-            check_shapes(template(saved_spec), {k: v.unsqueeze(0) for k, v in loc.items()}, f"the guide in {folder}")
-            guide = {"loc": {k: v.to(device) for k, v in loc.items()}, "scale": {k: v.to(device) for k, v in scale.items()}}
-            params = draw_guide_samples(guide["loc"], guide["scale"], n_samples or info.get("n_samples", 1), seed)
-            return cls(saved_spec, params, info.get("meta", {}), guide)
-        try:
-            post = cls(saved_spec, {k: v.to(device) for k, v in tensors.items()}, info.get("meta", {}))
-        except UserError as exc:
-            raise UserError(f"{exc} (in {folder})") from None
-        return post.take(n_samples)
-
-
-def check_shapes(net: nn.Module, params: dict[str, torch.Tensor], what: str) -> None:
-    """Fail with a clear message unless `params` holds exactly the net's parameters, stacked."""
-    expected = {k: tuple(v.shape) for k, v in net.named_parameters()}
-    got = {k: tuple(v.shape[1:]) for k, v in params.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        detail = "; ".join(
-            s for s in (
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
-                ", ".join(f"{k} has shape {got[k]} instead of {expected[k]}" for k in wrong),
-            ) if s
-        )
-        raise UserError(f"{what} do not match the architecture: {detail}")
-    sizes = {v.shape[0] for v in params.values()}
-    if len(sizes) != 1:
-        raise UserError(f"{what} hold different numbers of samples per parameter: {sorted(sizes)}")
-
-
-def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """log (1/S) sum_s softmax(logits_s) over the leading sample axis, via logsumexp (stable)."""
-    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+            return MeanFieldGuide(net.to(device), loc, scale, **common)
+        return Posterior(net.to(device), tensors, record["kind"], **common)
+    except UserError as exc:
+        raise UserError(f"{exc} (in {file}; the factory {saved.factory} builds a different network)") from None

@@ -1,4 +1,4 @@
-"""Gradient-based attacks on a `Posterior`: FGSM and L-inf PGD with selectable attack losses.
+"""Attack losses on a `Posterior` and their input gradients, with the input checks every attack shares.
 
 Carbone et al., "Robustness of Bayesian Neural Networks to Gradient-Based Attacks", NeurIPS 2020,
 attack a Bayesian network with the input gradient of a loss over its posterior. Three losses, with
@@ -30,10 +30,9 @@ from robustbnn.errors import UserError
 from robustbnn.posterior import DEFAULT_BUDGET, Posterior, stacked_logits
 
 LOSSES = ("predictive", "expected", "legacy")
-METHODS = ("fgsm", "pgd")
-KINDS = ("nn", "ensemble", "vi", "hmc")
-# Activations held at once by a gradient pass; autograd keeps a few times this for the backward.
-# Chunks of about 10^4 (sample, input) pairs are also the fastest on CPU (benchmarks/attacks.py).
+# Activations held at once by a gradient pass (2^25 floats); autograd keeps a few times this for the
+# backward. For fc2-512 on MNIST that is about 10^4 (sample, input) pairs, the fastest chunk on CPU
+# (benchmarks/attacks.py); for conv nets it is a few hundred pairs.
 GRAD_BUDGET = DEFAULT_BUDGET // 8
 
 
@@ -45,18 +44,28 @@ def check_inputs(post: Posterior, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
     """Validate a batch against the posterior; return (x float32, y int64) on the posterior's device."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise UserError("inputs and labels must be torch tensors")
-    shape = tuple(int(d) for d in post.spec["input_shape"])
-    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+    shape = post.input_shape
+    if shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
         raise UserError(f"inputs have shape {tuple(x.shape)} but the model expects (N, {', '.join(map(str, shape))})")
     if y.shape != (len(x),):
         raise UserError(f"labels must be integer class indices of shape ({len(x)},), got shape {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex():
         raise UserError("labels must be integer class indices, not one-hot or float values")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= post.num_classes):
-        raise UserError(f"labels must lie in 0..{post.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
     if not torch.isfinite(x).all():
         raise UserError("inputs contain NaN or infinite values")
-    return x.detach().to(post.device, torch.float32), y.detach().to(post.device, torch.int64)
+    x, y = x.detach().to(post.device, torch.float32), y.detach().to(post.device, torch.int64)
+    if len(y):
+        if shape is None:  # a brought-in module without a declared input shape: one forward says the classes
+            try:
+                classes = post.logits(x[:1], sample_slice=slice(0, 1)).shape[-1]
+            except RuntimeError as exc:
+                raise UserError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: "
+                                f"{str(exc).splitlines()[0]}") from None
+        else:
+            classes = post.num_classes
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            raise UserError(f"labels must lie in 0..{classes - 1}, got {int(y.min())}..{int(y.max())}")
+    return x, y
 
 
 def check_loss(loss: str) -> None:
@@ -86,14 +95,14 @@ def check_bounds(x: torch.Tensor, bounds) -> tuple[float, float]:
     return lo, hi
 
 
-def legacy_softmax_output(post: Posterior) -> bool:
-    """Whether the paper's out(x) averages probabilities (BNNs) rather than logits (networks, ensembles)."""
-    kind = post.meta.get("kind")
-    if kind not in KINDS:
-        raise UserError(
-            f"the legacy loss needs the model kind in meta['kind'] (one of {', '.join(KINDS)}), got {kind!r}"
-        )
-    return kind in ("vi", "hmc")
+def legacy_output_is_probs(post: Posterior) -> bool:
+    """Whether the paper's out(x) averages probabilities (BNNs: vi, mcmc) rather than logits (nn, ensemble).
+
+    The paper's BNN code returned mean probabilities and its training and attacks applied a
+    cross-entropy (a second softmax) to them; its networks and ensembles returned (mean) logits
+    (original-behaviour.md section 4). DESIGN.md's shorthand "-log softmax(p(x))[y]" is the BNN case.
+    """
+    return post.kind in ("vi", "mcmc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,14 +111,12 @@ def legacy_softmax_output(post: Posterior) -> bool:
 
 def _log_lik(post: Posterior, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """log softmax(f(x_b; w_s))[y_b] for a chunk of samples and inputs: (s, b), with the autograd graph."""
-    logits = stacked_logits(post.net, params, xb)
-    return torch.log_softmax(logits, dim=-1).gather(-1, yb.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return log_lik(stacked_logits(post.net, params, xb), yb)
 
 
-def _sample_chunks(post: Posterior, s_chunk: int):
-    """Consecutive slices of the weight samples, `s_chunk` at a time."""
-    for s0 in range(0, post.n_samples, s_chunk):
-        yield {k: v[s0:s0 + s_chunk] for k, v in post.params.items()}
+def log_lik(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] for logits (S, B, C) and labels (B,): (S, B)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, y.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
 
 
 def _grad(objective: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
@@ -127,7 +134,7 @@ def _predictive_grad(post, xb, yb, s_chunk):
     m_run = torch.full((len(xb),), -math.inf, device=xb.device)
     z_run = torch.zeros(len(xb), device=xb.device)
     g_run = torch.zeros_like(xb)
-    for p in _sample_chunks(post, s_chunk):
+    for p in post.sample_chunks(s_chunk):
         ll = _log_lik(post, p, xb, yb)
         m = ll.detach().amax(0)
         e = (ll.detach() - m).exp()
@@ -143,7 +150,7 @@ def _predictive_grad(post, xb, yb, s_chunk):
 def _expected_grad(post, xb, yb, s_chunk):
     """(1/S) sum_s grad_x CE(f(x; w_s), y): per-chunk sums of per-sample gradients, averaged."""
     g = torch.zeros_like(xb)
-    for p in _sample_chunks(post, s_chunk):
+    for p in post.sample_chunks(s_chunk):
         g += _grad(-_log_lik(post, p, xb, yb).sum(), xb)
     return g / post.n_samples
 
@@ -160,15 +167,15 @@ def _legacy_grad(post, xb, yb, s_chunk):
     With several sample chunks: a first pass computes out(x) without the graph, then
     v = dCE/dout = softmax(out) - onehot(y), and a second pass accumulates grad_x <out(x), v>.
     """
-    probs = legacy_softmax_output(post)
+    probs = legacy_output_is_probs(post)
     if s_chunk >= post.n_samples:
         out = _legacy_out(post, post.params, xb, probs) / post.n_samples
         return _grad(F.cross_entropy(out, yb, reduction="sum"), xb)
     with torch.no_grad():
-        out = sum(_legacy_out(post, p, xb, probs) for p in _sample_chunks(post, s_chunk)) / post.n_samples
+        out = sum(_legacy_out(post, p, xb, probs) for p in post.sample_chunks(s_chunk)) / post.n_samples
         v = out.softmax(-1) - F.one_hot(yb, out.shape[-1]).to(out.dtype)
     g = torch.zeros_like(xb)
-    for p in _sample_chunks(post, s_chunk):
+    for p in post.sample_chunks(s_chunk):
         g += _grad((_legacy_out(post, p, xb, probs) * v).sum(), xb)
     return g / post.n_samples
 
@@ -178,7 +185,7 @@ _GRADS = {"predictive": _predictive_grad, "expected": _expected_grad, "legacy": 
 
 def _input_gradient(post, x, y, loss, budget):
     """`input_gradient` on already validated tensors on the posterior's device."""
-    s_chunk, b_chunk = post.chunks(len(x), budget)
+    s_chunk, b_chunk = post.chunks(x, budget)
     out = torch.empty_like(x)
     with torch.enable_grad():
         for b0 in range(0, len(x), b_chunk):
@@ -200,77 +207,110 @@ def input_gradient(post: Posterior, x: torch.Tensor, y: torch.Tensor, loss: str 
 
 
 # ---------------------------------------------------------------------------------------------
-# attacks
+# any objective of the log predictive (APGD's CE and DLR, margins), with EOT for fresh-sample defences
 
 
-def fgsm(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "predictive",
-         bounds=(0.0, 1.0), budget: int = GRAD_BUDGET) -> torch.Tensor:
-    """Fast gradient sign method (Goodfellow et al., ICLR 2015): x' = clip(x + eps sign(g(x)), lo, hi).
+def ce_loss(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-log p(x)[y] per input: the predictive cross-entropy."""
+    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
-    g is the input gradient of the attack `loss` over all the posterior's samples (a Bayesian FGSM
-    when S > 1). Returns detached adversarial inputs on x's device.
+
+def margin(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(x)_y - max_{k != y} log p(x)_k per input: negative exactly when the prediction is wrong."""
+    other = logp.scatter(-1, y.unsqueeze(-1), -math.inf).amax(-1)
+    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) - other
+
+
+def dlr_loss(logp: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Difference of logits ratio (Croce and Hein, ICML 2020) on z = log p(x), to be maximised:
+
+    DLR = -(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3), pi the classes sorted by z (descending);
+    targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2). It is invariant to shifts and scalings of
+    z, so a saturated softmax does not flatten it. With fewer than 3 (targeted: 4) classes the
+    denominator does not exist and the plain margin is used.
     """
-    check_loss(loss)
-    eps = check_eps(eps)
-    xd, yd = check_inputs(post, x, y)
-    lo, hi = check_bounds(xd, bounds)
-    g = _input_gradient(post, xd, yd, loss, budget)
-    return (xd + eps * g.sign()).clamp_(lo, hi).to(x.device)
-
-
-def pgd(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "predictive",
-        iterations: int = 40, alpha: float | None = None, random_start: bool = False, legacy: bool = False,
-        bounds=(0.0, 1.0), seed: int = 0, budget: int = GRAD_BUDGET) -> torch.Tensor:
-    """Projected gradient descent in the L-inf ball (Madry et al., ICLR 2018).
-
-    x_0 = x (+ U(-eps, eps) noise, seeded, with `random_start`);
-    x_{t+1} = clip(proj_eps(x_t + alpha sign(g(x_t))), lo, hi), t < iterations, with
-    alpha = 2.5 eps / iterations by default. `legacy=True` is the paper's preset: alpha = 2 / max(x)
-    for each input (about 2, so every step jumps to a corner of the eps-box) and no random start.
-    Returns the last iterate, detached, on x's device.
-    """
-    check_loss(loss)
-    eps = check_eps(eps)
-    if int(iterations) != iterations or iterations < 1:
-        raise UserError(f"iterations must be a positive integer, got {iterations}")
-    xd, yd = check_inputs(post, x, y)
-    lo, hi = check_bounds(xd, bounds)
-    view = (-1,) + (1,) * (xd.dim() - 1)
-    if eps == 0:  # the eps-ball is the input itself
-        return xd.to(x.device, copy=True)
-    if legacy:
-        if alpha is not None or random_start:
-            raise UserError("legacy PGD fixes alpha = 2 / max(x) and no random start; drop alpha and random_start")
-        # 2 / max(x) as the paper; the floor only keeps an all-zero input finite (any alpha >= 2 eps is the same).
-        step = (2.0 / xd.flatten(1).amax(1).clamp_min(1e-12)).view(view)
+    z = logp.clamp_min(-1e4)  # log p can be -inf where a class has probability 0 in float32
+    srt = z.sort(-1, descending=True).values
+    zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if target is None:
+        num = zy - z.scatter(-1, y.unsqueeze(-1), -math.inf).amax(-1)
+        den = srt[:, 0] - srt[:, 2] if z.shape[-1] >= 3 else torch.ones_like(zy)
     else:
-        alpha = 2.5 * eps / iterations if alpha is None else float(alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise UserError(f"alpha must be a finite positive number, got {alpha}")
-        step = alpha
-    lower, upper = (xd - eps).clamp_(min=lo), (xd + eps).clamp_(max=hi)
-    x_t = xd.clone()
-    if random_start:
-        gen = torch.Generator().manual_seed(int(seed))
-        noise = (2 * torch.rand(xd.shape, generator=gen) - 1).to(xd.device) * eps
-        x_t = torch.minimum(torch.maximum(x_t + noise, lower), upper)
-    for _ in range(int(iterations)):
-        g = _input_gradient(post, x_t, yd, loss, budget)
-        # proj_eps then clip to [lo, hi] == clamp to the intersection of the two boxes.
-        x_t = torch.minimum(torch.maximum(x_t + step * g.sign(), lower), upper)
-    return x_t.to(x.device)
+        num = zy - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        den = srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) if z.shape[-1] >= 4 else torch.ones_like(zy)
+    return -num / (den + 1e-12)
 
 
-def attack(post: Posterior, x: torch.Tensor, y: torch.Tensor, method: str, eps: float, **kw) -> torch.Tensor:
-    """Dispatch to `fgsm` or `pgd` by name; keyword arguments go to the attack."""
-    if method not in METHODS:
-        raise UserError(f"unknown attack method {method!r}; choose one of {', '.join(METHODS)}")
-    return (fgsm if method == "fgsm" else pgd)(post, x, y, eps, **kw)
+def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objective,
+                        budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x) (B, C), grad_x sum_i objective(log p(x_i), y_i)) for any differentiable objective of the
+    log posterior predictive, on validated tensors.
+
+    d log p_c / dx = sum_s pi_sc d log softmax(f(x; w_s))_c / dx with pi_sc = p_sc / (S p_c). A first
+    pass (no graph) gives log p and v = d objective / d log p (B, C); a second pass accumulates, over
+    sample chunks, the gradient of sum_{s,c} v_c pi_sc log softmax(f_s)_c with v and pi held fixed.
+    When every sample of at least one input fits the budget, inputs are chunked instead and each chunk
+    takes one pass through plain autograd (the objective is per input, so this is exact too).
+    """
+    s_chunk, b_chunk = post.chunks(x, budget)
+    pairs = s_chunk * b_chunk
+    if pairs >= post.n_samples:  # all samples at once, fewer inputs: one pass per input chunk
+        s_chunk, b_chunk = post.n_samples, max(1, pairs // post.n_samples)
+    logp_out, grad_out = torch.empty(len(x), 0, device=x.device), torch.empty_like(x)
+    log_s = math.log(post.n_samples)
+    for b0 in range(0, len(x), b_chunk):
+        xb, yb = x[b0:b0 + b_chunk], y[b0:b0 + b_chunk]
+        if s_chunk == post.n_samples:
+            with torch.enable_grad():
+                xg = xb.detach().requires_grad_(True)
+                lp = torch.logsumexp(stacked_logits(post.net, post.params, xg).log_softmax(-1), 0) - log_s
+                g = _grad(objective(lp, yb).sum(), xg)
+            logp = lp.detach()
+            if logp_out.shape[1] == 0:
+                logp_out = torch.empty(len(x), logp.shape[-1], device=x.device)
+            logp_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = logp, g
+            continue
+        with torch.no_grad():
+            logp = torch.logsumexp(torch.cat([stacked_logits(post.net, p, xb).log_softmax(-1)
+                                              for p in post.sample_chunks(s_chunk)]), 0) - log_s
+        with torch.enable_grad():
+            lp = logp.clone().requires_grad_(True)
+            (v,) = torch.autograd.grad(objective(lp, yb).sum(), lp)
+            xg = xb.detach().requires_grad_(True)
+            g = torch.zeros_like(xb)
+            for p in post.sample_chunks(s_chunk):
+                ls = stacked_logits(post.net, p, xg).log_softmax(-1)
+                w = v * (ls.detach() - logp - log_s).exp()
+                g += _grad((w * ls).sum(), xg)
+        if logp_out.shape[1] == 0:
+            logp_out = torch.empty(len(x), logp.shape[-1], device=x.device)
+        logp_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = logp, g
+    return logp_out, grad_out
+
+
+def objective_grad(model, x: torch.Tensor, y: torch.Tensor, objective, *, eot_iter: int = 1, draw: int = 0,
+                   budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logp_objective_grad` for a fixed posterior; for a defence that draws fresh weights at every
+    prediction (`posterior.FreshSamples`), the expectation over transformations (EOT, Athalye et al.,
+    ICML 2018): log p and the gradient averaged over `eot_iter` draws, numbered from `draw`.
+    """
+    if isinstance(model, Posterior):
+        return logp_objective_grad(model, x, y, objective, budget)
+    logps, grads = zip(*(logp_objective_grad(model.draw(draw + j), x, y, objective, budget) for j in range(eot_iter)))
+    return torch.stack(logps).mean(0), torch.stack(grads).mean(0)
+
+
+def fixed_samples(model) -> Posterior:
+    """The posterior an attack validates inputs against (the first draw of a fresh-sample defence)."""
+    return model if isinstance(model, Posterior) else model.draw(0)
 
 
 @torch.no_grad()
 def legacy_output(post: Posterior, x: torch.Tensor, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
-    """The paper's model output out(x): mean probabilities for BNNs (vi, hmc), mean logits otherwise."""
-    probs = legacy_softmax_output(post)
-    logits = post.logits(x, budget)
-    return (logits.softmax(-1) if probs else logits).mean(0)
+    """The paper's model output out(x): mean probabilities for BNNs (vi, mcmc), mean logits otherwise."""
+    return legacy_out_of_logits(post, post.logits(x, budget))
+
+
+def legacy_out_of_logits(post: Posterior, logits: torch.Tensor) -> torch.Tensor:
+    """out(x) from already computed logits (S, B, C)."""
+    return (logits.softmax(-1) if legacy_output_is_probs(post) else logits).mean(0)

@@ -15,52 +15,67 @@ import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from robustbnn.data import validate_xy
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
-from robustbnn.nets import init_params, template
+from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import DEFAULT_BUDGET, Posterior, activation_numel
 
 
-def member_groups(spec: dict, seeds: list[int], batch_size: int, budget: int = DEFAULT_BUDGET) -> list[list[int]]:
+def member_groups(arch, seeds: list[int], batch_size: int, budget: int = DEFAULT_BUDGET,
+                  input_shape=None) -> list[list[int]]:
     """Split the members into groups whose stacked activations (forward and backward) fit the budget."""
-    per_member = 3 * activation_numel(spec) * batch_size
+    shape = input_shape or as_architecture(arch).builtin_spec["input_shape"]
+    per_member = 3 * activation_numel(template(arch), shape) * batch_size
     size = max(1, min(len(seeds), budget // per_member))
     return [seeds[i:i + size] for i in range(0, len(seeds), size)]
 
 
-def train_nets(spec: dict, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epochs: int, lr: float,
+def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epochs: int, lr: float,
                batch_size: int, device="cpu", checkpoint=None, resume: bool = False, progress: bool = False,
-               log=print) -> tuple[Posterior, list[dict]]:
+               log=print) -> Posterior:
     """Train one network per seed with Adam(lr) on mean cross-entropy, `epochs` passes of minibatches.
 
-    Returns the members stacked as a Posterior (sample k = member seeds[k]) and the per-epoch history
-    [{epoch, member, loss, train_acc, time_s}]. With `checkpoint` (a folder) the state is saved after
-    every epoch of every member group, and `resume` continues from it.
+    `arch` is a built-in spec dict (fc, fc2, conv) or any importable `Architecture`.
+
+    Returns the members stacked as a Posterior (sample k = member seeds[k]) of kind nn (one seed) or
+    ensemble, with the per-epoch history [{epoch, member, loss, train_acc, time_s}] in
+    meta["history"] (time_s: the epoch of the member's group, whose members train jointly). With
+    `checkpoint` (a folder) the state is saved after every epoch of every member group, and
+    `resume` continues from it.
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise UserError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    if not seeds:
+        raise UserError("train_nets needs at least one seed")
+    spec = as_architecture(arch).builtin_spec or {}
+    x, y = validate_xy(x, y, spec.get("input_shape"), spec.get("num_classes"))
+    x, y = x.to(device), y.to(device)  # once: each step then gathers on the device
     state = load_checkpoint(checkpoint) if (checkpoint and resume) else None
     done = state["done"] if state else {}
     history = state["history"] if state else []
-    for group in member_groups(spec, list(seeds), batch_size):
+    groups = member_groups(arch, list(seeds), batch_size, input_shape=x.shape[1:])
+    for group in groups:
         key = ",".join(map(str, group))
         if key in done:
             continue
         partial = state.get("group") if state and state.get("group_key") == key else None
-        done[key], history = _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, partial,
+        done[key], history = _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, partial,
                                           done, history, progress, log)
-    params = {k: torch.cat([done[",".join(map(str, g))][k] for g in member_groups(spec, list(seeds), batch_size)])
-              for k in done[next(iter(done))]}
-    return Posterior(spec, {k: v.to(device) for k, v in params.items()}), history
+    params = {k: torch.cat([done[",".join(map(str, g))][k] for g in groups]) for k in done[next(iter(done))]}
+    meta = {"inference": "nn" if len(seeds) == 1 else "ensemble", "seeds": list(seeds), "epochs": int(epochs),
+            "lr": float(lr), "batch_size": int(batch_size), "history": history}
+    return Posterior.from_arch(as_architecture(arch), {k: v.to(device) for k, v in params.items()},
+                               kind="nn" if len(seeds) == 1 else "ensemble", meta=meta)
 
 
-def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
+def _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
                  log):
-    net = template(spec).to(device)
+    net = template(arch).to(device)
     if partial:
         params = {k: v.to(device).requires_grad_() for k, v in partial["params"].items()}
     else:
-        inits = [init_params(spec, s) for s in group]
+        inits = [init_params(arch, s) for s in group]
         params = {k: torch.stack([p[k] for p in inits]).to(device).requires_grad_() for k in inits[0]}
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     gens = [torch.Generator().manual_seed(s) for s in group]
@@ -75,14 +90,14 @@ def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, 
     steps = math.ceil(n / batch_size)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        perms = torch.stack([torch.randperm(n, generator=g) for g in gens])
+        perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs} members {group[0]}..{group[-1]}",
                    disable=not progress, leave=False)
         for b in bar:
             idx = perms[:, b * batch_size:(b + 1) * batch_size]
-            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            xb, yb = x[idx], y[idx]
             logits = forward(params, xb)  # (K, B, C)
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             losses = losses.view(k, -1).mean(1)
@@ -100,7 +115,7 @@ def _train_group(spec, x, y, group, epochs, lr, batch_size, device, checkpoint, 
         accs = (100.0 * correct / n).cpu()
         for i, s in enumerate(group):
             history.append(dict(epoch=epoch + 1, member=s, loss=losses[i].item(), train_acc=accs[i].item(),
-                                time_s=elapsed / k))
+                                time_s=elapsed))
         who = f" members {group[0]}..{group[-1]}" if k > 1 else ""
         log(f"[epoch {epoch + 1}/{epochs}]{who}  loss {losses.mean():.4f}  "
             f"train acc {accs.mean():.2f}%  ({elapsed:.1f}s)")

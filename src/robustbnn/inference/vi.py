@@ -8,7 +8,7 @@ a softplus). `TraceMeanField_ELBO` uses the analytic KL(q || p) and one Monte Ca
 the expected log-likelihood (Blundell et al., "Weight Uncertainty in Neural Networks", ICML 2015).
 
 `fit_mean_field` is the core for any likelihood `observe(params, x)`; `train_vi` puts a network
-`spec` on top of it and returns a `Posterior`.
+`spec` on top of it and returns the fitted guide as a `MeanFieldGuide`, which draws posteriors.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from robustbnn.data import validate_xy
+from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
-from robustbnn.nets import init_params, template
-from robustbnn.posterior import Posterior, draw_guide_samples
+from robustbnn.nets import as_architecture, init_params, template
+from robustbnn.posterior import MeanFieldGuide
 
 # Initial guide standard deviation. Small next to PyTorch's default weight scale (1/sqrt(fan_in),
 # 0.036 for 784 inputs, 0.044 for 512) so that training starts from the usual network with a little
@@ -143,15 +145,6 @@ def _check_settings(epochs, lr, batch_size, prior_scale, likelihood, init_scale)
             raise UserError(f"{name} must be a positive number, got {v}")
 
 
-def _load_checkpoint(folder, settings: dict) -> dict | None:
-    ckpt = load_checkpoint(folder)
-    if ckpt is not None and ckpt.get("settings") != settings:
-        diff = sorted(k for k in settings if ckpt.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"the VI checkpoint in {folder} was made with different settings ({', '.join(diff)}); "
-                        "delete it or run without resume")
-    return ckpt
-
-
 def fit_mean_field(observe: Callable, init_loc: dict, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
                    batch_size: int, seed: int = 0, prior_scale: float = 1.0, likelihood: str = "scaled",
                    init_scale: float = INIT_SCALE, checkpoint=None, resume: bool = False, progress: bool = False,
@@ -182,7 +175,7 @@ def fit_mean_field(observe: Callable, init_loc: dict, x: torch.Tensor, y: torch.
                 "data_sum": [float(x.double().sum()), float(y.double().sum())]}
     if resume and checkpoint is None:
         raise UserError("resume needs the checkpoint folder of the run to continue (checkpoint=...)")
-    ckpt = _load_checkpoint(checkpoint, settings) if resume else None
+    ckpt = load_checkpoint(checkpoint, fingerprint=settings) if resume else None
     if resume and ckpt is None:
         log(f"no checkpoint in {checkpoint}; training from the start")
 
@@ -237,7 +230,7 @@ def fit_mean_field(observe: Callable, init_loc: dict, x: torch.Tensor, y: torch.
             if checkpoint is not None:
                 params = {k: v.detach().clone() for k, v in store.named_parameters()}
                 payload = {"epoch": epoch, "params": params, "optim": optim.get_state(), "rng": _rng_state(device),
-                           "history": history, "settings": settings}
+                           "history": history, "fingerprint": settings}
                 save_checkpoint(checkpoint, payload)
         bar.close()
         if start >= epochs:
@@ -251,40 +244,33 @@ def categorical_observe(net: torch.nn.Module) -> Callable:
     return lambda params, x: dist.Categorical(logits=functional_call(net, params, (x,)))
 
 
-def train_vi(spec: dict, x, y, *, epochs: int, lr: float, batch_size: int, seed: int = 0, device="cpu",
+def train_vi(arch, x, y, *, epochs: int, lr: float, batch_size: int, seed: int = 0, device="cpu",
              prior_scale: float = 1.0, likelihood: str = "scaled", init_scale: float = INIT_SCALE,
              n_samples: int = 100, checkpoint=None, resume: bool = False, progress: bool = False,
-             log: Callable = print) -> tuple[Posterior, list[dict]]:
-    """Train a mean-field Gaussian BNN on (x, y) with SVI; return its `Posterior` and the epoch history.
+             log: Callable = print) -> MeanFieldGuide:
+    """Train a mean-field Gaussian BNN on (x, y) with SVI; return the fitted guide.
+
+    `arch` is a built-in spec dict (fc, fc2, conv) or any importable `Architecture`.
 
     Prior N(0, prior_scale^2) on every weight and bias, likelihood Categorical(logits = f(x; w)),
-    guide means initialised from `nets.init_params(spec, seed)` and standard deviations `init_scale`
-    (see `fit_mean_field`). The Posterior keeps the guide {"loc", "scale"} (scale = standard deviation)
-    and `n_samples` weight draws `draw_guide_samples(loc, scale, n_samples, seed)`.
-    `checkpoint` (a folder) gets a checkpoint after each epoch; `resume=True` continues from it.
+    guide means initialised from `nets.init_params(arch, seed)` and standard deviations `init_scale`
+    (see `fit_mean_field`). The `MeanFieldGuide` (loc, scale = standard deviation) draws posteriors
+    of kind vi with `draw(n, seed)`; its meta holds the settings, the epoch history and `n_samples`,
+    the number of draws used by default. `checkpoint` (a folder) gets a checkpoint after each epoch;
+    `resume=True` continues from it.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    device = resolve_device(device)
     if int(n_samples) < 1:
         raise UserError(f"n_samples must be positive, got {n_samples}")
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y)
-    if tuple(x.shape[1:]) != tuple(spec["input_shape"]):
-        raise UserError(f"inputs have shape {tuple(x.shape[1:])} but the network expects {tuple(spec['input_shape'])}")
-    if y.dim() != 1 or y.dtype.is_floating_point:
-        raise UserError(f"labels must be a 1-d integer tensor of class indices, got shape {tuple(y.shape)}, {y.dtype}")
-    y = y.long()
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= int(spec["num_classes"])):
-        raise UserError(f"labels must lie in [0, {spec['num_classes']}), got [{int(y.min())}, {int(y.max())}]")
-    net = template(spec).to(device)
-    init_loc = {k: v.to(device) for k, v in init_params(spec, seed).items()}
+    spec = as_architecture(arch).builtin_spec or {}
+    x, y = validate_xy(x, y, spec.get("input_shape"), spec.get("num_classes"))
+    net = template(arch).to(device)
+    init_loc = {k: v.to(device) for k, v in init_params(arch, seed).items()}
     loc, scale, history = fit_mean_field(
         categorical_observe(net), init_loc, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         prior_scale=prior_scale, likelihood=likelihood, init_scale=init_scale, checkpoint=checkpoint,
         resume=resume, progress=progress, log=log)
-    meta = {"inference": "svi", "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
+    meta = {"inference": "vi", "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
             "seed": int(seed), "prior_scale": float(prior_scale), "likelihood": likelihood,
-            "init_scale": float(init_scale), "n_train": len(x), "history": history}
-    params = draw_guide_samples(loc, scale, int(n_samples), seed)
-    return Posterior(spec, params, meta, guide={"loc": loc, "scale": scale}), history
+            "init_scale": float(init_scale), "n_train": len(x), "n_samples": int(n_samples), "history": history}
+    return MeanFieldGuide(net, loc, scale, meta, as_architecture(arch), tuple(x.shape[1:]))
