@@ -1,0 +1,253 @@
+"""The robustness verdict: a battery of attacks, worst case per input, and gradient-masking flags.
+
+Robust accuracy at eps (Croce and Hein, ICML 2020, "AutoAttack"): an input counts as robust only if
+it is classified correctly and every attack of the battery fails on it. Each attack runs on the
+inputs that the attacks before it did not break, and success is judged with the defender's full
+posterior predictive over its own samples, never one stochastic forward pass:
+- a fixed-sample posterior (nn, ensemble, mcmc, a VI posterior drawn once) is deterministic: its
+  log p(x) is exact, so attacks need no EOT;
+- a defence that draws fresh weights at every prediction (`posterior.FreshSamples`) is attacked with
+  EOT gradients (`eot_iter` draws per step); the verdict uses one fresh draw of the defender's S
+  samples (its prediction), and `fooled_share` reports the share of `fresh_draws` independent draws
+  that an adversarial input fools.
+
+Default battery: APGD-CE, APGD-DLR (on log p(x)), then Square (gradient-free) on what is left.
+Masking flags (Athalye, Carlini, Wagner, ICML 2018; Carlini et al. 2019, "On Evaluating Adversarial
+Robustness"; AutoAttack's checks), each with its numbers: Square breaks inputs the gradient attacks
+did not; accuracy does not reach 0 at eps = the whole input box; accuracy is not monotone in eps;
+more iterations and a restart still lower accuracy; many exactly-zero input gradients; model
+outputs that are already probabilities; the paper's legacy evaluation overstates robustness.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from robustbnn.attacks import apgd, check_bounds, check_eps, check_inputs, fgsm, input_gradient, margin, pgd, square
+from robustbnn.attacks.losses import legacy_out_of_logits
+from robustbnn.errors import UserError
+from robustbnn.posterior import FreshSamples, Posterior
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "pgd", "fgsm")
+GRADIENT_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "pgd", "fgsm")
+DEFAULT_BATTERY = ("apgd-ce", "apgd-dlr", "square")
+# Flag thresholds (percentage points or fractions), stated in the report.
+BOX_ACC_MAX = 1.0          # robust accuracy (%) at eps = the whole box above this: flag
+MORE_EFFORT_DROP = 1.0     # a stronger APGD lowering robust accuracy by more than this (points): flag
+ZERO_GRAD_MAX = 0.05       # share of exactly-zero input-gradient components above this: flag
+LEGACY_GAP_MAX = 5.0       # legacy evaluation's accuracy above the correct one by more than this: flag
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The battery's knobs (AutoAttack's standard: 100 APGD iterations, 1 restart, 5000 Square queries)."""
+
+    attacks: tuple = DEFAULT_BATTERY
+    iterations: int = 100
+    restarts: int = 1
+    square_queries: int = 1000
+    eot_iter: int = 20
+    fresh_draws: int = 10
+    seed: int = 0
+
+    def check(self) -> "Settings":
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise UserError(f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}")
+        for name in ("iterations", "restarts", "square_queries", "eot_iter", "fresh_draws"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise UserError(f"{name} must be a positive integer, got {v}")
+        return self
+
+
+def _defender(model):
+    """The defender's predictive: the posterior itself, or one fresh draw (seeded apart from the attack's)."""
+    return model if isinstance(model, Posterior) else model.draw(10**6)
+
+
+def _margins(model, x, y) -> torch.Tensor:
+    return margin(_defender(model).log_predictive(x), y)
+
+
+def has_gradients(post: Posterior, x, y) -> bool:
+    """Whether log p(x) depends differentiably on x (a model with a hard quantisation or argmax does not)."""
+    try:
+        g = input_gradient(post, x[:4], y[:4])
+    except RuntimeError:
+        return False
+    return bool(torch.isfinite(g).all())
+
+
+def run_attack(name: str, model, x, y, eps: float, s: Settings, bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attack of the battery on (x, y): (adversarial inputs, cost per input: gradient passes or queries)."""
+    post = model if isinstance(model, Posterior) else model.draw(0)
+    if name in ("apgd-ce", "apgd-dlr"):
+        out, info = apgd(model, x, y, eps, loss=name[5:], iterations=s.iterations, restarts=s.restarts,
+                         eot_iter=s.eot_iter if isinstance(model, FreshSamples) else 1, bounds=bounds, seed=s.seed,
+                         return_info=True)
+        return out, info["gradient_evals"]
+    if name == "apgd-t":  # targeted DLR against the runner-up class of the clean prediction
+        logp = post.log_predictive(x)
+        target = logp.scatter(-1, y.unsqueeze(-1), -math.inf).argmax(-1)
+        out, info = apgd(model, x, y, eps, loss="dlr", target=target, iterations=s.iterations, restarts=s.restarts,
+                         eot_iter=s.eot_iter if isinstance(model, FreshSamples) else 1, bounds=bounds, seed=s.seed,
+                         return_info=True)
+        return out, info["gradient_evals"]
+    if name == "square":
+        out, info = square(model, x, y, eps, queries=s.square_queries, bounds=bounds, seed=s.seed, return_info=True)
+        return out, info["queries"]
+    if name == "pgd":
+        return (pgd(post, x, y, eps, iterations=s.iterations, random_start=True, restarts=s.restarts, keep_best=True,
+                    bounds=bounds, seed=s.seed), torch.full((len(x),), float(s.iterations * s.restarts)))
+    return fgsm(post, x, y, eps, bounds=bounds), torch.ones(len(x))
+
+
+def battery(model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bounds=(0.0, 1.0),
+            progress: bool = False) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The battery at one eps: a tidy frame (attack, input, broken, margin, cost) and the worst-case inputs.
+
+    Inputs misclassified before any attack are broken by `clean`; each attack then runs on what is
+    still robust and `broken` says whether it broke the input (judged by the defender).
+    """
+    rows = []
+    worst = x.clone()
+    m_clean = _margins(model, x, y)
+    robust = m_clean >= 0
+    rows.append(pd.DataFrame({"attack": "clean", "input": range(len(x)), "broken": (~robust).cpu().numpy(),
+                              "margin": m_clean.cpu().numpy(), "cost": 0.0}))
+    for name in tqdm(s.attacks, desc=f"battery eps={eps:g}", leave=False, disable=None if progress else True):
+        idx = robust.nonzero().flatten()
+        if not len(idx):
+            break
+        x_adv, cost = run_attack(name, model, x[idx], y[idx], eps, s, bounds)
+        m = _margins(model, x_adv, y[idx])
+        hit = m < 0
+        worst[idx[hit]] = x_adv[hit]
+        robust[idx[hit]] = False
+        rows.append(pd.DataFrame({"attack": name, "input": idx.cpu().numpy(), "broken": hit.cpu().numpy(),
+                                  "margin": m.cpu().numpy(), "cost": cost.cpu().numpy()}))
+    return pd.concat(rows, ignore_index=True), worst
+
+
+def fooled_share(model: FreshSamples, x_adv, y, draws: int) -> float:
+    """Fresh-sample defence: the mean share of `draws` independent predictive draws that x_adv fools."""
+    fooled = [(margin(model.draw(10**6 + 1 + k).log_predictive(x_adv), y) < 0).float().mean().item()
+              for k in range(draws)]
+    return sum(fooled) / len(fooled)
+
+
+def legacy_evaluation(post: Posterior, x, y, eps: float, bounds) -> dict:
+    """The paper's evaluation: FGSM and its PGD (alpha = 2 / max x, 40 steps) on the legacy loss, accuracy
+    of argmax p(x), and the legacy (double-softmax) softmax robustness of the PGD points."""
+    x_f = fgsm(post, x, y, eps, loss="legacy", bounds=bounds)
+    x_p = pgd(post, x, y, eps, loss="legacy", legacy=True, bounds=bounds)
+    acc = lambda z: 100.0 * (post.log_predictive(z).argmax(-1) == y).float().mean().item()  # noqa: E731
+    out_clean, out_adv = (legacy_out_of_logits(post, post.logits(z)) for z in (x, x_p))
+    rob = 1.0 - (out_clean.softmax(-1) - out_adv.softmax(-1)).abs().amax(-1)
+    return {"legacy_fgsm_acc": acc(x_f), "legacy_pgd_acc": acc(x_p), "legacy_softmax_robustness": rob.mean().item()}
+
+
+def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input: pd.DataFrame, s: Settings,
+                  bounds) -> list[dict]:
+    """Each flag: {flag, raised, value, detail}. `summary` has one row per eps with robust_acc."""
+    flags = []
+
+    def flag(name, raised, value, detail):
+        flags.append({"flag": name, "raised": bool(raised), "value": value, "detail": detail})
+
+    lo, hi = bounds
+    sq = per_input[(per_input.attack == "square") & per_input.broken]
+    flag("square_breaks_more", len(sq) > 0, int(len(sq)),
+         f"Square (gradient-free) broke {len(sq)} input-eps pairs that the gradient attacks left robust")
+    acc = summary.sort_values("eps").robust_acc.tolist()
+    rises = [(e1, e2) for (e1, a1), (e2, a2) in zip(summary.sort_values("eps")[["eps", "robust_acc"]].values,
+                                                      summary.sort_values("eps")[["eps", "robust_acc"]].values[1:])
+             if a2 > a1]
+    flag("not_monotone_in_eps", bool(rises), len(rises),
+         "robust accuracy by eps: " + ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(sorted(summary.eps), acc)))
+    box = hi - lo
+    frame, _ = battery(model, x, y, box, Settings(("apgd-ce",), iterations=min(s.iterations, 20), restarts=1,
+                                                  eot_iter=s.eot_iter, seed=s.seed), bounds)
+    box_acc = float(100.0 * (1 - frame.groupby("input").broken.any().mean()))
+    flag("not_zero_at_box", box_acc > BOX_ACC_MAX, round(box_acc, 2),
+         f"robust accuracy {box_acc:.1f}% at eps = {box:g} (the whole input box: any input is reachable)")
+    e_max = float(summary.eps.max())
+    robust_at_max = per_input[per_input.eps == e_max].groupby("input").broken.any()
+    idx = torch.tensor(robust_at_max[~robust_at_max].index.values, dtype=torch.long)
+    extra = 0
+    if len(idx) and e_max > 0:
+        stronger = Settings(("apgd-ce",), iterations=2 * s.iterations, restarts=s.restarts + 1, eot_iter=s.eot_iter,
+                            seed=s.seed + 1)
+        f2, _ = battery(model, x[idx], y[idx], e_max, stronger, bounds)
+        extra = int(f2[f2.attack != "clean"].broken.sum())
+    drop = 100.0 * extra / max(len(x), 1)
+    flag("more_effort_lowers_accuracy", drop > MORE_EFFORT_DROP, round(drop, 2),
+         f"APGD-CE with twice the iterations and one more restart broke {extra} more inputs at eps = {e_max:g}")
+    zero = (input_gradient(post, x, y) == 0).float().mean().item() if has_gradients(post, x, y) else 1.0
+    flag("zero_input_gradients", zero > ZERO_GRAD_MAX, round(zero, 4),
+         f"{100 * zero:.1f}% of the input-gradient components of -log p(x)[y] are exactly 0")
+    out = post.logits(x[:64])
+    probs = bool(((out >= 0).all() & ((out.sum(-1) - 1).abs() < 1e-4).all()).item())
+    flag("outputs_are_probabilities", probs, probs,
+         "the model's outputs are already probabilities (a softmax inside the model, then another in the loss: "
+         "the paper's double softmax)" if probs else "the model outputs logits")
+    gap = float((summary.legacy_pgd_acc - summary.robust_acc).max()) if "legacy_pgd_acc" in summary else float("nan")
+    flag("legacy_overstates", gap > LEGACY_GAP_MAX, round(gap, 2),
+         f"the paper's evaluation (legacy loss, its PGD) reports up to {gap:.1f} points more accuracy than the battery")
+    return flags
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settings = Settings(), *,
+             bounds=(0.0, 1.0), legacy: bool = True, flags: bool = True, progress: bool = False) -> dict:
+    """Robust accuracy of `model` (a `Posterior` or `FreshSamples`) for each eps, worst case over the battery.
+
+    Returns {"per_input": DataFrame (eps, attack, input, broken, margin, cost), "summary": DataFrame (one row
+    per eps: clean_acc, robust_acc, each attack's accuracy after the attacks before it, the legacy
+    evaluation, fooled_share for fresh-sample defences), "flags": [...], "settings": {...}, "note": str}.
+    """
+    s = settings.check()
+    post = model if isinstance(model, Posterior) else model.draw(0)
+    xd, yd = check_inputs(post, x, y)
+    if not len(xd):
+        raise UserError("no inputs to evaluate")
+    lo, hi = check_bounds(xd, bounds)
+    eps_list = [check_eps(e) for e in eps_list]
+    if not eps_list:
+        raise UserError("give at least one eps")
+    if not has_gradients(post, xd, yd):
+        dropped = [a for a in s.attacks if a in GRADIENT_ATTACKS]
+        if dropped and all(a in GRADIENT_ATTACKS for a in s.attacks):
+            raise UserError(f"the model has no input gradients, so {', '.join(dropped)} cannot run; add square")
+        s = Settings(**{**asdict(s), "attacks": tuple(a for a in s.attacks if a not in GRADIENT_ATTACKS)})
+    frames, rows = [], []
+    for eps in tqdm(eps_list, desc="eps", disable=None if progress else True):
+        frame, worst = battery(model, xd, yd, eps, s, (lo, hi), progress)
+        frames.append(frame.assign(eps=eps))
+        broken = frame.groupby("input").broken.any()
+        row = {"eps": eps, "clean_acc": 100.0 * (1 - frame[frame.attack == "clean"].broken.mean()),
+               "robust_acc": 100.0 * (1 - broken.mean())}
+        done = frame[frame.attack == "clean"].broken.to_numpy().copy()
+        for name in s.attacks:  # accuracy after this attack and the ones before it
+            part = frame[frame.attack == name]
+            done[part.input.to_numpy()[part.broken.to_numpy()]] = True
+            row[f"acc_after_{name}"] = 100.0 * (1 - done.mean())
+        if isinstance(model, FreshSamples):
+            row["fooled_share"] = fooled_share(model, worst, yd, s.fresh_draws)
+        if legacy:
+            row.update(legacy_evaluation(post, xd, yd, eps, (lo, hi)))
+        rows.append(row)
+    per_input = pd.concat(frames, ignore_index=True)
+    summary = pd.DataFrame(rows)
+    note = ("fixed weight samples: log p(x) is exact, no EOT needed" if isinstance(model, Posterior) else
+            f"fresh weights at every prediction: EOT over {s.eot_iter} draws per gradient; verdict from one fresh "
+            f"draw of the defender's samples; fooled_share over {s.fresh_draws} independent draws")
+    out = {"per_input": per_input, "summary": summary, "settings": asdict(s), "note": note, "flags": []}
+    if flags:
+        out["flags"] = masking_flags(post, model, xd, yd, summary, per_input, s, (lo, hi))
+    return out

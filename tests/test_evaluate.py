@@ -1,0 +1,210 @@
+"""APGD, Square, the battery and its masking flags: checked against closed forms, torchattacks, and
+models that are known to mask gradients."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustbnn import Posterior
+from robustbnn.attacks import apgd, ce_loss, dlr_loss, margin, pgd, square
+from robustbnn.attacks.apgd import checkpoints
+from robustbnn.attacks.losses import logp_objective_grad
+from robustbnn.errors import UserError
+from robustbnn.evaluate import Settings, evaluate
+from robustbnn.nets import init_params, make_net
+from robustbnn.posterior import MeanFieldGuide
+from tests.factories import small_conv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def conv_ensemble(n=3, seed=0):
+    torch.manual_seed(seed)
+    return Posterior.from_state_dicts([small_conv().state_dict() for _ in range(n)], small_conv())
+
+
+def data(post, n=48, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=gen)
+    return x, post.log_predictive(x).argmax(-1)  # clean accuracy 100%: every input is attackable
+
+
+def robust(post, x_adv, y):
+    return 100.0 * (post.log_predictive(x_adv).argmax(-1) == y).float().mean().item()
+
+
+def test_checkpoints_follow_the_paper():
+    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+    assert checkpoints(100) == [22, 41, 58, 70, 80, 87, 93, 99]
+
+
+def test_dlr_hand_values_and_invariance():
+    z = torch.tensor([[3.0, 1.0, 0.0, -1.0]])
+    y = torch.tensor([0])
+    assert dlr_loss(z, y).item() == pytest.approx(-(3 - 1) / (3 - 0))
+    assert dlr_loss(z, y, torch.tensor([2])).item() == pytest.approx(-(3 - 0) / (3 - (0 - 1) / 2))
+    torch.testing.assert_close(dlr_loss(5 * z + 2, y), dlr_loss(z, y))  # shift and scale invariant
+    assert margin(z, torch.tensor([1])).item() == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("objective", [ce_loss, dlr_loss])
+def test_gradient_of_any_objective_of_log_p_is_exact_under_chunking(objective):
+    post = conv_ensemble(5)
+    x, y = data(post, 6)
+    xg = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(objective(post.as_module()(xg), y).sum(), xg)
+    for budget in (10**9, 300):  # one chunk, then sample chunks of one
+        logp, got = logp_objective_grad(post, x, y, objective, budget)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(logp, post.log_predictive(x))
+
+
+def test_apgd_keeps_the_best_point_and_stays_in_the_ball():
+    post = conv_ensemble()
+    x, y = data(post)
+    eps = 0.05
+    x_adv, info = apgd(post, x, y, eps, iterations=30, return_info=True)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.equal(info["broken"], post.log_predictive(x_adv).argmax(-1) != y)
+    assert robust(post, x_adv, y) <= robust(post, pgd(post, x, y, eps, iterations=30), y)
+    assert info["gradient_evals"].max() == 31  # the start point and one per iteration
+
+
+def test_apgd_and_square_match_torchattacks():
+    import torchattacks  # test-only extra, installed by make test
+
+    post = conv_ensemble()
+    x, y = data(post, 64)
+    eps = 0.03
+    ours = robust(post, apgd(post, x, y, eps, iterations=50), y)
+    theirs = robust(post, torchattacks.APGD(post.as_module(), eps=eps, steps=50, loss="ce", seed=0)(x, y), y)
+    assert abs(ours - theirs) <= 1.6  # one input of 64
+    ours_dlr = robust(post, apgd(post, x, y, eps, loss="dlr", iterations=50), y)
+    theirs_dlr = robust(post, torchattacks.APGD(post.as_module(), eps=eps, steps=50, loss="dlr", seed=0)(x, y), y)
+    assert abs(ours_dlr - theirs_dlr) <= 1.6
+    ours_sq = robust(post, square(post, x, y, eps, queries=200), y)
+    theirs_sq = robust(post, torchattacks.Square(post.as_module(), eps=eps, n_queries=200, seed=0)(x, y), y)
+    assert abs(ours_sq - theirs_sq) <= 10  # random search: the same algorithm, different random draws
+
+
+def test_square_breaks_inputs_from_queries_alone():
+    post = conv_ensemble()
+    x, y = data(post)
+    x_adv, info = square(post, x, y, 0.3, queries=300, return_info=True)
+    assert info["broken"].float().mean() > 0.5
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6
+    assert torch.equal(info["broken"], post.log_predictive(x_adv).argmax(-1) != y)
+
+
+class Quantised(nn.Module):
+    """A known masking case: the input is quantised to 8 bits by rounding (zero gradient almost everywhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_net("fc2", [1, 8, 8], 10, 32, "relu")
+
+    def forward(self, x):
+        return self.net(torch.round(x * 255) / 255)
+
+
+class DoubleSoftmax(nn.Module):
+    """The paper's BNN output: probabilities, which its loss then softmaxes again."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_net("fc2", [1, 8, 8], 10, 32, "relu")
+
+    def forward(self, x):
+        return self.net(x).softmax(-1)
+
+
+def flagged(result):
+    return {f["flag"] for f in result["flags"] if f["raised"]}
+
+
+def test_quantised_input_raises_the_flags_and_the_battery_still_breaks_it():
+    torch.manual_seed(0)
+    post = Posterior.from_module(Quantised())
+    x, y = data(post, 40)
+    out = evaluate(post, x, y, [0.1, 0.3], Settings(iterations=10, square_queries=300), legacy=False)
+    assert {"zero_input_gradients", "square_breaks_more"} <= flagged(out)
+    assert out["summary"].robust_acc.iloc[-1] < 20  # Square finds what the gradients hide
+
+
+def test_double_softmax_output_is_flagged_and_broken():
+    torch.manual_seed(0)
+    post = Posterior.from_module(DoubleSoftmax(), kind="mcmc")
+    x, y = data(post, 40)
+    out = evaluate(post, x, y, [0.3], Settings(iterations=20, square_queries=200))
+    assert "outputs_are_probabilities" in flagged(out)
+    assert out["summary"].robust_acc.iloc[0] <= out["summary"].legacy_pgd_acc.iloc[0]
+
+
+def test_battery_is_the_worst_case_and_monotone():
+    post = conv_ensemble()
+    x, y = data(post)
+    out = evaluate(post, x, y, [0.0, 0.02, 0.05], Settings(iterations=20, square_queries=100), legacy=False)
+    s = out["summary"]
+    assert s.robust_acc.iloc[0] == 100.0  # eps 0 moves nothing
+    assert list(s.robust_acc) == sorted(s.robust_acc, reverse=True)
+    for col in ("acc_after_apgd-ce", "acc_after_apgd-dlr", "acc_after_square"):
+        assert (s[col] >= s.robust_acc).all()
+    per = out["per_input"]
+    assert set(per.columns) >= {"eps", "attack", "input", "broken", "margin", "cost"}
+    # each attack runs only on what the attacks before it left robust
+    at = per[per.eps == 0.05]
+    broken_by_ce = set(at[(at.attack == "apgd-ce") & at.broken].input)
+    assert not broken_by_ce & set(at[at.attack == "apgd-dlr"].input)
+    assert "not_zero_at_box" not in flagged(out)
+
+
+def test_fresh_sample_defence_uses_eot_and_reports_fooled_share():
+    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="tanh")
+    loc = init_params(spec, 0)
+    guide = MeanFieldGuide(make_net(**spec), loc, {k: torch.full_like(v, 0.3) for k, v in loc.items()})
+    fresh = guide.fresh(10, seed=0)
+    x = torch.rand(30, 2)
+    y = guide.draw(10, 7).log_predictive(x).argmax(-1)
+    out = evaluate(fresh, x, y, [0.1], Settings(attacks=("apgd-ce",), iterations=10, eot_iter=3, fresh_draws=4),
+                   legacy=False, flags=False)
+    assert "EOT over 3 draws" in out["note"]
+    assert 0.0 <= out["summary"].fooled_share.iloc[0] <= 1.0
+    evals = out["per_input"].query("attack == 'apgd-ce'").cost
+    assert evals.max() == 3 * 11
+
+
+def test_bad_input_is_one_line():
+    post = conv_ensemble(1)
+    x, y = data(post, 4)
+    for call in (lambda: evaluate(post, x, y, [0.1], Settings(attacks=("cw",))),
+                 lambda: evaluate(post, x, y, [-0.1]),
+                 lambda: evaluate(post, x, y, [math.inf]),
+                 lambda: evaluate(post, x[:0], y[:0], [0.1]),
+                 lambda: apgd(post, x, y, 0.1, loss="hinge")):
+        with pytest.raises(UserError) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+class Detached(nn.Module):
+    """A model that cuts the graph at its input: no input gradient exists at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.lin(x.detach()) * 5
+
+
+def test_model_without_gradients_runs_only_the_gradient_free_attacks():
+    torch.manual_seed(0)
+    post = Posterior.from_module(Detached())
+    x = torch.rand(30, 2)
+    y = post.log_predictive(x).argmax(-1)
+    out = evaluate(post, x, y, [0.3], Settings(square_queries=100), legacy=False, flags=False)
+    assert set(out["per_input"].attack) == {"clean", "square"}
+    with pytest.raises(UserError, match="no input gradients"):
+        evaluate(post, x, y, [0.3], Settings(attacks=("apgd-ce", "pgd")), legacy=False, flags=False)
