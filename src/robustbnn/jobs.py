@@ -1,0 +1,146 @@
+"""Independent jobs (train one model, attack one model, one model's gradients) on Dask distributed.
+
+A `Job` is an importable function, its keyword arguments and its own run folder. `run_jobs` sends
+the jobs that have not finished yet to a Dask cluster: by default a `LocalCluster` of worker
+processes on this machine (`workers` processes, cores // workers torch threads each, so the machine
+is not oversubscribed), or an existing cluster at `scheduler` (e.g. `dask scheduler`, dask-jobqueue's
+`SLURMCluster`, dask-kubernetes). Every job writes its folder's files atomically and ends by writing
+`row.json`, its row of the result table; the client rewrites the table after every finished job.
+So a rerun skips finished jobs, a failing job is reported with its error while the others go on,
+and an interrupt leaves every finished job intact. The folders must be on a filesystem that the
+workers and the client share.
+
+`workers=0` runs the same jobs one after the other in this process (for debugging and for the
+serial reference: with the same seeds and thread counts the table is bit for bit the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from robustbnn.artifacts import write_csv, write_json
+from robustbnn.errors import UserError
+
+ROW_FILE = "row.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """`fn(folder, **kwargs) -> dict` (a row of the table), run once; `key` names the job in reports."""
+
+    key: str
+    fn: Callable
+    folder: Path
+    kwargs: dict = field(default_factory=dict)
+
+
+def finished_row(job: Job) -> dict | None:
+    """The row of a finished job (its folder holds row.json), else None."""
+    path = Path(job.folder) / ROW_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # an unreadable row: run the job again
+
+
+def run_one(job: Job, threads: int | None = None) -> dict:
+    """Run one job where it lands (a worker or this process) and record its row; returns the row."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    row = finished_row(job)
+    if row is None:
+        row = dict(job.fn(Path(job.folder), **job.kwargs))
+        write_json(Path(job.folder) / ROW_FILE, row)
+    return row
+
+
+def _client(workers: int, threads: int, scheduler: str | None, log):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        client = Client(cluster)
+    log(f"dask: {len(client.scheduler_info()['workers'])} worker(s), dashboard {client.dashboard_link}")
+    return client
+
+
+def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, threads: int | None = None,
+             scheduler: str | None = None, progress: bool = True, log=print) -> tuple[list[dict], list[dict]]:
+    """Run every unfinished job; return (rows of the finished jobs in job order, failures {key, error}).
+
+    `table` (a CSV path) is rewritten after every finished job. `threads` is the torch threads per job
+    (default: this machine's cores // workers, at least 1; on an existing cluster, 1).
+    """
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise UserError("job keys must be unique")
+    if int(workers) != workers or workers < 0:
+        raise UserError(f"workers must be a non-negative integer, got {workers}")
+    threads = threads or (1 if scheduler else max(1, (os.cpu_count() or 1) // max(1, workers)))
+    rows: dict[str, dict] = {}
+    for job in jobs:
+        row = finished_row(job)
+        if row is not None:
+            rows[job.key] = row
+    pending = [j for j in jobs if j.key not in rows]
+    if rows:
+        log(f"jobs: {len(rows)} finished before, {len(pending)} to run")
+    failures: list[dict] = []
+
+    def record(job: Job, row: dict | None, error: BaseException | None):
+        if error is None:
+            rows[job.key] = row
+            if table is not None:
+                write_csv(table, [rows[j.key] for j in jobs if j.key in rows])
+        else:
+            msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+            failures.append({"key": job.key, "error": f"{type(error).__name__}: {msg}"})
+            log(f"job {job.key} failed: {type(error).__name__}: {msg}")
+
+    bar = tqdm(total=len(jobs), initial=len(rows), desc="jobs", unit="job", disable=None if progress else True)
+    if workers == 0 and not scheduler:
+        for job in pending:
+            try:
+                row, err = run_one(job, threads), None
+            except Exception as exc:  # noqa: BLE001 - a failed job is reported and the others go on
+                row, err = None, exc
+                if not isinstance(exc, UserError):
+                    traceback.print_exc()
+            record(job, row, err)
+            bar.update(1)
+    elif pending:
+        from distributed import as_completed
+
+        client = _client(workers, threads, scheduler, log)
+        try:
+            futures = {client.submit(run_one, job, threads, key=f"robustbnn-{job.key}", pure=False): job
+                       for job in pending}
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    record(job, future.result(), None)
+                except Exception as exc:  # noqa: BLE001
+                    record(job, None, exc)
+                bar.update(1)
+        finally:
+            client.close()
+            if not scheduler and client.cluster is not None:
+                client.cluster.close()
+    bar.close()
+    return [rows[j.key] for j in jobs if j.key in rows], failures
