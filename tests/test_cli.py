@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from robustbnn.posterior import Posterior
 from tests.conftest import REPO_ROOT, run_cli
@@ -30,8 +32,9 @@ def test_train_nn_saves_reproducible_model_and_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["test_acc"] > 70 and summary["model"] == NAME
     folder = tmp_path / "a" / NAME
-    assert {"posterior.safetensors", "posterior.json", "config.json", "history.csv"} <= {p.name for p in folder.iterdir()}
-    assert not (folder / "checkpoint.pt").exists()
+    files = {p.name for p in folder.iterdir()}
+    assert {"posterior.safetensors", "config.json", "history.csv"} <= files and "posterior.json" not in files
+    assert not any(name.startswith("checkpoint") for name in files), "the checkpoint is cleared after training"
     run_cli(["train-nn", *TINY, "--savedir", tmp_path / "b"], capsys)
     a, b = Posterior.load(folder), Posterior.load(tmp_path / "b" / NAME)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params), "same seed, same weights"
@@ -66,10 +69,14 @@ def test_loading_a_missing_or_mismatching_model(tmp_path, capsys):
     code, _, err = run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--train=False"], capsys)
     assert "train it with" in one_line_error(code, err)
     run_cli(["train-nn", *TINY, "--savedir", tmp_path], capsys)
-    sidecar = tmp_path / NAME / "posterior.json"
-    info = json.loads(sidecar.read_text())
-    info["spec"]["hidden_size"] = 16
-    sidecar.write_text(json.dumps(info))
+    # the saved record claims another width: the model no longer matches the requested preset
+    path = tmp_path / NAME / "posterior.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    record = json.loads(metadata["robustbnn"])
+    record["arch"]["kwargs"]["hidden_size"] = 16
+    save_file(tensors, str(path), metadata={**metadata, "robustbnn": json.dumps(record)})
     code, _, err = run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--train=False"], capsys)
     assert "architecture" in one_line_error(code, err)
 
@@ -97,3 +104,70 @@ def test_help_lists_every_seed_command(capsys):
                 "plot-eps-attacks", "plot-gradients-components", "grid-search-half-moons",
                 "plot-half-moons-overparam", "fetch-data", "demo"):
         assert cmd in out
+
+
+def test_unwritable_outputs_are_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(["train-nn", *TINY, "--savedir", blocker / "runs"], capsys)
+    assert "cannot write" in one_line_error(code, err) and "a_file" in err
+    code, _, err = run_cli(["train-nn", *TINY, "--savedir", tmp_path / "ok", "--summary_json", blocker / "s.json"],
+                           capsys)
+    assert "cannot write" in one_line_error(code, err) and "s.json" in err
+
+
+# --------------------------------------------------------------------------------------------- own architectures
+
+FACTORY = """
+import torch
+
+def tiny(width=4, classes=2):
+    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, classes))
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module `mynets` with a factory `tiny`, importable from tmp_path."""
+    (tmp_path / "mynets.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mynets", raising=False)
+    return tmp_path
+
+
+def test_own_architecture_is_trained_and_attacked(user_module, tmp_path, capsys):
+    arch = ["--dataset", "half_moons", "--arch", "mynets:tiny", "--arch_kwargs", '{"width": 6}']
+    code, out, err = run_cli(["train-nn", *arch, "--epochs", "1", "--n_inputs", "300", "--savedir", tmp_path / "r",
+                              "--summary_json", tmp_path / "t.json"], capsys)
+    assert code == 0, err
+    name = json.loads((tmp_path / "t.json").read_text())["model"]
+    assert "mynets.tiny" in name and "hid=" not in name, "the folder names the factory, not a built-in"
+    post = Posterior.load(tmp_path / "r" / name)
+    assert post.arch.factory == "mynets:tiny" and post.params["0.weight"].shape == (1, 6, 2)
+    code, _, err = run_cli(["attack", *arch, "--epochs", "1", "--train_inputs", "300", "--n_inputs", "50",
+                            "--savedir", tmp_path / "r", "--summary_json", tmp_path / "a.json"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert summary["model"] == name and 0 <= summary["adv_acc"] <= summary["clean_acc"]
+    # weights that no longer fit the factory (it changed since training): one line
+    (user_module / "mynets.py").write_text(FACTORY.replace("width, classes", "width + 1, classes"))
+    sys.modules.pop("mynets", None)
+    code, _, err = run_cli(["attack", *arch, "--epochs", "1", "--train_inputs", "300", "--n_inputs", "50",
+                            "--savedir", tmp_path / "r"], capsys)
+    assert "mynets:tiny" in one_line_error(code, err)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--arch", "nowhere_at_all:tiny"], "nowhere_at_all"),
+    (["--arch", "not-a-factory-name"], "package.module:function"),
+    (["--arch", "mynets:tiny", "--arch_kwargs", "{width: 6}"], "JSON"),
+    (["--arch", "mynets:tiny", "--arch_kwargs", "[6]"], "JSON object"),
+    (["--arch", "mynets:tiny", "--arch_kwargs", '{"depth": 6}'], "depth"),
+    (["--arch", "mynets:tiny", "--hidden_size", "8"], "--hidden_size"),
+    (["--arch_kwargs", '{"width": 6}'], "--arch"),
+])
+def test_bad_own_architecture_is_one_line(user_module, tmp_path, capsys, flags, needle):
+    code, _, err = run_cli(["train-nn", "--dataset", "half_moons", *flags, "--epochs", "1", "--n_inputs", "100",
+                            "--savedir", tmp_path / "r"], capsys)
+    assert needle in one_line_error(code, err)
+    assert not (tmp_path / "r").exists(), "nothing written"

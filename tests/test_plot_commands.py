@@ -7,7 +7,7 @@ computations made here with plain modules.
 
 from __future__ import annotations
 
-import argparse
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from robustbnn import cli, plots
 from robustbnn.data import load_dataset
-from robustbnn.experiments.models import model_settings, name_of
+from robustbnn.experiments.runs import model_folder, model_settings
 from robustbnn.nets import init_params, make_net
 from robustbnn.posterior import Posterior
 
@@ -65,7 +66,7 @@ def png_ok(path: Path) -> None:
 
 def member_probs(post: Posterior, x: torch.Tensor, n: int) -> torch.Tensor:
     """Predictive probabilities of the first n samples with plain modules, one at a time."""
-    net = make_net(**post.spec)
+    net = make_net(**post.arch.builtin_spec)
     probs = []
     for s in range(n):
         net.load_state_dict({k: v[s] for k, v in post.params.items()})
@@ -161,6 +162,49 @@ def test_baseline_errors(models, tmp_path, capsys):
                             "--ensemble_size", "6", "--samples_list", "1,8"], "ensemble")
 
 
+# --------------------------------------------------------------------------------------------- attack
+
+
+def test_attack_files_record_their_settings(models, capsys):
+    vi = BNN + ["--savedir", str(models), "--model_type", "bnn", "--n_inputs", "20"]
+    pgd = ["--attack_method", "pgd", "--epsilon", "0.1"]
+    for iterations in ("3", "5"):  # different PGD settings: different folders, nothing overwritten
+        cli.main(["attack", *vi, *pgd, "--iterations", iterations,
+                  "--summary_json", str(models / f"p{iterations}.json")])
+    folders = [Path(json.loads((models / f"p{i}.json").read_text())["folder"]) for i in (3, 5)]
+    assert folders[0] != folders[1] and all((f / "adversarial.safetensors").exists() for f in folders)
+    assert "iter=3" in folders[0].name and "alpha=auto" in folders[0].name
+    with safe_open(str(folders[0] / "adversarial.safetensors"), "pt") as f:
+        saved = json.loads(f.metadata()["attack"])
+    assert saved == dict(method="pgd", loss="predictive", eps=0.1, attack_samples=10, iterations=3, alpha=None,
+                         random_start=False, pgd_legacy=False, seed=0, avg_posterior=False)
+    # reloading (--attack=False) with other settings than the file's: one line, naming the setting
+    cli.main(["attack", *vi, *pgd, "--iterations", "3", "--attack", "False"])
+    capsys.readouterr()
+    one_line_error(capsys, ["attack", *vi, *pgd, "--iterations", "3", "--attack", "False", "--seed", "1"],
+                   "seed=0", "--attack=True")
+    # avg_posterior: the VI guide's mean network; refused for any other model, saying why
+    cli.main(["attack", *vi, "--avg_posterior", "True", "--summary_json", str(models / "avg.json")])
+    assert json.loads((models / "avg.json").read_text())["folder"].endswith("_avgPosterior")
+    capsys.readouterr()
+    ens = ARCH + ["--savedir", str(models), "--model_type", "ensemble", "--ensemble_size", "6", "--n_inputs", "20"]
+    one_line_error(capsys, ["attack", *ens, "--avg_posterior", "True"], "VI", "meaningless")
+    one_line_error(capsys, ["attack", *ens, "--fresh_samples", "True"], "VI")
+
+
+def test_avg_ensemble_attacks_each_member(models, capsys):
+    ens = ARCH + ["--savedir", str(models), "--ensemble_size", "6", "--n_inputs", "15"]
+    cli.main(["attack", *ens, "--model_type", "avg_ensemble", "--summary_json", str(models / "m.json")])
+    out = Path(json.loads((models / "m.json").read_text())["folder"])
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table.member.unique()) == list(range(6)) and len(table) == 6 * 15
+    data = load_dataset("half_moons")
+    post = Posterior.load(models / table.model.iloc[0])
+    x_adv = load_file(str(out / "member=2" / "adversarial.safetensors"))["x_adv"]
+    mine = member_probs(post.member(2), x_adv, 1).argmax(-1) == data.y_test[:15]
+    assert table[table.member == 2].adv_correct.tolist() == mine.tolist()
+
+
 # --------------------------------------------------------------------------------------------- eps
 
 
@@ -203,20 +247,17 @@ def hand_made_bnn(root: Path, uses_w) -> tuple[Posterior, Path]:
 
     So G_S(x) = (#{s < S : uses_w(s)} / S) grad_x CE(f(x; w), y) exactly, whatever the network.
     """
-    ns = argparse.Namespace(model_idx=0, n_inputs=400, prior_scale=1.0, likelihood="scaled", num_chains=1,
-                            hmc_mode="full_batch", **{k: None for k in ("epochs", "lr", "batch_size")},
-                            **dict(zip([a[2:] for a in HMC[0::2]], HMC[1::2])))
-    for k in ("hidden_size", "n_samples", "warmup", "num_steps"):
-        setattr(ns, k, int(getattr(ns, k)))
-    ns.step_size = float(ns.step_size)
-    settings = model_settings("bnn", ns)
+    flags = dict(model_idx=0, **{a[2:]: v for a, v in zip(HMC[0::2], HMC[1::2])})
+    flags.update({k: int(flags[k]) for k in ("hidden_size", "n_samples", "warmup", "num_steps")},
+                 step_size=float(flags["step_size"]))
+    settings = model_settings("bnn", flags, n_inputs=400)
     base = init_params(SPEC, seed=3)
     params = {k: v.unsqueeze(0).repeat(100, *[1] * v.dim()) * 2 for k, v in base.items()}
     for s in range(100):
         if not uses_w(s):
             params["1.weight"][s] = 0
-    post = Posterior(SPEC, params, {"kind": "hmc", "dataset": "half_moons"})
-    folder = root / name_of(settings)
+    post = Posterior.from_arch(SPEC, params, kind="mcmc", meta={"dataset": "half_moons"})
+    folder = model_folder(str(root), settings)
     post.save(folder)
     return post, folder
 

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from robustbnn.errors import UserError
 
 
@@ -20,17 +18,21 @@ from robustbnn.errors import UserError
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    An interruption leaves the previous file (or nothing) in place, never a half-written one.
+    An interruption leaves the previous file (or nothing) in place, never a half-written one. A
+    target that cannot be written (a parent that is a file, no permission, a full disk) is a
+    one-line `UserError` naming the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text: str) -> Path:
@@ -45,6 +47,8 @@ def write_json(path, obj) -> Path:
 
 def write_csv(path, rows) -> Path:
     """Write a tidy table (a DataFrame or a list of dicts) atomically."""
+    import pandas as pd  # here, not at the top: `import robustbnn.posterior` needs atomic_path only
+
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -53,6 +57,8 @@ def write_csv(path, rows) -> Path:
 
 def read_csv(path, made_by: str) -> pd.DataFrame:
     """Read a results table, or fail naming the command that makes it."""
+    import pandas as pd
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"missing {path}; make it first with: {made_by}")
@@ -68,26 +74,27 @@ def resolve_savedir(savedir: str) -> Path:
     return Path(savedir)
 
 
-def fmt(value) -> str:
-    """Python's str() of a setting, as the seed's names use it (`lr=0.01`, `ep=None`)."""
-    return str(value)
+def model_name(model_type: str, dataset: str, hidden_size, activation: str, architecture: str, *, epochs=None,
+               lr=None, inference=None, n_inputs=None, n_samples=None, warmup=None, step_size=None, num_steps=None,
+               ensemble_size=None, thin=1, arch_label: str | None = None) -> str:
+    """The seed's model names, which key every folder (original-behaviour.md section 1.6).
 
-
-def model_name(kind: str, dataset: str, hidden_size, activation: str, architecture: str, *, epochs=None, lr=None,
-               inference=None, n_inputs=None, n_samples=None, warmup=None, step_size=None, num_steps=None,
-               ensemble_size=None) -> str:
-    """The seed's model names, which key every folder (original-behaviour.md section 1.6)."""
-    base = f"hid={fmt(hidden_size)}_act={activation}_arch={architecture}"
-    if kind == "nn":
-        return f"{dataset}_nn_{base}_ep={fmt(epochs)}_lr={fmt(lr)}"
-    if kind == "ensemble":
-        return f"{dataset}_ensemble_{base}_size={fmt(ensemble_size)}"
-    name = f"{dataset}_bnn_{inference}_{base}"
+    Settings print as Python's str() (`lr=0.01`, `ep=None`), as the seed's names do. VI models keep
+    the seed's `svi` in their names. A user's architecture (`arch_label`, from its factory name)
+    replaces the built-in `hid=_act=_arch=` part, so the two never collide.
+    """
+    base = f"hid={hidden_size}_act={activation}_arch={architecture}" if arch_label is None else f"arch={arch_label}"
+    if model_type == "nn":
+        return f"{dataset}_nn_{base}_ep={epochs}_lr={lr}"
+    if model_type == "ensemble":
+        return f"{dataset}_ensemble_{base}_size={ensemble_size}"
+    name = f"{dataset}_bnn_{'svi' if inference == 'vi' else inference}_{base}"
     if n_inputs:
         name += f"_inp={n_inputs}"
     if inference == "hmc":
-        return name + f"_samp={fmt(n_samples)}_warm={fmt(warmup)}_stepsize={fmt(step_size)}_numsteps={fmt(num_steps)}"
-    return name + f"_ep={fmt(epochs)}_lr={fmt(lr)}"
+        name += f"_samp={n_samples}_warm={warmup}_stepsize={step_size}_numsteps={num_steps}"
+        return name + (f"_thin={thin}" if thin != 1 else "")
+    return name + f"_ep={epochs}_lr={lr}"
 
 
 def git_commit() -> str | None:

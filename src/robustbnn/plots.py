@@ -13,11 +13,12 @@ import seaborn as sns  # noqa: E402
 
 from robustbnn.artifacts import atomic_path  # noqa: E402
 
-# One colour per model type, in every figure (the paper's black / dark red / dark orange, extended).
-PALETTE = {"nn": "black", "bnn": "darkred", "vi": "darkred", "hmc": "#1f5f8b", "ensemble": "darkorange",
-           "avg_ensemble": "#b8860b"}
-LABELS = {"nn": "deterministic NN", "bnn": "BNN", "vi": "BNN (VI)", "hmc": "BNN (HMC)", "ensemble": "ensemble",
-          "avg_ensemble": "ensemble members (mean)"}
+# One colour per model type and posterior kind (nn, ensemble, vi, mcmc), in every figure (the paper's
+# black / dark red / dark orange, extended); "hmc" names the demo's MCMC model.
+PALETTE = {"nn": "black", "bnn": "darkred", "vi": "darkred", "mcmc": "#1f5f8b", "hmc": "#1f5f8b",
+           "ensemble": "darkorange", "avg_ensemble": "#b8860b"}
+LABELS = {"nn": "deterministic NN", "bnn": "BNN", "vi": "BNN (VI)", "mcmc": "BNN (HMC)", "hmc": "BNN (HMC)",
+          "ensemble": "ensemble", "avg_ensemble": "ensemble members (mean)"}
 
 
 def style() -> None:
@@ -319,4 +320,83 @@ def vanishing_heatmap(x, grads, counts, path, label=None, index=None, bounds=(0.
     if all(b <= a for a, b in zip(norms, norms[1:])):
         head += ": $\\|G_S\\|_\\infty$ non-increasing in $S$ (vanishing)"
     fig.suptitle(head, fontsize=10)
+    return save_figure(fig, path, formats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 1 (plot-half-moons-overparam) and the demo's gradient-masking check
+
+
+def overparam_figure(df, path, formats=("png",)) -> list[Path]:
+    """One scatter panel per width of (dL/dx1, dL/dx2), hue and size = training inputs; shared limits.
+
+    `df` is the table of grid-search-half-moons (columns hidden_size, n_inputs, grad_x1, grad_x2).
+    """
+    style()
+    widths = sorted(df.hidden_size.unique())
+    sizes = sorted(df.n_inputs.unique())
+    colours = dict(zip(sizes, sns.color_palette("rocket_r", len(sizes) + 1)[1:]))
+    lim = 1.1 * max(df.grad_x1.abs().max(), df.grad_x2.abs().max(), 1e-12)
+    fig, axes = plt.subplots(1, len(widths), figsize=(2.9 * len(widths) + 1.2, 3.1), squeeze=False, sharey=True)
+    for ax, h in zip(axes[0], widths):
+        sub = df[df.hidden_size == h]
+        for n in sizes:
+            part = sub[sub.n_inputs == n]
+            ax.scatter(part.grad_x1, part.grad_x2, s=12 + 30 * sizes.index(n), color=colours[n], alpha=0.7,
+                       edgecolor="none", label=f"{n}")
+        ax.set_title(f"{h} hidden units")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_xlabel(r"$\langle \partial L / \partial x_1 \rangle_{p(w|D)}$")
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.axvline(0, color="0.6", lw=0.6)
+    axes[0, 0].set_ylabel(r"$\langle \partial L / \partial x_2 \rangle_{p(w|D)}$")
+    axes[0, -1].legend(title="training\ninputs", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle("Expected loss gradients of HMC BNNs on half moons", y=1.02)
+    fig.tight_layout()
+    return save_figure(fig, path, formats)
+
+
+def norm_figure(table, path, formats=("png",)) -> list[Path]:
+    """Mean expected-gradient norm against width, one line per training-set size (log scale).
+
+    `table` has one row per width and training size (columns hidden_size, n_inputs, mean_grad_l2).
+    """
+    style()
+    sizes = sorted(table.n_inputs.unique())
+    colours = dict(zip(sizes, sns.color_palette("rocket_r", len(sizes) + 1)[1:]))
+    fig, ax = plt.subplots(figsize=(4.6, 3.3))
+    for n in sizes:
+        part = table[table.n_inputs == n].sort_values("hidden_size")
+        ax.plot(part.hidden_size, part.mean_grad_l2, marker="o", color=colours[n], label=f"{n}")
+    widths = sorted(table.hidden_size.unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(h) for h in widths])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("hidden units (fc2)")
+    ax.set_ylabel(r"mean $\|\langle \nabla_x L \rangle_{p(w|D)}\|_2$")
+    ax.legend(title="training inputs", frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, path, formats)
+
+
+def masking_figure(df, path, formats=("png",)) -> list[Path]:
+    """Adversarial accuracy against eps (40-step PGD), one panel per attack loss, one line per model.
+
+    `df` has one row per model, loss and eps (columns model, loss, eps, adv_acc).
+    """
+    style()
+    losses = list(dict.fromkeys(df["loss"]))
+    fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 3.4), sharey=True, squeeze=False)
+    for ax, loss in zip(axes[0], losses):
+        for model, part in df[df["loss"] == loss].groupby("model", sort=False):
+            ax.plot(part.eps, part.adv_acc, marker="o", color=PALETTE.get(model, "grey"),
+                    label=LABELS.get(model, model))
+        ax.set_title(f"PGD, {loss} loss")
+        ax.set_xlabel(r"$\epsilon$ ($L_\infty$; inputs in [0, 1])")
+        ax.set_ylim(-3, 103)
+    axes[0, 0].set_ylabel("adversarial accuracy (%)")
+    axes[0, -1].legend(frameon=False, loc="upper right")
+    fig.tight_layout()
     return save_figure(fig, path, formats)

@@ -1,4 +1,4 @@
-"""Flags and steps shared by the commands: booleans, devices, seeds, data, summaries."""
+"""Flag types and the steps every command shares: common flags, setup (threads, seed, device), summaries."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
-from pathlib import Path
 
-import numpy as np
+import pyro
 import torch
 
-from robustbnn.artifacts import resolve_savedir, write_json
-from robustbnn.errors import UserError
+from robustbnn.artifacts import write_json
+from robustbnn.device import resolve_device
+
+# Progress bars only when a person watches: a terminal, and not a CI log. (The library takes a bool,
+# so tqdm's own `disable=None` detection cannot be handed through.)
+PROGRESS = sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def str2bool(value) -> bool:
@@ -62,6 +64,17 @@ def float_list(value) -> list[float]:
     return [nonneg_float(v) for v in str(value).split(",") if v.strip()]
 
 
+def json_object(value) -> dict:
+    """`'{"width": 16}'` -> {"width": 16}; anything but a JSON object is argparse's one-line error."""
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 16}}', got {value!r}")
+    return obj
+
+
 def add_common(parser, *, savedir_default: str = "DATA") -> None:
     """Flags every command takes."""
     g = parser.add_argument_group("common")
@@ -74,28 +87,21 @@ def add_common(parser, *, savedir_default: str = "DATA") -> None:
     g.add_argument("--summary_json", default=None, help="also write the headline figures to this JSON file")
 
 
+def add_format_flag(parser) -> None:
+    parser.add_argument("--format", default="png", choices=("png", "pdf", "both"), help="figure format")
+
+
+def formats(args) -> tuple[str, ...]:
+    """The figure formats of --format."""
+    return ("png", "pdf") if args.format == "both" else (args.format,)
+
+
 def setup(args) -> torch.device:
-    """Apply --threads and --seed, and resolve --device."""
+    """Apply --threads and --seed (torch, numpy, random), and resolve --device."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    pyro.set_rng_seed(args.seed % 2**32)  # numpy takes seeds in [0, 2^32)
     return resolve_device(args.device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def settings_of(args) -> dict:
@@ -103,26 +109,16 @@ def settings_of(args) -> dict:
     return {k: v for k, v in vars(args).items() if not callable(v)}
 
 
-def savedir(args) -> Path:
-    return resolve_savedir(args.savedir)
-
-
-def show_progress() -> bool:
-    """Progress bars only when a person is watching."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
 def finish(args, summary: dict | None) -> None:
     """Print the headline figures and write them to --summary_json."""
     summary = dict(summary or {})
     summary.setdefault("command", args.command)
-    if summary:
-        print("\n== summary ==")
-        for k, v in summary.items():
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            elif isinstance(v, (dict, list)):
-                v = json.dumps(v, default=str)
-            print(f"{k}: {v}")
+    print("\n== summary ==")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+        print(f"{k}: {v}")
     if getattr(args, "summary_json", None):
         write_json(args.summary_json, summary)

@@ -1,10 +1,10 @@
 """`robustbnn demo` (`make demo`): the main job on the embedded default, half moons (no download).
 
-Trains a deterministic network, an ensemble, a VI BNN and a full-batch HMC BNN of the same fc2
-architecture; attacks each with FGSM and PGD under the `predictive` and `legacy` losses; checks for
-gradient masking (adversarial accuracy against eps up to the whole input box); runs a reduced
-Figure 1 grid; writes `<out>/report.md` with the tables and figures and what each shows.
-Every step goes through the same commands a user runs, with their outputs under `<out>`.
+Read it top to bottom: (1) train a deterministic network, an ensemble, a VI BNN and a full-batch HMC
+BNN of one fc2 architecture; (2) attack each with FGSM and 40-step PGD under the `predictive` and the
+paper's `legacy` loss; (3) check for gradient masking (PGD up to eps = the whole input box, and the
+fraction of exactly-zero input gradients); (4) run a reduced Figure 1 grid; (5) write
+`<out>/report.md`. Every step is a call into the library; the models are saved under `<out>/models`.
 """
 
 from __future__ import annotations
@@ -14,29 +14,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from robustbnn import attacks, measures, plots
 from robustbnn.artifacts import write_csv
-from robustbnn.experiments.common import nonneg_float, positive_int, str2bool
-from robustbnn.experiments.demo_report import masking_figure, report
+from robustbnn.data import load_dataset
+from robustbnn.experiments.common import PROGRESS, nonneg_float, positive_int, setup, str2bool
+from robustbnn.experiments.demo_report import report
+from robustbnn.experiments.half_moons import grid_settings, norm_table, run_grid
+from robustbnn.inference.hmc import run_hmc
+from robustbnn.inference.sgd import train_nets
+from robustbnn.inference.vi import train_vi
 
-# The demo's models: one fc2 architecture, four inference methods (flags of the train commands).
-ARCH = ["--dataset", "half_moons", "--architecture", "fc2", "--activation", "leaky"]
-MODELS = {
-    "nn": ("train-nn", ["--epochs", "20", "--lr", "0.01"]),
-    "ensemble": ("train-ensemble", ["--epochs", "20", "--lr", "0.01", "--ensemble_size", "10"]),
-    "vi": ("train-bnn", ["--inference", "svi", "--epochs", "30", "--lr", "0.01", "--n_samples", "100"]),
-    "hmc": ("train-bnn", ["--inference", "hmc", "--n_samples", "100", "--warmup", "300", "--step_size", "0.01",
-                          "--num_steps", "20"]),
-}
 # The reduced Figure 1 grid (the paper's: widths 32-512, 5000-15000 points, warm-up 100-500, 250 samples).
-GRID = dict(widths="8,32,128", sizes="500,2000,8000", warmup=200)
-ATTACK_TYPE = {"nn": "nn", "ensemble": "ensemble", "vi": "bnn", "hmc": "bnn"}
+GRID = dict(widths=[8, 32, 128], sizes=[500, 2000, 8000], warmup=200, samples=100, test_points=100)
+MASKING_EPS = [0.05, 0.1, 0.2, 0.3, 0.5]  # and the whole input box
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (models, tables, figures, report)")
     parser.add_argument("--n_inputs", type=positive_int, default=5000, help="training points (the first n)")
     parser.add_argument("--hidden_size", type=positive_int, default=128, help="fc2 width of the four models")
-    parser.add_argument("--test_points", type=positive_int, default=1000, help="test points attacked")
+    parser.add_argument("--test_points", type=positive_int, default=1000, help="test points attacked (the first n)")
     parser.add_argument("--epsilon", type=nonneg_float, default=0.1, help="attack radius (inputs lie in [0, 1])")
     parser.add_argument("--grid", type=str2bool, default=True, help="run the reduced Figure 1 grid")
     parser.add_argument("--seed", type=int, default=0)
@@ -44,65 +41,92 @@ def add_arguments(parser) -> None:
     parser.add_argument("--summary_json", default=None)
 
 
-def command(*argv) -> dict:
-    """Run a robustbnn command in this process and return its summary."""
-    from robustbnn.cli import parse
-    from robustbnn.experiments.common import finish
-
-    args = parse([str(a) for a in argv])
-    summary = args.run(args)
-    finish(args, summary)
-    return summary
-
-
 def run(args) -> dict:
-    out = Path(args.out)
-    common = ["--savedir", out / "models", "--seed", args.seed, "--device", args.device]
-    t_start = time.perf_counter()
-    timings, trained = {}, {}
-    for name, (cmd, flags) in MODELS.items():
-        print(f"\n##### training {name}")
-        t0 = time.perf_counter()
-        trained[name] = command(cmd, *ARCH, "--hidden_size", args.hidden_size, "--n_inputs", args.n_inputs,
-                                "--train=True", "--test=True", *flags, *common)
-        timings[f"train {name}"] = time.perf_counter() - t0
+    device = setup(args)
+    out, seed, timings = Path(args.out), args.seed, {}
+    t_start = clock = time.perf_counter()
 
+    def lap(step: str) -> None:
+        nonlocal clock
+        timings[step], clock = time.perf_counter() - clock, time.perf_counter()
+
+    data = load_dataset("half_moons", args.n_inputs)
+    xt, yt = data.x_train, data.y_train
+    x, y = data.x_test[:args.test_points], data.y_test[:args.test_points]
+    spec = dict(architecture="fc2", input_shape=list(data.input_shape), num_classes=data.num_classes,
+                hidden_size=args.hidden_size, activation="leaky")
+    common = dict(device=device, progress=PROGRESS)
+
+    # 1. Four posteriors of one architecture: 1 network, 10 networks, 100 VI draws, 100 HMC draws.
+    print("\n##### training")
+    posts = {}
+    posts["nn"] = train_nets(spec, xt, yt, seeds=[seed], epochs=20, lr=0.01, batch_size=64, **common)
+    lap("train nn")
+    posts["ensemble"] = train_nets(spec, xt, yt, seeds=list(range(seed, seed + 10)), epochs=20, lr=0.01,
+                                   batch_size=100, **common)
+    lap("train ensemble")
+    guide = train_vi(spec, xt, yt, epochs=30, lr=0.01, batch_size=128, seed=seed, **common)
+    guide.save(out / "models" / "vi")
+    posts["vi"] = guide.draw(100, seed)  # one seeded set of samples for the attack and its evaluation
+    lap("train vi")
+    posts["hmc"] = run_hmc(spec, xt, yt, n_samples=100, warmup=300, step_size=0.01, num_steps=20, seed=seed,
+                           x_eval=data.x_test[:500], y_eval=data.y_test[:500], **common)
+    lap("train hmc")
+    models = []
+    for name, post in posts.items():
+        if name != "vi":
+            post.save(out / "models" / name)
+        diag = post.meta.get("diagnostics", {})
+        models.append(dict(model=plots.LABELS[name], samples=post.n_samples,
+                           test_acc=post.accuracy(data.x_test, data.y_test),
+                           train_time_s=timings[f"train {name}"], hmc_acceptance=diag.get("acceptance_rate"),
+                           divergences=diag.get("divergences")))
+
+    # 2-3. FGSM and PGD with both losses. PGD runs at every eps of the masking check, up to the whole
+    # input box; the attack's own eps is one of them.
+    lo, hi = data.bounds
+    eps_list = sorted(set(MASKING_EPS) | {args.epsilon, hi - lo})
     rows, masking = [], []
-    for name, (_, flags) in MODELS.items():
+    for name, post in posts.items():
         for method in ("fgsm", "pgd"):
             for loss in ("predictive", "legacy"):
-                print(f"\n##### {method} ({loss} loss) on {name}")
-                t0 = time.perf_counter()
-                extra = ["--masking_check", "0.05,0.1,0.2,0.3,0.5"] if method == "pgd" else []
-                samples = [] if name == "nn" else ["--attack_samples", 10 if name == "ensemble" else 100]
-                s = command("attack", "--model_type", ATTACK_TYPE[name], *ARCH, "--hidden_size", args.hidden_size,
-                            "--train_inputs", args.n_inputs, "--n_inputs", args.test_points, "--attack_method",
-                            method, "--attack_loss", loss, "--epsilon", args.epsilon, *samples,
-                            *flags, *common, *extra)
-                timings[f"{method} {loss} {name}"] = time.perf_counter() - t0
+                print(f"##### {method} ({loss} loss) on {name}")
+                if method == "fgsm":
+                    x_adv = attacks.fgsm(post, x, y, args.epsilon, loss=loss, bounds=data.bounds)
+                    res = measures.evaluate_attack(post, x, y, x_adv)
+                else:
+                    sweep = measures.eps_sweep(post, x, y, eps_list, "pgd", loss, bounds=data.bounds)
+                    res = next(r for r in sweep if r["eps"] == args.epsilon)
+                    zero = measures.zero_gradient_fraction(post, x, y, loss)
+                    masking += [dict(model=name, loss=loss, eps=r["eps"], adv_acc=r["adv_acc"],
+                                     zero_gradient_fraction=zero) for r in sweep]
                 rows.append(dict(model=name, attack=method, loss=loss, epsilon=args.epsilon,
-                                 attack_samples=s["attack_samples"], clean_acc=s["clean_acc"], adv_acc=s["adv_acc"],
-                                 softmax_robustness=s["softmax_robustness"]))
-                if "masking_check" in s:
-                    mc = s["masking_check"]
-                    masking += [dict(model=name, loss=loss, eps=float(e), adv_acc=a,
-                                     zero_gradient_fraction=mc["zero_gradient_fraction"])
-                                for e, a in mc["adv_acc_by_eps"].items()]
-    table = pd.DataFrame(rows)
-    write_csv(out / "attacks.csv", table)
+                                 attack_samples=post.n_samples, clean_acc=res["clean_acc"], adv_acc=res["adv_acc"],
+                                 softmax_robustness=res["softmax_robustness"]))
+                lap(f"{method} {loss} {name}")
+    attack_table, masking = pd.DataFrame(rows), pd.DataFrame(masking)
+    write_csv(out / "attacks.csv", attack_table)
     write_csv(out / "masking_check.csv", masking)
-    masking_figure(pd.DataFrame(masking), out / "masking_check")
+    plots.masking_figure(masking, out / "masking_check")
+
+    # 4. Figure 1, reduced: HMC BNNs over widths x training sizes, expected gradients on test points.
     grid = None
     if args.grid:
         print("\n##### reduced Figure 1 grid")
-        t0 = time.perf_counter()
-        grid_flags = ["--test_points", 100, "--hidden_sizes", GRID["widths"], "--n_inputs_list", GRID["sizes"],
-                      "--warmups", GRID["warmup"], "--n_samples", 100, "--posterior_samples", 100, "--step_size", 0.01,
-                      "--num_steps", 20, *common[:2], "--seed", args.seed, "--device", args.device]
-        command("grid-search-half-moons", *grid_flags)
-        grid = command("plot-half-moons-overparam", "--test_points", 100, "--savedir", out / "models")
-        timings["figure 1 grid"] = time.perf_counter() - t0
+        savedir = str(out / "models")
+        hmc = dict(n_samples=GRID["samples"], step_size=0.01, num_steps=20)
+        done = run_grid(grid_settings(hmc, GRID["widths"], [GRID["warmup"]], GRID["sizes"]), savedir, device,
+                        test_points=GRID["test_points"], posterior_samples=GRID["samples"], seed=seed)
+        table = pd.read_csv(done["table"])
+        kept = table[table.test_acc > 70]  # as plot-half-moons-overparam: the models that learned the moons
+        if len(kept):
+            plots.overparam_figure(kept, out / "models" / f"halfMoons_overparam_{GRID['test_points']}")
+            grid = norm_table(kept)
+            plots.norm_figure(grid, out / "models" / f"halfMoons_gradnorm_{GRID['test_points']}")
+        lap("figure 1 grid")
     timings["total"] = time.perf_counter() - t_start
-    path = report(out, trained, table, pd.DataFrame(masking), grid, timings, args)
+
+    # 5. The report.
+    path = report(out, pd.DataFrame(models), attack_table, masking, grid, timings, args, GRID)
     return {"report": str(path), "time_s": timings["total"],
-            **{f"{r.model}/{r.attack}/{r.loss}": round(r.adv_acc, 2) for r in table.itertuples()}}
+            **{f"{r.model}/{r.attack}/{r.loss}": round(r.adv_acc, 2) for r in attack_table.itertuples()}}

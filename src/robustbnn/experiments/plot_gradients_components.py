@@ -2,9 +2,9 @@
 
 For the BNN `--model_idx` (saved_BNNs) and the first `--n_inputs` test points (in file order), the
 expected loss gradients G_S(x) = (1/S) sum_{s<S} grad_x CE(f(x; w_s), y), nested over S, are computed
-(`--compute_grads=True`) or loaded from the model's `gradients/` folder (as written by `robustbnn
-loss-gradients`), for the union of `--samples_list` and `--heatmap_samples` (one pass: the cost is
-that of the largest S).
+(`--compute_grads=True`) or loaded from any file in the model's `gradients/` folder that holds them
+(as written by `robustbnn loss-gradients`), for the union of `--samples_list` and `--heatmap_samples`
+(one pass: the cost is that of the largest S).
 
 - Strip plot (`--stripplot`, Figure 2): the gradient components for each S of `--samples_list`. With
   10^4 MNIST images there are 7.8 M components per S, so the scatter draws a seeded random subsample
@@ -28,24 +28,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from robustbnn import measures, plots
-from robustbnn.artifacts import environment, write_csv, write_json
+from robustbnn.artifacts import environment, resolve_savedir, write_csv, write_json
+from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import add_common, int_list, positive_int, settings_of, setup, str2bool
-from robustbnn.experiments.loss_gradients import compute_or_load, gradients_path
-from robustbnn.experiments.models import add_model_flags, load_model, model_folder, model_settings
-from robustbnn.experiments.plot_baseline_attacks import figures_dir
+from robustbnn.experiments.common import (add_common, add_format_flag, formats, int_list, positive_int, settings_of,
+                                          setup, str2bool)
+from robustbnn.experiments.gradients import compute_gradients, gradient_table, gradients_path, saved_gradients
+from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
 
 QUANTILES = {"q01": 0.01, "q25": 0.25, "median": 0.5, "q75": 0.75, "q99": 0.99}
 
 
 def add_arguments(parser) -> None:
-    add_model_flags(parser, "bnn", n_inputs_help="number of test points (the first n, in file order)")
-    parser.set_defaults(n_inputs=1000)
-    parser.add_argument("--train_inputs", type=positive_int, default=60000,
-                        help="n_inputs the model was trained with (half-moons BNN names include it)")
+    add_model_flags(parser, "bnn", test_points=True)
     parser.add_argument("--compute_grads", type=str2bool, default=False,
                         help="compute the expected gradients (True) or load them (False; from loss-gradients)")
     parser.add_argument("--stripplot", type=str2bool, default=True, help="draw the gradient-components strip plot")
@@ -59,45 +58,25 @@ def add_arguments(parser) -> None:
                         help="components drawn per S in the strip plot (a seeded random subsample)")
     parser.add_argument("--legacy", type=str2bool, default=False,
                         help="the paper's per-sample loss on probabilities (a softmax applied twice)")
-    parser.add_argument("--format", default="png", choices=("png", "pdf", "both"), help="figure format")
+    add_format_flag(parser)
     add_common(parser)
 
 
-def formats(args) -> tuple[str, ...]:
-    return ("png", "pdf") if args.format == "both" else (args.format,)
-
-
-def saved_gradients(folder: Path, counts: list[int], n: int, legacy: bool) -> tuple[Path, list[int]] | None:
-    """A gradients file of `robustbnn loss-gradients` for these n inputs holding every S of `counts`."""
-    exact = gradients_path(folder, counts, n, legacy)
-    if exact.exists():
-        return exact, counts
-    suffix = f"_inp={n}{'_legacy' * legacy}.safetensors"
-    for path in sorted((folder / "gradients").glob(f"samp=*{suffix}")):
-        try:
-            have = [int(c) for c in path.name[len("samp="):-len(suffix)].split(",")]
-        except ValueError:
-            continue
-        if set(counts) <= set(have):
-            return path, have
-    return None
-
-
 def gradients(post, x, y, counts: list[int], folder: Path, args) -> torch.Tensor:
-    """G_S for each S of `counts` (K, N, ...): computed and saved, or loaded from a saved superset."""
+    """G_S for each S of `counts` (K, N, ...): computed and saved, or loaded from a saved file holding them."""
     if args.compute_grads:
-        return compute_or_load(post, x, y, counts, gradients_path(folder, counts, len(x), args.legacy))
-    found = saved_gradients(folder, counts, len(x), args.legacy)
+        path = gradients_path(folder, counts, len(x), args.legacy)
+        return compute_gradients(post, x, y, counts, args.legacy, path, args.seed)
+    found = saved_gradients(folder, counts, x, args.legacy, post.kind, args.seed)
     if found is None:
         raise UserError(
             f"no saved expected gradients for S = {','.join(map(str, counts))} on {len(x)} inputs in "
             f"{folder / 'gradients'}; compute them with `robustbnn loss-gradients --model_type bnn --model_idx "
             f"{args.model_idx} --n_inputs {len(x)} --samples_list {','.join(map(str, counts))} --savedir "
             f"{args.savedir}{' --legacy=True' * args.legacy}` (and the same model flags) or pass --compute_grads=True")
-    path, have = found
+    grads, path = found
     print(f"loading expected gradients from {path}")
-    grads = compute_or_load(post, x, y, have, path, compute=False)
-    return grads[[have.index(s) for s in counts]]
+    return grads
 
 
 def component_stats(grads: torch.Tensor, counts: list[int]) -> list[dict]:
@@ -110,19 +89,6 @@ def component_stats(grads: torch.Tensor, counts: list[int]) -> list[dict]:
                          **{name: float(x) for name, x in zip(QUANTILES, q)}, mean=float(v.mean()),
                          std=float(v.std()), mean_abs=float(np.abs(v).mean())))
     return rows
-
-
-def norm_rows(grads: torch.Tensor, counts: list[int], y: torch.Tensor, classes: list[str]):
-    """One row per input and S: L-inf and L2 norms, mean |component| and the input's vanishing class."""
-    import pandas as pd
-
-    flat = grads.flatten(2)  # (K, N, D)
-    k, n = flat.shape[:2]
-    return pd.DataFrame({
-        "input": np.tile(np.arange(n), k), "label": np.tile(y.numpy(), k), "samples": np.repeat(counts, n),
-        "linf": flat.abs().amax(-1).flatten().numpy(), "l2": flat.norm(dim=-1).flatten().numpy(),
-        "mean_abs": flat.abs().mean(-1).flatten().numpy(), "vanishing_class": np.tile(np.array(classes), k),
-    })
 
 
 def strip_subsample(grads: torch.Tensor, counts: list[int], n_points: int, seed: int) -> dict:
@@ -138,32 +104,28 @@ def strip_subsample(grads: torch.Tensor, counts: list[int], n_points: int, seed:
 
 def run(args) -> dict:
     device = setup(args)
-    from robustbnn.data import load_dataset
-
     t0 = time.perf_counter()
     if args.max_heatmaps < 0:
         raise UserError(f"--max_heatmaps must be 0 or more, got {args.max_heatmaps}")
     if len(args.heatmap_samples) < 2:
         raise UserError("--heatmap_samples needs at least two sample counts to tell vanishing gradients")
-    test_n, args.n_inputs = args.n_inputs, args.train_inputs  # the model's own n_inputs (its name)
-    settings = model_settings("bnn", args)
-    folder = model_folder(args, settings)
-    data = load_dataset(settings["dataset"], None, args.data_dir)
-    x, y = data.x_test[:test_n], data.y_test[:test_n]
+    settings = model_settings("bnn", vars(args), n_inputs=args.train_inputs)
+    folder = model_folder(args.savedir, settings)
+    data = load_dataset(settings["dataset"], None, args.data_dir, splits=("test",))
+    x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
     counts = sorted(set(args.samples_list) | set(args.heatmap_samples))
-    post = load_model(settings, data, args, device, n_samples=max(counts))
-    kind = post.meta.get("kind", "vi" if settings["inference"] == "svi" else "hmc")
+    post = load_model(settings, data, args.savedir, device).samples(max(counts), args.seed)
     print(f"\n=== Expected loss gradients of {folder.name} on {len(x)} test inputs, S = {counts}")
     t1 = time.perf_counter()
     grads = gradients(post, x, y, counts, folder, args)
     grad_time = time.perf_counter() - t1
     pick = lambda wanted: grads[[counts.index(s) for s in wanted]]  # noqa: E731
 
-    out = figures_dir(args)
+    out = resolve_savedir(args.savedir) / "figures"
     stem = out / (folder.name + "_legacy" * args.legacy)
     cls = measures.vanishing_classification(pick(args.heatmap_samples), args.heatmap_samples, "linf")
     fractions = {k: cls[k] for k in ("vanishing", "increasing", "null")}
-    write_csv(Path(f"{stem}_gradNorms.csv"), norm_rows(grads, counts, y, cls["labels"]))
+    write_csv(Path(f"{stem}_gradNorms.csv"), gradient_table(grads, counts, y, cls["labels"]))
     write_csv(Path(f"{stem}_vanishing.csv"),
               [dict(model=folder.name, norm="linf", samples=",".join(map(str, args.heatmap_samples)), n_inputs=len(x),
                     vanishing_class=k, fraction=v, count=cls["labels"].count(k)) for k, v in fractions.items()])
@@ -179,17 +141,16 @@ def run(args) -> dict:
 
     figures = []
     if args.stripplot:
-        import pandas as pd
-
         points = strip_subsample(pick(args.samples_list), args.samples_list, args.strip_points, args.seed)
         shown = len(next(iter(points.values())))
-        title = (f"{plots.LABELS.get(kind, kind)} on {settings['dataset']}: {len(x)} test inputs, "
+        label = plots.LABELS.get(post.kind, post.kind)
+        title = (f"{label} on {settings['dataset']}: {len(x)} test inputs, "
                  f"{stats[0]['n_components']:,} components per $S$\n"
                  + (f"dots: {shown:,} random components per $S$ (the same for every $S$)"
                     if shown < stats[0]["n_components"] else "dots: every component")
                  + (" (legacy loss)" if args.legacy else ""))
         figures += plots.gradient_components(points, pd.DataFrame(stats), Path(f"{stem}_gradComponents.png"), title,
-                                             kind, args.seed, formats(args))
+                                             post.kind, args.seed, formats(args))
     heatmaps = []
     if args.heatmaps:
         vanishing = [i for i, c in enumerate(cls["labels"]) if c == "vanishing"]

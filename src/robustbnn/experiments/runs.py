@@ -1,0 +1,247 @@
+"""Models on disk: settings from a preset plus explicit flags, their folders, and train-or-load.
+
+A model's settings are a plain dict (the preset `--model_idx`, every explicitly given flag on top);
+its folder is `<savedir>/<the seed's name for those settings>`, holding `posterior.safetensors`,
+`config.json`, and `history.csv` (networks, VI) or `diagnostics.json` (HMC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from robustbnn import posterior
+from robustbnn.artifacts import model_name, resolve_savedir, write_config, write_csv, write_json
+from robustbnn.errors import UserError
+from robustbnn.experiments.common import PROGRESS, json_object, positive_float, positive_int, str2bool
+from robustbnn.inference.checkpoint import clear_checkpoint
+from robustbnn.inference.hmc import run_hmc
+from robustbnn.inference.sgd import train_nets
+from robustbnn.inference.vi import train_vi
+from robustbnn.nets import ACTIVATIONS, ARCHITECTURES, Architecture
+from robustbnn.plots import training_curves
+from robustbnn.presets import BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, preset
+
+DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10", "half_moons")
+TRAIN_COMMANDS = {"nn": "train-nn", "ensemble": "train-ensemble", "bnn": "train-bnn"}
+
+
+def inference_name(value: str) -> str:
+    """The seed's `svi` is our `vi`."""
+    return "vi" if value == "svi" else value
+
+
+# Flags that override a preset value when given explicitly (default None = keep the preset's).
+OVERRIDES = {
+    "dataset": dict(choices=DATASET_CHOICES),
+    "architecture": dict(choices=ARCHITECTURES),
+    "hidden_size": dict(type=positive_int),
+    "activation": dict(choices=tuple(ACTIVATIONS)),
+    "epochs": dict(type=positive_int),
+    "lr": dict(type=positive_float),
+    "batch_size": dict(type=positive_int),
+}
+BNN_OVERRIDES = {
+    "inference": dict(type=inference_name, choices=("vi", "hmc"), help="vi (the seed's svi) or hmc"),
+    "n_samples": dict(type=positive_int, help="HMC: samples kept; VI: samples drawn from the guide"),
+    "warmup": dict(type=positive_int, help="HMC warm-up iterations"),
+    "step_size": dict(type=positive_float, help="HMC initial step size"),
+    "num_steps": dict(type=positive_int, help="HMC leapfrog steps per iteration (fixed; the step size adapts)"),
+}
+# BNN settings that are not in the presets: name -> (default, argparse keywords).
+BNN_FLAGS = {
+    "prior_scale": (1.0, dict(type=positive_float, help="std of the N(0, s^2) weight prior")),
+    "likelihood": ("scaled", dict(choices=("scaled", "legacy"), help="VI: scaled = true ELBO (N / batch); "
+                                  "legacy = the paper's unscaled minibatch term")),
+    "num_chains": (1, dict(type=positive_int, help="HMC chains (R-hat and ESS need 2+)")),
+    "thin": (1, dict(type=positive_int, help="HMC: keep every k-th draw after warm-up, so that the first S "
+                                             "samples are less autocorrelated")),
+    "target_accept": (0.8, dict(type=positive_float, help="HMC: acceptance probability the step-size adaptation "
+                                                           "aims at")),
+    "hmc_mode": ("full_batch", dict(choices=("full_batch", "legacy"), help="legacy = the paper's per-minibatch "
+                                    "chains (reproduction only)")),
+}
+
+
+def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_size: int = 100,
+                    user_arch: bool = False) -> None:
+    """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn, or any).
+
+    `test_points`: the command uses the model on test points; then --n_inputs counts the test points
+    and --train_inputs is the n_inputs the model was trained with (half-moons BNN names hold it).
+    `user_arch`: also --arch / --arch_kwargs, a user's own architecture.
+    """
+    g = parser.add_argument_group("model")
+    table = {"bnn": "saved_BNNs", "any": "saved_BNNs for bnn, else saved_NNs"}.get(kind, "saved_NNs")
+    g.add_argument("--model_idx", type=int, default=0, help=f"index into the paper's presets ({table})")
+    if test_points:
+        g.add_argument("--n_inputs", type=positive_int, default=1000,
+                       help="number of test points used (the first n); the model's own n_inputs is --train_inputs")
+        g.add_argument("--train_inputs", type=positive_int, default=60000,
+                       help="the --n_inputs the model was trained with (half-moons BNN names include it)")
+    else:
+        g.add_argument("--n_inputs", type=positive_int, default=60000,
+                       help="first n training points and first n test points (the seed's semantics)")
+    for name, kw in (OVERRIDES | (BNN_OVERRIDES if kind in ("bnn", "any") else {})).items():
+        g.add_argument(f"--{name}", default=None, **{"help": "override the preset", **kw})
+    if user_arch:
+        g.add_argument("--arch", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                       help="your own architecture: a function returning a torch nn.Module (logits); replaces "
+                            "--architecture, --hidden_size and --activation (the dataset still comes from the preset)")
+        g.add_argument("--arch_kwargs", type=json_object, default=None, metavar="JSON",
+                       help="keyword arguments of --arch, as a JSON object")
+    if kind in ("ensemble", "any"):
+        g.add_argument("--ensemble_size", type=positive_int, default=ensemble_size, help="number of members")
+    if kind in ("bnn", "any"):
+        for name, (default, kw) in BNN_FLAGS.items():
+            g.add_argument(f"--{name}", default=default, **kw)
+    g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
+
+
+def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None = None, **fixed) -> dict:
+    """The settings of a model of `kind` (nn, ensemble, bnn) trained on the first `n_inputs` points.
+
+    `base` (default: the preset `flags["model_idx"]`), then every override in `flags` (the command's
+    flags as a dict, `vars(args)`) that is not None, then `fixed`.
+    """
+    if base is None:
+        table, what = (BNN_PRESETS, "BNNs") if kind == "bnn" else (NN_PRESETS, "deterministic networks")
+        base = dict(preset(table, flags["model_idx"], what), model_idx=flags["model_idx"])
+    s = dict(base)
+    s.update({k: flags[k] for k in OVERRIDES | (BNN_OVERRIDES if kind == "bnn" else {}) if flags.get(k) is not None})
+    s.update(fixed)
+    if flags.get("arch"):
+        given = [f"--{k}" for k in ("architecture", "hidden_size", "activation") if flags.get(k) is not None]
+        if given:
+            raise UserError(f"--arch replaces {', '.join(given)}; drop them (put the settings in --arch_kwargs)")
+        arch = Architecture(flags["arch"], flags.get("arch_kwargs") or {})
+        arch.build()  # fail now, in one line, if it does not import or rejects its keyword arguments
+        s.update(architecture=None, hidden_size=None, activation=None, arch=arch.to_json())
+    elif flags.get("arch_kwargs"):
+        raise UserError("--arch_kwargs needs --arch (the function they are passed to)")
+    if kind == "bnn":
+        s.setdefault("batch_size", BATCH_SIZE[s["inference"]])
+        if s["inference"] == "hmc":
+            for k, v in (HALF_MOONS_HMC if s["dataset"] == "half_moons" else HMC_DEFAULTS).items():
+                if s.get(k) is None:
+                    s[k] = v
+        s.update({k: flags.get(k, default) for k, (default, _) in BNN_FLAGS.items()})
+        needed = ("epochs", "lr") if s["inference"] == "vi" else ("n_samples", "warmup")
+        missing = [f"--{k}" for k in needed if s.get(k) is None]
+        if missing:
+            raise UserError(f"{s['inference']} needs {', '.join(missing)} (the preset has none)")
+    else:
+        s.setdefault("batch_size", BATCH_SIZE[kind])
+    if kind == "ensemble":
+        s["ensemble_size"] = flags["ensemble_size"]
+    return s | {"model_type": kind, "n_inputs": n_inputs}
+
+
+def arch_of(settings: dict, data):
+    """What the inference builds: a user's `Architecture`, or the built-in spec for this dataset."""
+    if settings.get("arch"):
+        return Architecture.from_json(settings["arch"])
+    return dict(architecture=settings["architecture"], input_shape=list(data.input_shape),
+                num_classes=data.num_classes, hidden_size=int(settings["hidden_size"]),
+                activation=settings["activation"])
+
+
+def arch_label(arch: dict) -> str:
+    """A user's architecture in a folder name: its factory, plus a digest of its keyword arguments."""
+    label = arch["factory"].replace(":", ".")
+    if arch["kwargs"]:
+        label += "_kw=" + hashlib.sha1(json.dumps(arch["kwargs"], sort_keys=True).encode()).hexdigest()[:8]
+    return label
+
+
+def model_folder(savedir: str, settings: dict) -> Path:
+    """<savedir>/<the seed's name for this model>."""
+    s = settings
+    common = dict(dataset=s["dataset"], hidden_size=s["hidden_size"], activation=s["activation"],
+                  architecture=s["architecture"], arch_label=arch_label(s["arch"]) if s.get("arch") else None)
+    if s["model_type"] == "nn":
+        name = model_name("nn", **common, epochs=s["epochs"], lr=s["lr"])
+    elif s["model_type"] == "ensemble":
+        name = model_name("ensemble", **common, ensemble_size=s["ensemble_size"])
+    else:
+        name = model_name("bnn", **common, inference=s["inference"], epochs=s.get("epochs"), lr=s.get("lr"),
+                          n_inputs=s["n_inputs"] if s["dataset"] == "half_moons" else None,
+                          n_samples=s.get("n_samples"), warmup=s.get("warmup"), step_size=s.get("step_size"),
+                          num_steps=s.get("num_steps"), thin=s.get("thin", 1))
+    return resolve_savedir(savedir) / name
+
+
+def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume: bool = False, data_dir=None):
+    """Run the inference for `settings` on `data` and save the model, its config and history; return it.
+
+    Returns what the inference returns: a `Posterior` (networks, ensembles, HMC) or a
+    `MeanFieldGuide` (VI); both draw evaluation samples with `.samples(n, seed)`.
+    """
+    s, folder = settings, model_folder(savedir, settings)
+    write_config(folder, dict(s, seed=seed, data_dir=data_dir, device=str(device)))
+    arch, x, y = arch_of(s, data), data.x_train, data.y_train
+    common = dict(device=device, checkpoint=folder, resume=resume, progress=PROGRESS)
+    t0 = time.perf_counter()
+    if s["model_type"] in ("nn", "ensemble"):
+        seeds = [seed] if s["model_type"] == "nn" else [seed + k for k in range(s["ensemble_size"])]
+        model = train_nets(arch, x, y, seeds=seeds, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
+                           **common)
+    elif s["inference"] == "vi":
+        model = train_vi(arch, x, y, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], seed=seed,
+                         prior_scale=s["prior_scale"], likelihood=s["likelihood"], n_samples=s.get("n_samples") or 100,
+                         **common)
+    else:
+        model = run_hmc(arch, x, y, n_samples=s["n_samples"], warmup=s["warmup"], step_size=s["step_size"],
+                        num_steps=s["num_steps"], num_chains=s["num_chains"], thin=s["thin"],
+                        prior_scale=s["prior_scale"], seed=seed, mode=s["hmc_mode"], target_accept=s["target_accept"],
+                        batch_size=s["batch_size"] if s["hmc_mode"] == "legacy" else None,
+                        x_eval=data.x_test[:500], y_eval=data.y_test[:500], **common)
+        warn_unadapted(model.meta["diagnostics"])
+    model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
+                      train_time_s=time.perf_counter() - t0)
+    model.save(folder)
+    if model.meta.get("history"):
+        write_csv(folder / "history.csv", model.meta["history"])
+        training_curves(model.meta["history"], folder / "training")
+    if model.meta.get("diagnostics"):  # also in the model file; here for reading without robustbnn
+        write_json(folder / "diagnostics.json", model.meta["diagnostics"])
+    clear_checkpoint(folder)
+    return model
+
+
+def warn_unadapted(diagnostics: dict) -> None:
+    accept, divergent = diagnostics.get("acceptance_rate", []), sum(diagnostics.get("divergences", []))
+    if divergent or any(a < 0.5 for a in accept):
+        print(f"warning: HMC acceptance {', '.join(f'{a:.2f}' for a in accept)} with {divergent} divergences "
+              "after warm-up: the step size is not adapted; use a longer --warmup", file=sys.stderr)
+
+
+def load_model(settings: dict, data, savedir: str, device):
+    """The saved model for `settings` as stored (a `Posterior` or a VI `MeanFieldGuide`).
+
+    Its architecture must be the one `settings` and the dataset describe.
+    """
+    folder = model_folder(savedir, settings)
+    if not (folder / posterior.WEIGHTS_FILE).exists():
+        cmd = TRAIN_COMMANDS[settings["model_type"]] + (f" --model_idx {settings['model_idx']}" * ("model_idx" in settings))
+        raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} --train=True` "
+                        "(or fix --savedir)")
+    return posterior.load(folder, device=device, arch=arch_of(settings, data))
+
+
+def train_or_load(settings: dict, data, args, device):
+    """--train=True trains (and saves) the model, --train=False loads it."""
+    if args.train:
+        return train_model(settings, data, args.savedir, device, seed=args.seed, resume=args.resume,
+                           data_dir=args.data_dir)
+    return load_model(settings, data, args.savedir, device)
+
+
+def record_metrics(folder: Path, metrics: dict) -> None:
+    """Merge `metrics` into the model folder's metrics.json."""
+    path = Path(folder) / "metrics.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, old | metrics)

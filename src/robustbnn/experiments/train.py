@@ -1,0 +1,64 @@
+"""`robustbnn train-nn | train-ensemble | train-bnn` (the seed's model_nn.py, model_ensemble.py, model_bnn.py).
+
+Train (or load) a deterministic network, an ensemble (member k seeded with seed + k) or a BNN (VI or
+full-batch HMC), then evaluate it on the first --n_inputs test points. A BNN prints, as the seed
+does, the accuracy of the posterior predictive with 10 samples and that of each of the first 10
+samples alone; the others print the accuracy with all their samples.
+"""
+
+from __future__ import annotations
+
+from robustbnn.data import load_dataset
+from robustbnn.experiments.common import add_common, setup, str2bool
+from robustbnn.experiments.runs import add_model_flags, model_folder, model_settings, record_metrics, train_or_load
+from robustbnn.posterior import log_mean_softmax
+
+# HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
+HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
+                        "loglik_rhat", "loglik_ess", "time_s")
+
+
+def add_arguments(parser, kind: str) -> None:
+    add_model_flags(parser, kind, user_arch=True)
+    parser.add_argument("--train", type=str2bool, default=True, help="train (True) or load (False)")
+    parser.add_argument("--test", type=str2bool, default=True, help="evaluate on the first n_inputs test points")
+    add_common(parser)
+
+
+def run(args) -> dict:
+    device = setup(args)
+    settings = model_settings(args.model_kind, vars(args), n_inputs=args.n_inputs)
+    data = load_dataset(settings["dataset"], args.n_inputs, args.data_dir)
+    model = train_or_load(settings, data, args, device)
+    post = model.samples(None, args.seed)  # a VI guide draws the number of samples kept at training
+    folder = model_folder(args.savedir, settings)
+    summary = {"model": folder.name, "folder": str(folder), "kind": post.kind, "samples": post.n_samples}
+    if args.train:
+        summary["train_time_s"] = model.meta["train_time_s"]
+        diagnostics = model.meta.get("diagnostics", {})
+        summary.update({k: diagnostics[k] for k in HEADLINE_DIAGNOSTICS if k in diagnostics})
+    if args.test:
+        metrics = bnn_test(post, data) if post.kind in ("vi", "mcmc") else net_test(post, data)
+        summary.update(metrics)
+        record_metrics(folder, metrics | {"n_test": len(data.x_test)})
+    return summary
+
+
+def net_test(post, data) -> dict:
+    acc = post.accuracy(data.x_test, data.y_test)
+    print(f"Accuracy ({post.n_samples} sample{'s' * (post.n_samples > 1)}, {len(data.x_test)} test points): "
+          f"{acc:.2f}%")
+    return {"test_acc": acc}
+
+
+def bnn_test(post, data) -> dict:
+    first = post.take(min(10, post.n_samples))
+    logits = first.logits(data.x_test)  # one pass serves the 10-sample and the single-sample accuracies
+    y = data.y_test.to(logits.device)
+    acc = 100.0 * (log_mean_softmax(logits).argmax(-1) == y).float().mean().item()
+    print(f"\n== Evaluate on test data ==\nAccuracy ({first.n_samples} samples): {acc:.2f}%")
+    print("\n== Evaluate the first 10 posterior samples ==")
+    single = (100.0 * (logits.argmax(-1) == y).float().mean(1)).tolist()
+    for s, a in enumerate(single):
+        print(f"sample {s}: {a:.2f}%")
+    return {"test_acc_10": acc, "single_sample_acc": single}
