@@ -34,6 +34,7 @@ COMMANDS = {
                                "train the half-moons HMC grid, then expected gradients (and attacks)"),
     "plot-half-moons-overparam": ("plot_half_moons_overparam", None, "plot_halfMoons_overparam.py",
                                   "Figure 1: half moons towards the over-parametrised limit"),
+    "evaluate": ("evaluate", None, None, "the robustness verdict: APGD, Square, worst case per input, masking flags"),
 }
 
 

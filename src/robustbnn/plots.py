@@ -400,3 +400,23 @@ def masking_figure(df, path, formats=("png",)) -> list[Path]:
     axes[0, -1].legend(frameon=False, loc="upper right")
     fig.tight_layout()
     return save_figure(fig, path, formats)
+
+
+def robust_accuracy(summary, path, formats=("png",)) -> list[Path]:
+    """Robust accuracy (worst case over the battery) against eps, one line per model; the paper's
+    legacy PGD evaluation of the same model dashed beside it when present."""
+    style()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    colors = sns.color_palette("colorblind", summary.model.nunique())
+    for color, (model, part) in zip(colors, summary.groupby("model", sort=False)):
+        part = part.sort_values("eps")
+        ax.plot(part.eps, part.robust_acc, marker="o", color=color, label=f"{model} (battery)")
+        if "legacy_pgd_acc" in part:
+            ax.plot(part.eps, part.legacy_pgd_acc, marker="x", ls="--", color=color, label=f"{model} (paper's PGD)")
+    ax.set_xlabel(r"$\epsilon$ ($L_\infty$)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, formats)
+

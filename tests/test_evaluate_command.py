@@ -1,0 +1,58 @@
+"""`robustbnn evaluate` end to end on half moons: outputs, resume, the legacy evaluation beside the battery,
+and one-line errors."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_cli import TINY, one_line_error
+
+MODEL = ["--dataset", "half_moons", "--architecture", "fc2", "--hidden_size", "8", "--epochs", "2"]
+QUICK = ["--iterations", "10", "--square_queries", "50", "--n_inputs", "60", "--train_inputs", "300"]
+
+
+@pytest.fixture
+def trained(tmp_path, capsys):
+    run_cli(["train-nn", *TINY, "--savedir", tmp_path], capsys)
+    run_cli(["train-ensemble", *TINY, "--ensemble_size", "3", "--savedir", tmp_path], capsys)
+    return tmp_path
+
+
+def test_evaluate_writes_the_verdict_and_resumes(trained, capsys):
+    out = trained / "verdict"
+    args = ["evaluate", "--model_type", "nn,ensemble", "--ensemble_size", "3", *MODEL, *QUICK, "--eps", "0.05,0.2",
+            "--savedir", trained, "--out", out, "--summary_json", trained / "s.json"]
+    code, printed, _ = run_cli(args, capsys)
+    assert code == 0 and "masking flags raised" in printed
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and set(summary.kind) == {"nn", "ensemble"}
+    assert (summary.robust_acc <= summary.clean_acc).all()
+    per = pd.read_csv(out / "per_input.csv")
+    assert {"model", "eps", "attack", "input", "broken", "margin", "cost"} <= set(per.columns)
+    report = (out / "report.md").read_text()
+    assert "Robust accuracy" in report and "paper's evaluation" in report and "masking flags" in report.lower()
+    assert (out / "robust_accuracy.png").exists()
+    flags = json.loads((out / "evaluate.json").read_text())["flags"]
+    assert {f["flag"] for f in flags} >= {"square_breaks_more", "not_zero_at_box", "zero_input_gradients"}
+    # a rerun with the same settings reuses every (model, eps) part
+    stamp = (out / "parts").stat().st_mtime_ns
+    code, printed, _ = run_cli(args, capsys)
+    assert code == 0 and "=== " not in printed
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary)
+    assert stamp == (out / "parts").stat().st_mtime_ns
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--attacks", "apgd-ce,cw"], "unknown attack"),
+    (["--eps", "-0.1"], "non-negative"),
+    (["--eps", "nan"], "non-negative"),
+    (["--model_type", "resnet"], "unknown --model_type"),
+    ([], "nothing to evaluate"),
+    (["--model_type", "bnn", "--inference", "hmc", "--n_samples", "5", "--warmup", "5"], "no trained model"),
+    (["--model_type", "nn", "--fresh_samples=True"], "needs a VI model"),
+])
+def test_bad_input_is_one_line(trained, capsys, extra, needle):
+    code, _, err = run_cli(["evaluate", *MODEL, *QUICK, "--savedir", trained, *extra], capsys)
+    assert needle in one_line_error(code, err)
