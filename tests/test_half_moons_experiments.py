@@ -44,7 +44,10 @@ def test_small_demo_writes_its_report(tmp_path, capsys):
                           "--grid", "False", "--summary_json", tmp_path / "s.json"], capsys)
     assert code == 0
     report = (tmp_path / "report.md").read_text()
-    assert "## Attacks" in report and "## Gradient masking check" in report
+    assert "## Attacks" in report and "## Gradient masking check" in report and "## Verdict" in report
+    verdict = pd.read_csv(tmp_path / "verdict.csv")
+    assert set(verdict.model) == {"nn", "ensemble", "vi", "hmc"}
+    assert (verdict.robust_acc <= verdict.clean_acc).all()
     attacks = pd.read_csv(tmp_path / "attacks.csv")
     assert set(attacks.model) == {"nn", "ensemble", "vi", "hmc"} and len(attacks) == 16
     masking = pd.read_csv(tmp_path / "masking_check.csv")
