@@ -20,7 +20,7 @@ def test_grid_search_resumes_and_feeds_figure_1(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["models"] == 4 and summary["trained_now"] == 2, "the two trained models are not retrained"
-    assert out.count("already trained") == 2
+    assert "jobs: 2 finished before, 2 to run" in out
     table = pd.read_csv(tmp_path / "halfMoons_lossGrads_30.csv")
     assert len(table) == 4 * 30
     assert {"hidden_size", "n_inputs", "grad_x1", "grad_x2", "grad_l2", "test_acc"} <= set(table.columns)

@@ -46,6 +46,10 @@ def positive_int(value) -> int:
     return _number(value, int, lambda v: v >= 1, "a positive integer")
 
 
+def nonneg_int(value) -> int:
+    return _number(value, int, lambda v: v >= 0, "a non-negative integer")
+
+
 def nonneg_float(value) -> float:
     return _number(value, float, lambda v: math.isfinite(v) and v >= 0, "a finite non-negative number")
 

@@ -5,15 +5,17 @@ skipping models already trained (an interrupted model continues from its checkpo
 expected loss gradients G_S on the first `--test_points` test points and, with
 `--compute_attacks=True`, FGSM attacks. Writes the tidy table Figure 1 needs,
 `<savedir>/halfMoons_lossGrads_<test_points>.csv` (one row per model and test point), after every
-model, so an interrupted search keeps what it has and resumes where it stopped.
+model, so an interrupted search keeps what it has and resumes where it stopped. The models are
+independent jobs on Dask distributed: `--workers N` processes here, or `--scheduler ADDRESS`.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
-from robustbnn.experiments.common import (add_common, int_list, nonneg_float, positive_float, positive_int, setup,
-                                          str2bool)
+from robustbnn.experiments.common import (add_common, int_list, nonneg_float, nonneg_int, positive_float,
+                                          positive_int, setup, str2bool)
 from robustbnn.experiments.half_moons import grid_settings, run_grid
 from robustbnn.nets import ACTIVATIONS
 from robustbnn.presets import HALF_MOONS_GRID, HALF_MOONS_HMC
@@ -41,6 +43,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prior_scale", type=positive_float, default=1.0, help="std of the N(0, s^2) weight prior")
     parser.add_argument("--activation", default="leaky", choices=tuple(ACTIVATIONS))
     parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="FGSM radius (--compute_attacks)")
+    parser.add_argument("--workers", type=nonneg_int, default=1,
+                        help="Dask worker processes on this machine (each gets cores / workers torch threads); "
+                             "0 runs the models one after the other in this process")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="send the models to an existing Dask cluster instead (e.g. tcp://host:8786); the "
+                             "--savedir must be on a filesystem the workers share")
     add_common(parser)
 
 
@@ -50,5 +58,9 @@ def run(args) -> dict:
     grid = grid_settings(vars(args), args.hidden_sizes, args.warmups, args.n_inputs_list)
     done = run_grid(grid, args.savedir, device, test_points=args.test_points, posterior_samples=args.posterior_samples,
                     seed=args.seed, data_dir=args.data_dir, compute_grads=args.compute_grads,
-                    attack_eps=args.epsilon if args.compute_attacks else None)
+                    attack_eps=args.epsilon if args.compute_attacks else None, workers=args.workers,
+                    scheduler=args.scheduler)
+    if done["failed"]:
+        print(f"{len(done['failed'])} model(s) failed: " + "; ".join(f"{f['key']}: {f['error']}" for f in done["failed"]),
+              file=sys.stderr)
     return {"models": len(grid), **done, "time_s": time.perf_counter() - t0}

@@ -1,19 +1,24 @@
 """The half-moons grid behind Figure 1, shared by `grid-search-half-moons`, its figure and the demo.
 
-Each model of the grid is a full-batch HMC BNN (fc2) on the first n half-moons points; for each, the
-expected loss gradient G_S with S posterior samples (and optionally FGSM) on the first test points
-goes into tidy tables, written after every model so an interrupted run keeps what it has.
+Each model of the grid is a full-batch HMC BNN (fc2) on the first n half-moons points, trained as an
+independent job on Dask distributed (`robustbnn.jobs`); for each, the expected loss gradient G_S with
+S posterior samples (and optionally FGSM) on the first test points goes into tidy tables, written
+after every model so an interrupted run keeps what it has.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
+from pathlib import Path
 
 import pandas as pd
 
 from robustbnn import attacks, measures, posterior
 from robustbnn.artifacts import resolve_savedir, write_csv
 from robustbnn.data import load_dataset
+from robustbnn.device import resolve_device
+from robustbnn.jobs import Job, finished_row, run_jobs
 from robustbnn.experiments.gradients import compute_gradients, gradients_path, saved_gradients
 from robustbnn.experiments.runs import load_model, model_folder, model_settings, train_model
 
@@ -31,50 +36,85 @@ def table_path(savedir: str, test_points: int, what: str = "lossGrads"):
 
 
 def run_grid(grid: list[dict], savedir: str, device, *, test_points: int, posterior_samples: int, seed: int = 0,
-             data_dir=None, compute_grads: bool = True, attack_eps: float | None = None) -> dict:
-    """Train (or load, or resume) every model of `grid`; gradients and, with `attack_eps`, FGSM on test points.
+             data_dir=None, compute_grads: bool = True, attack_eps: float | None = None, workers: int = 1,
+             scheduler: str | None = None) -> dict:
+    """Every model of `grid` as an independent job on Dask (`robustbnn.jobs`): train (or load, or resume)
+    it, then its gradients and, with `attack_eps`, FGSM on the first `test_points` test points.
 
-    Returns {"trained_now": count, "table": path (gradients), "attacks_table": path} for the tables written.
+    `workers` worker processes on this machine (0: one after the other in this process), or the
+    cluster at `scheduler`. A job's outputs go to `<model folder>/grid_<test points>_<samples>[_fgsm]/`;
+    finished jobs are skipped on a rerun. Returns {"trained_now", "failed", "table", "models_table",
+    "attacks_table"} (paths of the tables written).
     """
+    tag = f"grid_tp={test_points}_S={posterior_samples}" + (f"_fgsm={attack_eps:g}" if attack_eps is not None else "")
+    jobs = [Job(model_folder(savedir, s).name, grid_job, model_folder(savedir, s) / tag,
+                dict(settings=s, savedir=str(savedir), device=str(device), test_points=test_points,
+                     posterior_samples=posterior_samples, seed=seed, data_dir=data_dir, compute_grads=compute_grads,
+                     attack_eps=attack_eps)) for s in grid]
+    before = {j.key for j in jobs if finished_row(j) is not None}
+    try:
+        rows, failures = run_jobs(jobs, table=table_path(savedir, test_points, "models"), workers=workers,
+                                  scheduler=scheduler)
+    finally:  # the per-input tables of every finished model, also after an interrupt
+        out = _gather(jobs, savedir, test_points)
+    ran = [r for j, r in zip([j for j in jobs if finished_row(j) is not None], rows) if j.key not in before]
+    return {"trained_now": sum(bool(r.get("trained_now")) for r in ran), "failed": failures,
+            "models_table": str(table_path(savedir, test_points, "models")), **out}
+
+
+def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: int, posterior_samples: int,
+             seed: int, data_dir, compute_grads: bool, attack_eps: float | None) -> dict:
+    """One model of the grid (runs on a Dask worker): returns its row; writes its per-input tables to `folder`."""
+    device = resolve_device(device)
     test = load_dataset("half_moons", None, data_dir, splits=("test",))
     x, y = test.x_test[:test_points], test.y_test[:test_points]
-    rows, attack_rows, trained, out = [], [], 0, {}
-    for i, settings in enumerate(grid, 1):
-        folder = model_folder(savedir, settings)
-        print(f"\n[{i}/{len(grid)}] {folder.name}")
-        data = load_dataset("half_moons", settings["n_inputs"], data_dir)
-        if (folder / posterior.WEIGHTS_FILE).exists():
-            print("already trained: loading")
-            post = load_model(settings, data, savedir, device)
-        else:  # resume=True: a model interrupted half way continues from its checkpoint
-            post = train_model(settings, data, savedir, device, seed=seed, resume=True, data_dir=data_dir)
-            trained += 1
-        post = post.take(posterior_samples)
-        diag = post.meta.get("diagnostics", {})
-        model = dict(hidden_size=settings["hidden_size"], n_inputs=settings["n_inputs"], warmup=settings["warmup"],
-                     n_samples=settings["n_samples"], posterior_samples=posterior_samples,
-                     test_acc=post.accuracy(test.x_test, test.y_test),
-                     acceptance=_mean(diag.get("acceptance_rate")), divergences=_sum(diag.get("divergences")))
-        print(f"test accuracy {model['test_acc']:.2f}% (all {len(test.x_test)} test points)")
-        if compute_grads:
-            counts = [posterior_samples]
-            found = saved_gradients(folder, counts, x, False, post.kind, seed)
-            g = found[0][0] if found else compute_gradients(post, x, y, counts, False,
-                                                            gradients_path(folder, counts, len(x), False), seed)[0]
-            g = g.flatten(1)
-            rows.append(pd.DataFrame({**model, "input": range(len(x)), "x1": x[:, 0].numpy(), "x2": x[:, 1].numpy(),
-                                      "label": y.numpy(), "grad_x1": g[:, 0].numpy(), "grad_x2": g[:, 1].numpy(),
-                                      "grad_linf": g.abs().amax(1).numpy(), "grad_l2": g.norm(dim=1).numpy()}))
-            out["table"] = write_csv(table_path(savedir, test_points), pd.concat(rows, ignore_index=True))
-        if attack_eps is not None:
-            x_adv = attacks.fgsm(post, x, y, attack_eps, bounds=test.bounds)
-            res = measures.evaluate_attack(post, x, y, x_adv)
-            attack_rows.append(dict(model, attack="fgsm", epsilon=attack_eps, clean_acc=res["clean_acc"],
-                                    adv_acc=res["adv_acc"], softmax_robustness=res["softmax_robustness"]))
-            out["attacks_table"] = write_csv(table_path(savedir, test_points, "attacks"), attack_rows)
-            print(f"FGSM eps {attack_eps}: adversarial accuracy {res['adv_acc']:.1f}%, "
-                  f"softmax robustness {res['softmax_robustness']:.3f}")
-    return {"trained_now": trained, **{k: str(v) for k, v in out.items()}}
+    model_dir = model_folder(savedir, settings)
+    data = load_dataset("half_moons", settings["n_inputs"], data_dir)
+    t0 = time.perf_counter()
+    trained_now = not (model_dir / posterior.WEIGHTS_FILE).exists()
+    if trained_now:  # resume=True: a model interrupted half way continues from its checkpoint
+        post = train_model(settings, data, savedir, device, seed=seed, resume=True, data_dir=data_dir)
+    else:
+        post = load_model(settings, data, savedir, device)
+    post = post.take(posterior_samples)
+    diag = post.meta.get("diagnostics", {})
+    row = dict(hidden_size=settings["hidden_size"], n_inputs=settings["n_inputs"], warmup=settings["warmup"],
+               n_samples=settings["n_samples"], posterior_samples=posterior_samples,
+               test_acc=post.accuracy(test.x_test, test.y_test), acceptance=_mean(diag.get("acceptance_rate")),
+               divergences=_sum(diag.get("divergences")), train_time_s=post.meta.get("train_time_s"),
+               trained_now=trained_now)
+    if compute_grads:
+        counts = [posterior_samples]
+        found = saved_gradients(model_dir, counts, x, False, post.kind, seed)
+        g = found[0][0] if found else compute_gradients(post, x, y, counts, False,
+                                                        gradients_path(model_dir, counts, len(x), False), seed)[0]
+        g = g.flatten(1)
+        per_input = pd.DataFrame({**{k: v for k, v in row.items() if k not in ("train_time_s", "trained_now")},
+                                  "input": range(len(x)), "x1": x[:, 0].numpy(), "x2": x[:, 1].numpy(),
+                                  "label": y.numpy(), "grad_x1": g[:, 0].numpy(), "grad_x2": g[:, 1].numpy(),
+                                  "grad_linf": g.abs().amax(1).numpy(), "grad_l2": g.norm(dim=1).numpy()})
+        write_csv(Path(folder) / "lossGrads.csv", per_input)
+        row["mean_grad_l2"] = float(per_input.grad_l2.mean())
+    if attack_eps is not None:
+        x_adv = attacks.fgsm(post, x, y, attack_eps, bounds=test.bounds)
+        res = measures.evaluate_attack(post, x, y, x_adv)
+        row.update(attack="fgsm", epsilon=attack_eps, clean_acc=res["clean_acc"], adv_acc=res["adv_acc"],
+                   softmax_robustness=res["softmax_robustness"])
+    row["job_time_s"] = time.perf_counter() - t0
+    print(f"{model_dir.name}: test accuracy {row['test_acc']:.2f}%, {row['job_time_s']:.1f} s")
+    return row
+
+
+def _gather(jobs, savedir: str, test_points: int) -> dict:
+    """Concatenate the finished models' per-input gradient tables (in grid order) and their attack rows."""
+    out = {}
+    parts = [pd.read_csv(j.folder / "lossGrads.csv") for j in jobs if (j.folder / "lossGrads.csv").exists()]
+    if parts:
+        out["table"] = str(write_csv(table_path(savedir, test_points), pd.concat(parts, ignore_index=True)))
+    rows = [r for r in map(finished_row, jobs) if r is not None and "adv_acc" in r]
+    if rows:
+        out["attacks_table"] = str(write_csv(table_path(savedir, test_points, "attacks"), rows))
+    return out
 
 
 def norm_table(df: pd.DataFrame) -> pd.DataFrame:
