@@ -276,14 +276,14 @@ def _show_input(ax, x: np.ndarray, bounds) -> None:
 
 
 def vanishing_heatmap(x, grads, counts, path, label=None, index=None, bounds=(0.0, 1.0),
-                      formats=("png",)) -> list[Path]:
+                      formats=("png",), caption: str | None = None) -> list[Path]:
     """One input beside its expected loss gradients G_S for each S, on a shared symmetric colour scale.
 
     `x` is the input (any shape), `grads` (K, *x.shape) the G_S for the K counts. The colour scale is
     [-m, m] with m = max |G_S| over the K panels, so panels are comparable; each title gives
     ||G_S||_inf. Multi-channel gradients are summed over channels (the title's norm is over all
     components); a feature vector is drawn as one row. The title says "vanishing" when the norms
-    do not increase along the counts.
+    do not increase along the counts. `caption` (e.g. the saturated share of the inputs) goes below.
     """
     style()
     x, grads = np.asarray(x, dtype=np.float32), np.asarray(grads, dtype=np.float32)
@@ -320,6 +320,8 @@ def vanishing_heatmap(x, grads, counts, path, label=None, index=None, bounds=(0.
     if all(b <= a for a, b in zip(norms, norms[1:])):
         head += ": $\\|G_S\\|_\\infty$ non-increasing in $S$ (vanishing)"
     fig.suptitle(head, fontsize=10)
+    if caption:
+        fig.supxlabel(caption, fontsize=8)
     return save_figure(fig, path, formats)
 
 

@@ -2,7 +2,9 @@
 
 A gradients file `<model folder>/gradients/samp=<S list>_inp=<n>[_legacy].safetensors` holds G_S for
 each S, (K, n, ...), and in its metadata what it was made with (sample counts, legacy loss, inputs,
-posterior kind, seed); readers use those, never the file name.
+posterior kind, seed) and, for each S, the share of (sample, input) pairs whose own gradient lies
+below the resolution floor it records (`measures.loss_gradient_study`); readers use those, never the
+file name.
 """
 
 from __future__ import annotations
@@ -18,27 +20,44 @@ from safetensors.torch import save_file
 
 from robustbnn import measures
 from robustbnn.artifacts import atomic_path
-from robustbnn.experiments.common import PROGRESS
+from robustbnn.experiments.common import PROGRESS, nonneg_float
+
+
+def add_null_tol_flag(parser) -> None:
+    parser.add_argument("--null_tol", type=nonneg_float, default=None,
+                        help="gradient norms below this are float32 noise (saturated softmax) and count as 0; "
+                             "default 2^-24 / (input dimension x input range), 7.6e-11 on MNIST; 0 gives the "
+                             "paper's classes")
+
+
+def null_tol(args, x, bounds) -> float:
+    """--null_tol, or the resolution floor of these inputs (`measures.resolution_floor`)."""
+    return measures.resolution_floor(x.shape[1:], bounds) if args.null_tol is None else args.null_tol
 
 
 def gradients_path(folder: Path, counts, n: int, legacy: bool) -> Path:
     return Path(folder) / "gradients" / f"samp={','.join(map(str, counts))}_inp={n}{'_legacy' * legacy}.safetensors"
 
 
-def compute_gradients(post, x, y, counts, legacy: bool, path: Path, seed: int) -> torch.Tensor:
-    """G_S(x) for each S of `counts` (nested samples), saved to `path` with its settings; (K, N, ...) on the CPU."""
-    grads = measures.expected_loss_gradients(post, x, y, counts, legacy=legacy, progress=PROGRESS).cpu()
-    info = dict(sample_counts=list(counts), legacy=bool(legacy), n_inputs=len(x), kind=post.kind, seed=seed)
+def compute_gradients(post, x, y, counts, legacy: bool, path: Path, seed: int, floor: float = 0.0):
+    """G_S(x) for each S of `counts` (nested samples), saved to `path` with its settings; returns
+    ((K, N, ...) on the CPU, {S: share of (sample, input) pairs with ||g_s||_inf < floor})."""
+    study = measures.loss_gradient_study(post, x, y, counts, floor=floor, legacy=legacy, progress=PROGRESS)
+    grads, shares = study["grads"].cpu(), dict(zip(counts, study["saturated_share"]))
+    info = dict(sample_counts=list(counts), legacy=bool(legacy), n_inputs=len(x), kind=post.kind, seed=seed,
+                floor=float(floor), saturated_share=list(study["saturated_share"]))
     with atomic_path(path) as tmp:
         save_file({"grads": grads.contiguous(), "sample_counts": torch.tensor(counts)}, str(tmp),
                   metadata={"gradients": json.dumps(info)})
-    return grads
+    return grads, shares
 
 
-def saved_gradients(folder: Path, counts, x, legacy: bool, kind: str, seed: int):
-    """(G_S for each S of `counts`, path) from a saved file of these inputs holding them all, or None.
+def saved_gradients(folder: Path, counts, x, legacy: bool, kind: str, seed: int, floor: float | None = None):
+    """(G_S for each S of `counts`, path, {S: saturated share}) from a saved file of these inputs holding
+    them all, or None.
 
-    The file must use the same loss and, for VI (whose samples depend on the seed), the same seed.
+    The file must use the same loss and, for VI (whose samples depend on the seed), the same seed. The
+    saturated shares are those of the file's floor; {} when it recorded another floor than `floor`.
     """
     for path in sorted((Path(folder) / "gradients").glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
@@ -50,7 +69,9 @@ def saved_gradients(folder: Path, counts, x, legacy: bool, kind: str, seed: int)
         have = info["sample_counts"]
         if grads.shape != (len(have), *x.shape):
             continue
-        return grads[[have.index(s) for s in counts]], path
+        shares = dict(zip(have, info.get("saturated_share", [])))
+        same_floor = floor is None or info.get("floor") == floor
+        return grads[[have.index(s) for s in counts]], path, ({s: shares[s] for s in counts} if same_floor else {})
     return None
 
 

@@ -85,10 +85,12 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
                trained_now=trained_now)
     if compute_grads:
         counts = [posterior_samples]
-        found = saved_gradients(model_dir, counts, x, False, post.kind, seed)
-        g = found[0][0] if found else compute_gradients(post, x, y, counts, False,
-                                                        gradients_path(model_dir, counts, len(x), False), seed)[0]
-        g = g.flatten(1)
+        floor = measures.resolution_floor(x.shape[1:], test.bounds)
+        found = saved_gradients(model_dir, counts, x, False, post.kind, seed, floor)
+        grads, shares = found[::2] if found else compute_gradients(
+            post, x, y, counts, False, gradients_path(model_dir, counts, len(x), False), seed, floor)
+        g = grads[0].flatten(1)
+        row["saturated_pairs"] = shares.get(posterior_samples)
         per_input = pd.DataFrame({**{k: v for k, v in row.items() if k not in ("train_time_s", "trained_now")},
                                   "input": range(len(x)), "x1": x[:, 0].numpy(), "x2": x[:, 1].numpy(),
                                   "label": y.numpy(), "grad_x1": g[:, 0].numpy(), "grad_x2": g[:, 1].numpy(),

@@ -37,7 +37,8 @@ from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import (add_common, add_format_flag, formats, int_list, positive_int, settings_of,
                                           setup, str2bool)
-from robustbnn.experiments.gradients import compute_gradients, gradient_table, gradients_path, saved_gradients
+from robustbnn.experiments.gradients import (add_null_tol_flag, compute_gradients, gradient_table, gradients_path,
+                                             null_tol, saved_gradients)
 from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
 
 QUANTILES = {"q01": 0.01, "q25": 0.25, "median": 0.5, "q75": 0.75, "q99": 0.99}
@@ -58,25 +59,27 @@ def add_arguments(parser) -> None:
                         help="components drawn per S in the strip plot (a seeded random subsample)")
     parser.add_argument("--legacy", type=str2bool, default=False,
                         help="the paper's per-sample loss on probabilities (a softmax applied twice)")
+    add_null_tol_flag(parser)
     add_format_flag(parser)
     add_common(parser)
 
 
-def gradients(post, x, y, counts: list[int], folder: Path, args) -> torch.Tensor:
-    """G_S for each S of `counts` (K, N, ...): computed and saved, or loaded from a saved file holding them."""
+def gradients(post, x, y, counts: list[int], folder: Path, args, tol: float):
+    """(G_S for each S of `counts` (K, N, ...), {S: per-sample saturated share}): computed and saved, or
+    loaded from a saved file holding them (shares {} when that file used another floor)."""
     if args.compute_grads:
         path = gradients_path(folder, counts, len(x), args.legacy)
-        return compute_gradients(post, x, y, counts, args.legacy, path, args.seed)
-    found = saved_gradients(folder, counts, x, args.legacy, post.kind, args.seed)
+        return compute_gradients(post, x, y, counts, args.legacy, path, args.seed, tol)
+    found = saved_gradients(folder, counts, x, args.legacy, post.kind, args.seed, tol)
     if found is None:
         raise UserError(
             f"no saved expected gradients for S = {','.join(map(str, counts))} on {len(x)} inputs in "
             f"{folder / 'gradients'}; compute them with `robustbnn loss-gradients --model_type bnn --model_idx "
             f"{args.model_idx} --n_inputs {len(x)} --samples_list {','.join(map(str, counts))} --savedir "
             f"{args.savedir}{' --legacy=True' * args.legacy}` (and the same model flags) or pass --compute_grads=True")
-    grads, path = found
+    grads, path, shares = found
     print(f"loading expected gradients from {path}")
-    return grads
+    return grads, shares
 
 
 def component_stats(grads: torch.Tensor, counts: list[int]) -> list[dict]:
@@ -117,18 +120,20 @@ def run(args) -> dict:
     post = load_model(settings, data, args.savedir, device).samples(max(counts), args.seed)
     print(f"\n=== Expected loss gradients of {folder.name} on {len(x)} test inputs, S = {counts}")
     t1 = time.perf_counter()
-    grads = gradients(post, x, y, counts, folder, args)
+    tol = null_tol(args, x, data.bounds)
+    grads, shares = gradients(post, x, y, counts, folder, args, tol)
     grad_time = time.perf_counter() - t1
     pick = lambda wanted: grads[[counts.index(s) for s in wanted]]  # noqa: E731
 
     out = resolve_savedir(args.savedir) / "figures"
     stem = out / (folder.name + "_legacy" * args.legacy)
-    cls = measures.vanishing_classification(pick(args.heatmap_samples), args.heatmap_samples, "linf")
-    fractions = {k: cls[k] for k in ("vanishing", "increasing", "null")}
+    cls = measures.vanishing_classification(pick(args.heatmap_samples), args.heatmap_samples, "linf", tol)
+    fractions = {k: cls[k] for k in ("saturated", "null", "vanishing", "increasing")}
     write_csv(Path(f"{stem}_gradNorms.csv"), gradient_table(grads, counts, y, cls["labels"]))
     write_csv(Path(f"{stem}_vanishing.csv"),
               [dict(model=folder.name, norm="linf", samples=",".join(map(str, args.heatmap_samples)), n_inputs=len(x),
-                    vanishing_class=k, fraction=v, count=cls["labels"].count(k)) for k, v in fractions.items()])
+                    null_tol=tol, vanishing_class=k, fraction=v, count=cls["labels"].count(k),
+                    fraction_of_unsaturated=cls["unsaturated"].get(k)) for k, v in fractions.items()])
     stats = component_stats(pick(args.samples_list), args.samples_list)
     write_csv(Path(f"{stem}_gradComponents.csv"), [dict(model=folder.name, n_inputs=len(x), **r) for r in stats])
     write_json(Path(f"{stem}_gradComponents_config.json"),
@@ -136,8 +141,14 @@ def run(args) -> dict:
                 "environment": environment()})
     for r in stats:
         print(f"S = {r['samples']}: min = {r['min']:.3g}  max = {r['max']:.3g}  std = {r['std']:.3g}")
-    print("vanishing = {vanishing:.3f}  increasing = {increasing:.3f}  null = {null:.3f} (fractions of inputs, "
-          "L-inf norm over S = {s})".format(s=args.heatmap_samples, **fractions))
+    print("saturated = {saturated:.3f}  null = {null:.3f}  vanishing = {vanishing:.3f}  increasing = {increasing:.3f} "
+          "(fractions of inputs, L-inf norm over S = {s}, floor {tol:.3g})".format(s=args.heatmap_samples, tol=tol,
+                                                                                 **fractions))
+    print("over the unsaturated inputs: " + "  ".join(f"{k} = {v:.3f}" for k, v in cls["unsaturated"].items()))
+    saturation = (f"saturated (||G_S|| below {tol:.2g} at every S): {100 * cls['saturated']:.1f}% of inputs"
+                  + ("; per-sample gradients below it: "
+                     + ", ".join(f"S={s}: {100 * v:.0f}%" for s, v in shares.items() if s in args.samples_list)
+                     if shares else ""))
 
     figures = []
     if args.stripplot:
@@ -148,11 +159,12 @@ def run(args) -> dict:
                  f"{stats[0]['n_components']:,} components per $S$\n"
                  + (f"dots: {shown:,} random components per $S$ (the same for every $S$)"
                     if shown < stats[0]["n_components"] else "dots: every component")
-                 + (" (legacy loss)" if args.legacy else ""))
+                 + (" (legacy loss)" if args.legacy else "") + "\n" + saturation)
         figures += plots.gradient_components(points, pd.DataFrame(stats), Path(f"{stem}_gradComponents.png"), title,
                                              post.kind, args.seed, formats(args))
     heatmaps = []
     if args.heatmaps:
+        # the "vanishing" class never holds saturated inputs: the heatmaps show gradients, not float32 noise
         vanishing = [i for i, c in enumerate(cls["labels"]) if c == "vanishing"]
         if not vanishing:
             print(f"no vanishing-gradient input among the {len(x)} inputs (S = {args.heatmap_samples}); "
@@ -161,10 +173,11 @@ def run(args) -> dict:
             heatmaps += plots.vanishing_heatmap(
                 x[i], pick(args.heatmap_samples)[:, i], args.heatmap_samples,
                 out / "vanishing_gradients_heatmaps" / f"{stem.name}_vanGrad_{i}.png", label=int(y[i]), index=i,
-                bounds=data.bounds, formats=formats(args))
+                bounds=data.bounds, formats=formats(args), caption=saturation)
         figures += heatmaps
     return {"model": folder.name, "n_inputs": len(x), "samples_list": args.samples_list,
-            "heatmap_samples": args.heatmap_samples, **fractions,
+            "heatmap_samples": args.heatmap_samples, **fractions, "unsaturated": cls["unsaturated"], "null_tol": tol,
+            "saturated_pairs": shares,
             "vanishing_inputs_drawn": len(heatmaps) // len(formats(args)),
             "mean_abs_gradient": {r["samples"]: r["mean_abs"] for r in stats},
             "std_gradient": {r["samples"]: r["std"] for r in stats},
