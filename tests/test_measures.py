@@ -310,5 +310,6 @@ def test_saturated_share_counts_per_sample_gradients_below_the_floor():
     small = per.flatten(2).abs().amax(-1) < floor  # (S, N)
     for k, s in enumerate([1, 3, 6]):
         assert study["saturated_share"][k] == pytest.approx(small[:s].float().mean().item())
-        torch.testing.assert_close(study["grads"][k], per[:s].mean(0), rtol=1e-3, atol=1e-6)  # weights x200: large values
+        # weights x200: large values, so a looser tolerance
+        torch.testing.assert_close(study["grads"][k], per[:s].mean(0), rtol=1e-3, atol=1e-6)
     assert study["saturated_share"][1] > 0  # the construction does saturate

@@ -145,7 +145,8 @@ def test_save_load_bit_identical_one_file(tmp_path):
 def test_guide_saved_and_loaded_as_a_guide(tmp_path):
     loc = init_params(FC2, 0)
     scale = {k: torch.full_like(v, 0.1) for k, v in loc.items()}
-    guide = MeanFieldGuide(make_net(**FC2), loc, scale, {"n_samples": 10}, Posterior.from_arch(FC2, stacked(FC2, [0])).arch)
+    arch = Posterior.from_arch(FC2, stacked(FC2, [0])).arch
+    guide = MeanFieldGuide(make_net(**FC2), loc, scale, {"n_samples": 10}, arch)
     first = guide.draw(10, seed=1)
     guide.save(tmp_path / "vi")
     back = load(tmp_path / "vi")

@@ -55,7 +55,7 @@ def write_csv(path, rows) -> Path:
     return Path(path)
 
 
-def read_csv(path, made_by: str) -> pd.DataFrame:
+def read_csv(path, made_by: str) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
     """Read a results table, or fail naming the command that makes it."""
     import pandas as pd
 

@@ -126,7 +126,8 @@ class Architecture:
 
     @classmethod
     def from_json(cls, obj) -> "Architecture":
-        if not isinstance(obj, dict) or not isinstance(obj.get("factory"), str) or not isinstance(obj.get("kwargs", {}), dict):
+        ok = isinstance(obj, dict) and isinstance(obj.get("factory"), str) and isinstance(obj.get("kwargs", {}), dict)
+        if not ok:
             raise UserError(f"an architecture record needs a factory name and keyword arguments, got {obj!r}")
         return cls(obj["factory"], dict(obj.get("kwargs", {})))
 

@@ -229,7 +229,8 @@ class Posterior:
             shapes = {n: tuple(v.shape) for n, v in sd.items()}
             if shapes != shapes0:
                 diff = sorted(set(shapes0) ^ set(shapes)) or sorted(n for n in shapes0 if shapes0[n] != shapes[n])
-                raise UserError(f"state dict {k} has a different architecture from state dict 0 (differs at {diff[:3]})")
+                raise UserError(f"state dict {k} has a different architecture from state dict 0 "
+                                f"(differs at {diff[:3]})")
         params = {n: torch.stack([sd[n].detach() for sd in keys]) for n in keys[0]}
         net = arch.build() if module is None else copy.deepcopy(module).eval().requires_grad_(False)
         return cls(net, params, kind, meta or {}, arch, input_shape)

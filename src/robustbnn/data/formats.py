@@ -131,7 +131,8 @@ def read_idx_split(folder: Path, split: str, name: str, data_dir=None):
     x = read_idx(images_path, IDX_IMAGES_MAGIC, fix)
     y = read_idx(labels_path, IDX_LABELS_MAGIC, fix)
     if x.shape[1:] != (28, 28):
-        raise UserError(f"{images_path}: images are {x.shape[1]}x{x.shape[2]}, expected 28x28; fetch it again with: {fix}")
+        raise UserError(f"{images_path}: images are {x.shape[1]}x{x.shape[2]}, expected 28x28; "
+                        f"fetch it again with: {fix}")
     if len(x) != len(y):
         raise UserError(f"{folder}: {images_path.name} holds {len(x)} images but {labels_path.name} holds "
                         f"{len(y)} labels; fetch it again with: {fix}")

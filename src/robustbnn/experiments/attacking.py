@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from robustbnn import attacks, measures
 from robustbnn.artifacts import atomic_path, read_csv
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import positive_float, positive_int, str2bool
+from robustbnn.experiments.common import add_common, add_format_flag, positive_float, positive_int, str2bool
 
 ADVERSARIAL_FILE = "adversarial.safetensors"
 PGD_KEYS = ("iterations", "alpha", "random_start", "pgd_legacy")
@@ -40,6 +40,16 @@ def add_attack_flags(parser) -> None:
                    help="the paper's PGD: alpha = 2 / max(x), no random start")
     g.add_argument("--legacy_robustness", type=str2bool, default=False,
                    help="the paper's softmax robustness (a second softmax on BNN probabilities)")
+
+
+def add_figure_flags(parser) -> None:
+    """--test, --attack, the attack settings, --format and the common flags of the two attack figures."""
+    parser.add_argument("--test", type=str2bool, default=True, help="print the clean test accuracies")
+    parser.add_argument("--attack", type=str2bool, default=True,
+                        help="compute the attacks and the table (True) or redraw from the saved table (False)")
+    add_attack_flags(parser)
+    add_format_flag(parser)
+    add_common(parser)
 
 
 def attack_settings(args, eps: float, attack_samples: int, avg_posterior: bool = False) -> dict:

@@ -61,6 +61,7 @@ def run(args) -> dict:
                     attack_eps=args.epsilon if args.compute_attacks else None, workers=args.workers,
                     scheduler=args.scheduler)
     if done["failed"]:
-        print(f"{len(done['failed'])} model(s) failed: " + "; ".join(f"{f['key']}: {f['error']}" for f in done["failed"]),
+        failed = "; ".join(f"{f['key']}: {f['error']}" for f in done["failed"])
+        print(f"{len(done['failed'])} model(s) failed: {failed}",
               file=sys.stderr)
     return {"models": len(grid), **done, "time_s": time.perf_counter() - t0}

@@ -27,9 +27,9 @@ from robustbnn import plots
 from robustbnn.artifacts import environment, resolve_savedir, write_csv, write_json
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.experiments.attacking import (add_attack_flags, aggregates, attack_and_evaluate, attack_folder,
+from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attack_and_evaluate, attack_folder,
                                              attack_settings, legacy_note, load_table)
-from robustbnn.experiments.common import (add_common, add_format_flag, formats, int_list, nonneg_float, positive_int,
+from robustbnn.experiments.common import (formats, int_list, nonneg_float, positive_int,
                                           settings_of, setup, str2bool)
 from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
 from robustbnn.presets import BNN_PRESETS, NN_PRESETS
@@ -48,12 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--same_samples", type=str2bool, default=False,
                         help="attack and evaluate the BNN with the same count n, for each n of --samples_list")
     parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="L-inf radius of the attacks")
-    parser.add_argument("--test", type=str2bool, default=True, help="print the clean test accuracies")
-    parser.add_argument("--attack", type=str2bool, default=True,
-                        help="compute the attacks and the table (True) or redraw from the saved table (False)")
-    add_attack_flags(parser)
-    add_format_flag(parser)
-    add_common(parser)
+    add_figure_flags(parser)
 
 
 def matching_indices() -> list[int]:

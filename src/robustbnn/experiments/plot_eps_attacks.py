@@ -22,10 +22,10 @@ from robustbnn import attacks, plots
 from robustbnn.artifacts import environment, resolve_savedir, write_csv, write_json
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.experiments.attacking import (add_attack_flags, aggregates, attack_and_evaluate, attack_folder,
+from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attack_and_evaluate, attack_folder,
                                              attack_settings, legacy_note, load_table)
-from robustbnn.experiments.common import (add_common, add_format_flag, float_list, formats, int_list, settings_of,
-                                          setup, str2bool)
+from robustbnn.experiments.common import (float_list, formats, int_list, settings_of,
+                                          setup)
 from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
 
 
@@ -36,12 +36,7 @@ def add_arguments(parser) -> None:
                         help="comma-separated L-inf radii")
     parser.add_argument("--samples_list", type=int_list, default=[1, 10, 50],
                         help="comma-separated posterior sample counts (each used by the attack and the evaluation)")
-    parser.add_argument("--test", type=str2bool, default=True, help="print the clean test accuracies")
-    parser.add_argument("--attack", type=str2bool, default=True,
-                        help="compute the attacks and the table (True) or redraw from the saved table (False)")
-    add_attack_flags(parser)
-    add_format_flag(parser)
-    add_common(parser)
+    add_figure_flags(parser)
 
 
 def run(args) -> dict:

@@ -226,9 +226,10 @@ def load_model(settings: dict, data, savedir: str, device):
     """
     folder = model_folder(savedir, settings)
     if not (folder / posterior.WEIGHTS_FILE).exists():
-        cmd = TRAIN_COMMANDS[settings["model_type"]] + (f" --model_idx {settings['model_idx']}" * ("model_idx" in settings))
-        raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} --train=True` "
-                        "(or fix --savedir)")
+        cmd = TRAIN_COMMANDS[settings["model_type"]]
+        cmd += f" --model_idx {settings['model_idx']}" * ("model_idx" in settings)
+        raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} "
+                        "--train=True` (or fix --savedir)")
     return posterior.load(folder, device=device, arch=arch_of(settings, data))
 
 
