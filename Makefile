@@ -32,7 +32,7 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	set -e; for b in benchmarks/[a-z]*.py; do $(PY) $$b --quick; done
 
 clean:

@@ -5,4 +5,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 from robustbnn.cli import main  # noqa: E402
 
-main(["attack", *sys.argv[1:]])
+
+if __name__ == "__main__":  # the guard lets Dask start worker processes
+    main(["attack", *sys.argv[1:]])

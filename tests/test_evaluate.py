@@ -208,3 +208,24 @@ def test_model_without_gradients_runs_only_the_gradient_free_attacks():
     assert set(out["per_input"].attack) == {"clean", "square"}
     with pytest.raises(UserError, match="no input gradients"):
         evaluate(post, x, y, [0.3], Settings(attacks=("apgd-ce", "pgd")), legacy=False, flags=False)
+
+
+def test_apgd_matches_torchattacks_on_a_real_mnist_slice(real_data_root):
+    """On real MNIST (fetched by CI): a small trained network, 200 test images, eps 0.1."""
+    import torchattacks
+
+    from robustbnn import train_nets
+    from robustbnn.data import load_dataset
+
+    if not (real_data_root / "mnist").exists():
+        pytest.skip(f"no mnist in {real_data_root}; run: robustbnn fetch-data mnist")
+    data = load_dataset("mnist", 5000, real_data_root)
+    spec = dict(architecture="fc2", input_shape=[1, 28, 28], num_classes=10, hidden_size=64, activation="leaky")
+    net = train_nets(spec, data.x_train, data.y_train, seeds=[0], epochs=2, lr=0.001, batch_size=64,
+                     log=lambda *_: None)
+    x, y = data.x_test[:200], data.y_test[:200]
+    assert robust(net, x, y) > 85
+    for loss in ("ce", "dlr"):
+        ours = robust(net, apgd(net, x, y, 0.1, loss=loss, iterations=50), y)
+        theirs = robust(net, torchattacks.APGD(net.as_module(), eps=0.1, steps=50, loss=loss, seed=0)(x, y), y)
+        assert abs(ours - theirs) <= 1.0, (loss, ours, theirs)

@@ -54,3 +54,16 @@ def test_small_demo_writes_its_report(tmp_path, capsys):
     at_box = masking[(masking.eps == 1.0) & (masking["loss"] == "predictive")]
     assert len(at_box) == 4 and (at_box.adv_acc <= 5).all(), "PGD over the whole box must break every model"
     assert (tmp_path / "masking_check.png").exists()
+
+
+def test_seed_grid_script_runs_on_two_dask_workers(tmp_path):
+    """The root script as the paper's README runs it, with worker processes (which re-import __main__)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "grid_search_halfMoons.py"), *GRID, "--hidden_sizes", "4",
+                          "--workers", "2", "--savedir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "halfMoons_lossGrads_30.csv")) == 2 * 30

@@ -1,3 +1,4 @@
 from robustbnn.cli import main
 
-main()
+if __name__ == "__main__":  # the guard lets Dask start worker processes
+    main()
