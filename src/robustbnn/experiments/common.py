@@ -85,7 +85,8 @@ def add_common(parser, *, savedir_default: str = "DATA") -> None:
     g.add_argument("--savedir", default=savedir_default,
                    help="TESTS = runs/<today>, DATA = runs/saved, anything else is a folder")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto uses cuda when present")
-    g.add_argument("--seed", type=int, default=0, help="fixes every random choice (results are reproducible on CPU)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="fixes every random choice (on CPU, results are reproducible for a given --threads)")
     g.add_argument("--data_dir", default=None, help="data folder (default: $ROBUSTBNN_DATA or ./data)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--summary_json", default=None, help="also write the headline figures to this JSON file")
