@@ -56,3 +56,24 @@ def test_evaluate_writes_the_verdict_and_resumes(trained, capsys):
 def test_bad_input_is_one_line(trained, capsys, extra, needle):
     code, _, err = run_cli(["evaluate", *MODEL, *QUICK, "--savedir", trained, *extra], capsys)
     assert needle in one_line_error(code, err)
+
+
+def test_evaluate_a_model_saved_from_python(tmp_path, capsys):
+    """`--model PATH`: any saved posterior that records its dataset, here a VI guide drawn afresh."""
+    from robustbnn import train_vi
+    from robustbnn.data import load_dataset
+
+    data = load_dataset("half_moons", 300)
+    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=8, activation="tanh")
+    guide = train_vi(spec, data.x_train, data.y_train, epochs=3, lr=0.05, batch_size=32, n_samples=5,
+                     log=lambda *_: None)
+    guide.meta["dataset"] = "half_moons"
+    guide.save(tmp_path / "mine")
+    code, printed, _ = run_cli(["evaluate", "--model", tmp_path / "mine", "--eps", "0.1", "--n_inputs", "40",
+                                "--iterations", "5", "--square_queries", "20", "--flags", "False",
+                                "--fresh_samples", "True", "--eot_iter", "2", "--fresh_draws", "3",
+                                "--out", tmp_path / "out"], capsys)
+    assert code == 0, printed
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary.model.tolist() == ["mine"] and "fooled_share" in summary
+    assert "EOT over 2 draws" in (tmp_path / "out" / "report.md").read_text()
