@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustbnn.attacks import apgd, check_bounds, check_eps, check_inputs, fgsm, input_gradient, margin, pgd, square
-from robustbnn.attacks.losses import legacy_out_of_logits
+from robustbnn.attacks.losses import fixed_samples, legacy_out_of_logits
 from robustbnn.errors import UserError
 from robustbnn.posterior import FreshSamples, Posterior
 
@@ -87,7 +87,7 @@ def has_gradients(post: Posterior, x, y) -> bool:
 
 def run_attack(name: str, model, x, y, eps: float, s: Settings, bounds) -> tuple[torch.Tensor, torch.Tensor]:
     """One attack of the battery on (x, y): (adversarial inputs, cost per input: gradient passes or queries)."""
-    post = model if isinstance(model, Posterior) else model.draw(0)
+    post = fixed_samples(model)
     if name in ("apgd-ce", "apgd-dlr"):
         out, info = apgd(model, x, y, eps, loss=name[5:], iterations=s.iterations, restarts=s.restarts,
                          eot_iter=s.eot_iter if isinstance(model, FreshSamples) else 1, bounds=bounds, seed=s.seed,
@@ -221,7 +221,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settin
     evaluation, fooled_share for fresh-sample defences), "flags": [...], "settings": {...}, "note": str}.
     """
     s = settings.check()
-    post = model if isinstance(model, Posterior) else model.draw(0)
+    post = fixed_samples(model)
     xd, yd = check_inputs(post, x, y)
     if not len(xd):
         raise UserError("no inputs to evaluate")

@@ -19,6 +19,7 @@ import pandas as pd
 from robustbnn import evaluate as battery
 from robustbnn import plots
 from robustbnn.artifacts import read_csv, resolve_savedir, write_csv, write_json, write_text
+from robustbnn.attacks.losses import fixed_samples
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, float_list, positive_int, setup, str2bool
@@ -111,7 +112,7 @@ def run(args) -> dict:
             summaries.append(res["summary"].assign(model=name, kind=model.kind))
             per_inputs.append(res["per_input"].assign(model=name))
         if args.flags:
-            post = defender if isinstance(defender, Posterior) else defender.draw(0)
+            post = fixed_samples(defender)
             mine = lambda f: f[f.model == name]  # noqa: E731
             summary, per_input = mine(pd.concat(summaries)), mine(pd.concat(per_inputs))
             flags += [dict(f, model=name) for f in battery.masking_flags(
