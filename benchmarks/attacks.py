@@ -12,16 +12,28 @@ samples, 1000 random inputs in [0, 1] (`--quick`: 50 inputs). Lines (one JSON ob
   require gradients (only the input gradient is computed, still one image and one sample at a time).
 - fgsm_gflops, pgd40_gflops: matmul FLOPs of forward + input-gradient backward (2 * 2 * S * B *
   (784*512 + 512*512 + 512*10)) per second; ratio = ours / matmul peak.
+- input_gradient_gflops_vs_autograd: the predictive-loss input gradient alone (what FGSM and every PGD
+  step compute), ours (hand-written MLP backward, `posterior.stacked_logits_vjp`) against the same
+  computation through autograd over `stacked_logits` (the implementation before it, kept below as the
+  reference), same chunks, timed alternately in this run; ratio = ours / autograd. The note gives both as
+  a share of the matmul peak.
 - peak_rss_fgsm_1000_samples: the increase of the process's peak resident memory
   (resource.getrusage ru_maxrss) during one FGSM with 1000 posterior samples, measured in a fresh
   subprocess after the weights are allocated (ratio: the weights' own size / the increase).
+
+`--profile` prints (to stderr) torch.profiler tables of one input-gradient pass, ours and the autograd
+reference, for finding where the time goes.
+
+    python benchmarks/attacks.py [--quick] [--threads N] [--clock cpu] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +41,8 @@ import torch.nn.functional as F
 from _common import (MATMUL_FLOPS, emit, matmul_peak, paper_nets, probe, random_inputs, random_posterior, setup,
                      timed)
 from robustbnn import attacks
+from robustbnn.attacks.losses import GRAD_BUDGET, _input_gradient, log_lik
+from robustbnn.posterior import stacked_logits
 
 # ---------------------------------------------------------------------------------------------
 # the paper's way: one image and one sample at a time
@@ -62,6 +76,47 @@ def paper_pgd(nets, x, y, eps, iterations=40):
 
 
 # ---------------------------------------------------------------------------------------------
+# the reference: the predictive-loss gradient through autograd (before the hand-written backward)
+
+
+def autograd_predictive_gradient(post, x, y, budget=GRAD_BUDGET):
+    """grad_x -log (1/S) sum_s softmax(f(x; w_s))[y] with autograd through `stacked_logits` on each chunk of
+    samples (the same balanced chunks as the library), merged across chunks like an online softmax."""
+    s_chunk, b_chunk = post.chunks(x, budget)
+    s_chunk = -(-post.n_samples // -(-post.n_samples // s_chunk))
+    out = torch.empty_like(x)
+    for b0 in range(0, len(x), b_chunk):
+        xb, yb = x[b0:b0 + b_chunk].detach().requires_grad_(True), y[b0:b0 + b_chunk]
+        shape = (-1,) + (1,) * (xb.dim() - 1)
+        m_run = torch.full((len(xb),), -math.inf)
+        z_run, g_run = torch.zeros(len(xb)), torch.zeros_like(xb)
+        for p in post.sample_chunks(s_chunk):
+            with torch.enable_grad():
+                ll = log_lik(stacked_logits(post.net, p, xb), yb)
+                m = ll.detach().amax(0)
+                e = (ll.detach() - m).exp()
+                (g,) = torch.autograd.grad((e * ll).sum(), xb)
+            m_new = torch.maximum(m_run, m)
+            a, c = (m_run - m_new).exp(), (m - m_new).exp()
+            g_run, z_run, m_run = g_run * a.view(shape) + g * c.view(shape), z_run * a + e.sum(0) * c, m_new
+        out[b0:b0 + b_chunk] = -g_run / z_run.view(shape)
+    return out
+
+
+def profile_tables(post, x, y) -> None:
+    """torch.profiler tables (self CPU time) of one gradient pass, ours then the autograd reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, fn in (("ours", lambda: _input_gradient(post, x, y, "predictive", GRAD_BUDGET)),
+                      ("autograd reference", lambda: autograd_predictive_gradient(post, x, y))):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"--- {label}: S={post.n_samples}, B={len(x)}, chunks {post.chunks(x, GRAD_BUDGET)}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def memory_probe(n_samples: int, n_inputs: int) -> None:
@@ -76,7 +131,9 @@ def memory_probe(n_samples: int, n_inputs: int) -> None:
 
 
 def main():
-    args = setup(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one gradient pass")
+    args = setup(parser)
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return
@@ -104,6 +161,27 @@ def main():
          round(t_strict / (t_fgsm * scale), 1))
     emit(name, "fgsm_gflops", round(pass_flops / t_fgsm / 1e9, 1), "GFLOP/s", round(peak, 1),
          round(pass_flops / t_fgsm / 1e9 / peak, 3))
+
+    # the gradient pass alone, ours and the autograd reference, timed alternately (best of each)
+    xd, yd = attacks.check_inputs(post, x, y)
+    ours = lambda: _input_gradient(post, xd, yd, "predictive", GRAD_BUDGET)  # noqa: E731
+    ref = lambda: autograd_predictive_gradient(post, xd, yd)  # noqa: E731
+    # a sanity check, loose: float32 rounding can put a pre-activation within 1e-7 of 0 on the other side of
+    # leaky relu's kink in one of the two, which changes that input's gradient by a few 1e-3 of the largest
+    g_ours, g_ref = ours(), ref()
+    assert (g_ours - g_ref).abs().max() <= 1e-2 * g_ref.abs().max(), "ours and the autograd reference disagree"
+    t_ours, t_ref = float("inf"), float("inf")
+    for _ in range(3 if args.quick else 2):
+        t_ours, t_ref = min(t_ours, timed(ours, warmup=False)), min(t_ref, timed(ref, warmup=False))
+    g_ours, g_ref = pass_flops / t_ours / 1e9, pass_flops / t_ref / 1e9
+    emit(name, "input_gradient_gflops_vs_autograd", round(g_ours, 1), "GFLOP/s", round(g_ref, 1),
+         round(g_ours / g_ref, 3))
+    print(json.dumps({"benchmark": name, "metric": "input_gradient_share_of_peak", "value": round(g_ours / peak, 3),
+                      "unit": "fraction of matmul peak", "baseline": round(g_ref / peak, 3),
+                      "ratio": round(g_ours / g_ref, 3), "note": "ours (hand-written backward) vs autograd reference"}),
+          flush=True)
+    if args.profile:
+        profile_tables(post, xd, yd)
 
     t_pgd = timed(lambda: attacks.pgd(post, x, y, eps, iterations=40, legacy=True), warmup=False)
     t_base = timed(lambda: paper_pgd(nets, x[:base_pgd], y[:base_pgd], eps), warmup=False) * 1000 / base_pgd

@@ -15,7 +15,22 @@ batch, against Pyro's single chain (C Pyro chains would take C times as long on 
 extra line drives Pyro's HMC kernel with our flat-vector potential (`potential_fn`), which separates
 Pyro's model overhead from its integrator overhead.
 
-    python benchmarks/hmc.py [--quick] [--threads N]
+NumPyro baseline (when `jax` and `numpyro` are installed: `pip install -e .[bench]`, a benchmark-only extra):
+the same fc2 (leaky relu, every weight and bias N(0, 1), Categorical likelihood, same data, same initial
+points) written as a NumPyro model, sampled by NumPyro's `HMC(num_steps=L, adapt_step_size=True,
+adapt_mass_matrix=True, dense_mass=False)` with 1 and C chains (`chain_method="vectorized"`, one batched
+computation like ours), at two sizes: half moons n=1000 fc2-32 and n=5000 fc2-128. Ours runs the same
+settings eagerly and compiled (robustbnn/compile.py). Lines `numpyro_n{n}_w{width}_{c}chain_*_{eager,compiled}`:
+gradient evaluations per second (NumPyro: (warm-up + draws) x L per chain, its fixed-step count; ours:
+counted) and ESS per second of the test predictive probabilities (probability of the true class at the
+first test points; both sides through `robustbnn.inference.hmc_diagnostics`, NumPyro's draws converted to
+a `Posterior` first), median over test points (min in the note); baseline = NumPyro, ratio = ours / NumPyro.
+Times are whole runs from the first gradient on, compilation included on both sides (JAX's jit, our
+torch.compile); --warm adds `_warm` lines: second runs of both compiled samplers in the same process. With
+--threads 1 (default) XLA is limited to one thread too (XLA_FLAGS, set before JAX loads).
+
+    python benchmarks/hmc.py [--quick] [--threads N] [--skip-pyro] [--skip-numpyro] [--sizes 1000x32,5000x128]
+                             [--chains C] [--warm]
 
 Prints one JSON object per line: {"benchmark", "metric", "value", "unit", "baseline", "ratio"}.
 """
@@ -23,8 +38,14 @@ Prints one JSON object per line: {"benchmark", "metric", "value", "unit", "basel
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import inspect
 import json
+import os
 import time
+
+import numpy as np
 
 import pyro
 import pyro.distributions as dist
@@ -36,9 +57,10 @@ from pyro.nn.module import to_pyro_module_
 from pyro.ops.stats import effective_sample_size
 
 from robustbnn.data import load_dataset
+from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.hmc import bnn_potential, log_prior, run_hmc
 from robustbnn.nets import init_params, template
-from robustbnn.posterior import flatten, param_layout
+from robustbnn.posterior import Posterior, flatten, param_layout, unflatten
 
 
 class FixedStepsHMC(HMC):
@@ -129,6 +151,149 @@ def ess(loglik_by_chain: torch.Tensor) -> float:
     return float(effective_sample_size(loglik_by_chain.double(), chain_dim=0, sample_dim=1))
 
 
+# --------------------------------------------------------------------------------------------------
+# NumPyro baseline and our runs at the same settings
+
+NUMPYRO_SIZES = "1000x32,5000x128"
+# (warm-up, draws) per chain for each training size: full runs, and --quick smoke runs
+NUMPYRO_ITERS = {False: {1000: (300, 600), 5000: (200, 400)}, True: {1000: (60, 60), 5000: (15, 15)}}
+
+
+def numpyro_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("jax", "numpyro"))
+
+
+def numpyro_model(spec):
+    """The fc2 BNN as a NumPyro model: sites named like our parameters ("1.weight" (out, in), "1.bias", ...)
+    with N(0, 1) priors, h <- leaky_relu(h W^T + b) between the linear layers (the template's slope), and
+    Categorical(logits) on the labels in a data plate. Same function and prior as `bnn_potential`."""
+    import jax
+    import numpyro
+    import numpyro.distributions as ndist
+
+    net = template(spec)
+    slopes = [m.negative_slope for m in net.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    if spec["architecture"] != "fc2" or len(slopes) != 2:
+        raise SystemExit("the NumPyro model is written for fc2 with leaky relu")
+    layers = [(name[:-len(".weight")], shape) for name, shape in param_layout(dict(net.named_parameters()))
+              if name.endswith(".weight")]
+
+    def model(x, y):
+        h = x
+        for i, (layer, shape) in enumerate(layers):
+            w = numpyro.sample(f"{layer}.weight", ndist.Normal(0.0, 1.0).expand(list(shape)).to_event(2))
+            b = numpyro.sample(f"{layer}.bias", ndist.Normal(0.0, 1.0).expand([shape[0]]).to_event(1))
+            h = h @ w.T + b
+            if i < len(slopes):
+                h = jax.nn.leaky_relu(h, slopes[i])
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", ndist.Categorical(logits=h), obs=y)
+
+    return model
+
+
+def run_numpyro(spec, x, y, *, chains, warmup, draws, step_size, num_steps, seed, runs=1):
+    """NumPyro HMC with `num_steps` leapfrog steps per iteration, step-size and diagonal mass adaptation, C
+    chains vectorised, from our initial points; (seconds of each of `runs` identical mcmc.run calls, the
+    first including JIT compilation, gradient evaluations per run, draws (C, draws, D) in our flat layout)."""
+    import jax
+    from numpyro.infer import HMC as NumPyroHMC
+    from numpyro.infer import MCMC as NumPyroMCMC
+
+    layout = param_layout(init_params(spec, seed))
+    starts = [init_params(spec, seed + c) for c in range(chains)]
+    init = {k: np.stack([p[k].numpy() for p in starts]) for k, _ in layout}
+    if chains == 1:
+        init = {k: v[0] for k, v in init.items()}
+    # trajectory_length=None: with a trajectory length as well as num_steps NumPyro does not adapt the step size
+    kernel = NumPyroHMC(numpyro_model(spec), step_size=step_size, num_steps=num_steps, trajectory_length=None,
+                        adapt_step_size=True, adapt_mass_matrix=True, dense_mass=False)
+    mcmc = NumPyroMCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains,
+                       chain_method="vectorized", progress_bar=False)
+    xj, yj = jax.numpy.asarray(x.reshape(len(x), -1).numpy()), jax.numpy.asarray(y.numpy().astype(np.int32))
+    seconds = []
+    for _ in range(runs):  # the same MCMC object again: its jitted sampler is reused
+        start = time.perf_counter()
+        mcmc.run(jax.random.PRNGKey(seed), xj, yj, init_params=init)
+        samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+        seconds.append(time.perf_counter() - start)
+    flat = np.concatenate([np.asarray(samples[k]).reshape(chains, draws, -1) for k, _ in layout], axis=-1)
+    # each fixed-length trajectory takes num_steps gradients (the first one reuses the last position's)
+    return seconds, chains * (warmup + draws) * num_steps, torch.from_numpy(flat)
+
+
+def predictive_diagnostics(spec, x, y, x_eval, y_eval, flat):
+    """`hmc_diagnostics.summarise` of draws (C, N, D) from any sampler, exactly as `run_hmc` computes it."""
+    c, n, d = flat.shape
+    post = Posterior.from_arch(spec, unflatten(flat.reshape(c * n, d), param_layout(init_params(spec, 0))),
+                               kind="mcmc")
+    probs = post.logits(x_eval).softmax(-1)
+    eval_probs = hmc_diagnostics.class_traces(probs.reshape(c, n, *probs.shape[1:]), y_eval)
+    return hmc_diagnostics.summarise(loglik_of(spec, x, y, flat.reshape(c * n, d)).reshape(c, n), eval_probs)
+
+
+@contextlib.contextmanager
+def compile_setting(compile_on: bool):
+    """ROBUSTBNN_COMPILE for the duration (for a `run_hmc` that does not take `compile=` itself)."""
+    before = os.environ.get("ROBUSTBNN_COMPILE")
+    os.environ["ROBUSTBNN_COMPILE"] = "1" if compile_on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ROBUSTBNN_COMPILE", None)
+        else:
+            os.environ["ROBUSTBNN_COMPILE"] = before
+
+
+def run_ours(spec, x, y, x_eval, y_eval, *, chains, compile_on, warmup, draws, step_size, num_steps, seed):
+    """`run_hmc` at the NumPyro run's settings: (seconds, gradient evaluations, diagnostics)."""
+    extra = {"compile": compile_on} if "compile" in inspect.signature(run_hmc).parameters else {}
+    with compile_setting(compile_on):
+        post = run_hmc(spec, x, y, n_samples=draws * chains, num_chains=chains, warmup=warmup, step_size=step_size,
+                       num_steps=num_steps, seed=seed, x_eval=x_eval, y_eval=y_eval, log=lambda *_: None, **extra)
+    diag = post.meta["diagnostics"]
+    return diag["time_s"], diag["gradient_evaluations"], diag
+
+
+def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False, num_steps: int = 10,
+                       step_size: float = 0.01, n_eval: int = 200, seed: int = 0):
+    """Ours (eager, compiled) against NumPyro at each size "n x width", 1 and `chains` chains. With `warm`,
+    both compiled samplers run a second time in the same process, compilation cached (`_warm` lines)."""
+    for item in sizes.split(","):
+        n, width = (int(v) for v in item.lower().split("x"))
+        warmup, draws = NUMPYRO_ITERS[quick].get(n, NUMPYRO_ITERS[quick][5000])
+        data = load_dataset("half_moons", n_inputs=n)
+        x, y = data.x_train, data.y_train
+        x_eval, y_eval = data.x_test[:n_eval].reshape(-1, 2), data.y_test[:n_eval]
+        spec = dict(architecture="fc2", input_shape=(2,), num_classes=2, hidden_size=width, activation="leaky")
+        common = dict(warmup=warmup, draws=draws, step_size=step_size, num_steps=num_steps, seed=seed)
+        for c in sorted({1, chains}):
+            times_np, g_np, flat = run_numpyro(spec, x, y, chains=c, runs=2 if warm else 1, **common)
+            t_np = times_np[0]
+            d_np = predictive_diagnostics(spec, x, y, x_eval, y_eval, flat)
+            for mode in ("eager", "compiled"):
+                t, g, d = run_ours(spec, x, y, x_eval, y_eval, chains=c, compile_on=mode == "compiled", **common)
+                setting = (f"half_moons n={n} fc2-{width}, {c} chain(s), {warmup}+{draws} iterations x {num_steps} "
+                           f"leapfrog steps, {torch.get_num_threads()} thread(s); ours {mode} vs NumPyro HMC "
+                           f"(vectorized chains); times include compilation")
+                name = f"numpyro_n{n}_w{width}_{c}chain"
+                emit(f"{name}_grad_per_s_{mode}", g / t, "grad/s", g_np / t_np,
+                     setting + f"; ours {g} gradients in {t:.1f}s, NumPyro {g_np} in {t_np:.1f}s")
+                ess, ess_np = d.get("pred_ess_median"), d_np.get("pred_ess_median")
+                if ess is not None and ess_np is not None:
+                    emit(f"{name}_pred_ess_per_s_{mode}", ess / t, "ESS/s", ess_np / t_np,
+                         setting + f"; median over {n_eval} test points of the true-class probability ESS: ours "
+                         f"{ess:.1f} (min {d['pred_ess_min']:.1f}, R-hat max {d['pred_rhat_max'] or float('nan'):.3f})"
+                         f", NumPyro {ess_np:.1f} (min {d_np['pred_ess_min']:.1f}, R-hat max "
+                         f"{d_np['pred_rhat_max'] or float('nan'):.3f})")
+                if warm and mode == "compiled":
+                    t2, g2, _ = run_ours(spec, x, y, x_eval, y_eval, chains=c, compile_on=True, **common)
+                    emit(f"{name}_grad_per_s_compiled_warm", g2 / t2, "grad/s", g_np / times_np[1],
+                         setting.replace("times include compilation", "second runs, compilation cached")
+                         + f"; ours {g2} gradients in {t2:.1f}s, NumPyro {g_np} in {times_np[1]:.1f}s")
+
+
 def emit(metric, value, unit, baseline, note=""):
     print(json.dumps({"benchmark": "hmc", "metric": metric, "value": round(value, 3), "unit": unit,
                       "baseline": round(baseline, 3), "ratio": round(value / baseline, 3) if baseline else None,
@@ -137,11 +302,37 @@ def emit(metric, value, unit, baseline, note=""):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small problem, finishes within 60 s")
+    parser.add_argument("--quick", action="store_true",
+                        help="small problems: each part (Pyro; NumPyro at one --sizes entry) is a smoke run "
+                             "of about a minute")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--skip-pyro", action="store_true", help="leave out the Pyro comparison")
+    parser.add_argument("--skip-numpyro", action="store_true", help="leave out the NumPyro comparison")
+    parser.add_argument("--sizes", default=NUMPYRO_SIZES, help="NumPyro comparison sizes, n x width, comma-separated")
+    parser.add_argument("--warm", action="store_true", help="NumPyro comparison: also time second, compiled runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.threads == 1:  # XLA's CPU backend: one thread too, like ours (read when JAX loads)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    if not args.skip_pyro:
+        pyro_comparison(args)
+    if not args.skip_numpyro:
+        if numpyro_available():
+            numpyro_comparison(args.sizes, args.chains, args.quick, args.warm)
+        else:
+            print(json.dumps({"benchmark": "hmc", "metric": "numpyro_comparison", "value": None,
+                              "note": "skipped: jax and numpyro are not installed (pip install -e .[bench])"}))
+
+
+def pyro_comparison(args):
+    """Ours (eager, as when these lines were introduced) against Pyro's HMC; see the module docstring."""
+    with compile_setting(False):
+        _pyro_comparison(args)
+
+
+def _pyro_comparison(args):
     if args.quick:
         n, width, warmup, draws, num_steps = 1000, 32, 100, 150, 10
     else:

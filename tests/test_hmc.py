@@ -333,12 +333,19 @@ def test_predictive_summary_skips_constant_points():
     assert out["pred_rhat_max"] == pytest.approx(split_gelman_rubin(keep, 0, 1).max().item())
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("adapt_length, kill_at", [(False, 4), (True, 2)])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, adapt_length, kill_at):
+    """Killed mid-sampling (fixed length) or mid-warm-up (ChEES, whose Adam state and running average of
+    the trajectory length are then in the checkpoint); both with the default step-size jitter, whose draws
+    come from the checkpointed generator."""
     x, y, _, _ = moons(40)
     spec = fc_spec(4)
-    kw = dict(n_samples=30, warmup=40, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet)
+    kw = dict(n_samples=30, warmup=40, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet,
+              adapt_length=adapt_length)
     full = run_hmc(spec, x, y, **kw)
     dfull = full.meta["diagnostics"]
+    assert dfull["jitter"] == 0.2 and full.meta["hmc"]["jitter"] == 0.2
+    assert full.meta["hmc"]["adapt_length"] == adapt_length
 
     saves = []
     real_save = hmc_kernel.save_checkpoint
@@ -346,13 +353,13 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     def save_then_die(folder, state):
         real_save(folder, state)
         saves.append(state["state"]["it"])
-        if len(saves) == 4:
-            raise KeyboardInterrupt  # killed right after the fourth checkpoint (mid sampling)
+        if len(saves) == kill_at:
+            raise KeyboardInterrupt  # killed right after a checkpoint (the fourth: mid sampling)
 
     monkeypatch.setattr(hmc_kernel, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, **kw)
-    assert saves == [15, 30, 40, 45]  # every 15 iterations and at the end of warm-up
+    assert saves == [15, 30, 40, 45][:kill_at]  # every 15 iterations and at the end of warm-up
     monkeypatch.setattr(hmc_kernel, "save_checkpoint", real_save)
     resumed = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", checkpoint_every=15, resume=True, **kw)
     dres = resumed.meta["diagnostics"]
@@ -361,12 +368,17 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     assert dres["loglik_mean"] == dfull["loglik_mean"] and dres["step_size"] == dfull["step_size"]
     assert dres["acceptance_rate"] == dfull["acceptance_rate"]
     assert dres["gradient_evaluations"] == dfull["gradient_evaluations"]
+    assert dres["adapted_trajectory_length"] == dfull["adapted_trajectory_length"]
+    assert dres["mean_num_steps"] == dfull["mean_num_steps"]
+    assert (dfull["adapted_trajectory_length"] is not None) == adapt_length
     # a finished checkpoint resumes to the same result without sampling again
     again = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **kw)
     assert torch.equal(again.params["1.weight"], full.params["1.weight"])
     # other settings: a clear error rather than a silent mix
     with pytest.raises(UserError, match=r"different settings \(init, seed\)"):
         run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **dict(kw, seed=6))
+    with pytest.raises(UserError, match=r"different settings \(jitter, sampler\)"):
+        run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, **dict(kw, jitter=0.1))
 
 
 def test_persistent_divergence_is_a_user_error_and_keeps_checkpoint(tmp_path):

@@ -76,7 +76,7 @@ def resolve_savedir(savedir: str) -> Path:
 
 def model_name(model_type: str, dataset: str, hidden_size, activation: str, architecture: str, *, epochs=None,
                lr=None, inference=None, n_inputs=None, n_samples=None, warmup=None, step_size=None, num_steps=None,
-               ensemble_size=None, thin=1, arch_label: str | None = None) -> str:
+               ensemble_size=None, thin=1, arch_label: str | None = None, sghmc: dict | None = None) -> str:
     """The seed's model names, which key every folder (original-behaviour.md section 1.6).
 
     Settings print as Python's str() (`lr=0.01`, `ep=None`), as the seed's names do. VI models keep
@@ -94,6 +94,12 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
     if inference == "hmc":
         name += f"_samp={n_samples}_warm={warmup}_stepsize={step_size}_numsteps={num_steps}"
         return name + (f"_thin={thin}" if thin != 1 else "")
+    if inference == "sghmc":  # not in the seed: its chains, cycles and schedule
+        g = sghmc
+        return name + (f"_chains={g['num_chains']}_cycles={g['cycles']}x{g['epochs_per_cycle']}ep"
+                       f"_burnin={g['burnin_cycles']}"
+                       f"_samp={g['samples_per_cycle']}_lr={lr}_T={g['temperature']}"
+                       + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else ""))
     return name + f"_ep={epochs}_lr={lr}"
 
 

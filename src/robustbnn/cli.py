@@ -35,6 +35,8 @@ COMMANDS = {
     "plot-half-moons-overparam": ("plot_half_moons_overparam", None, "plot_halfMoons_overparam.py",
                                   "Figure 1: half moons towards the over-parametrised limit"),
     "evaluate": ("evaluate", None, None, "the robustness verdict: APGD, Square, worst case per input, masking flags"),
+    "study": ("study", None, None, "are BNNs robust? NN, ensemble, VI and MCMC on MNIST or Fashion-MNIST under the "
+              "paper's evaluation and the correct one: one verdict table"),
 }
 
 

@@ -66,7 +66,13 @@ def stacked_logits(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
     matrix products h W_s^T + b_s (`torch.baddbmm`), about twice as fast forward and backward as
     `vmap(functional_call)`, which every other module uses.
     """
-    layers = _mlp_layers(net)
+    return stacked_forward(net, _mlp_layers(net), params, x, per_sample_inputs)
+
+
+def stacked_forward(net: nn.Module, layers, params: dict[str, torch.Tensor], x: torch.Tensor,
+                    per_sample_inputs: bool = False) -> torch.Tensor:
+    """`stacked_logits` with `layers = _mlp_layers(net)` looked up by the caller: no cache access inside,
+    so that `torch.compile` traces it without guards on the (weak) cache, which change as nets come and go."""
     if layers is None:
         in_dims = (0, 0 if per_sample_inputs else None)
         return vmap(lambda p, xb: functional_call(net, p, (xb,)), in_dims=in_dims)(params, x)
@@ -82,6 +88,112 @@ def stacked_logits(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
         else:
             h = m(h)
     return h
+
+
+def stacked_logits_vjp(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor):
+    """(logits (S, B, C), back): the logits of `stacked_logits` and the input gradient of any function of them,
+    back(g) = sum_s J_s(x)^T g_s of shape x.shape for g = dL/dlogits (S, B, C), with J_s the Jacobian of
+    f(.; w_s) at x (the inputs are shared by every sample, so their gradients add up).
+
+    For multilayer perceptrons the backward is written by hand (`_mlp_vjp`); for any other module it is
+    autograd through `stacked_logits`, which raises a RuntimeError, as before, when the logits do not depend
+    on x differentiably (a model that detaches or quantises its input). `back` may be called once.
+    """
+    layers = _mlp_layers(net)
+    if layers is not None:
+        out = _mlp_vjp(layers, params, x)
+        if out is not None:
+            return out
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = stacked_forward(net, layers, params, xg)
+    return logits.detach(), lambda g: torch.autograd.grad(logits, xg, g)[0]
+
+
+# activations whose derivative is read from their output a: relu (slope 0) and leaky relu (slope > 0),
+# f'(z) = 1 where a > 0, else the slope
+_SLOPE = {nn.ReLU: lambda m: 0.0, nn.LeakyReLU: lambda m: float(m.negative_slope)}
+
+
+@torch.no_grad()
+def _mlp_vjp(layers, params, x):
+    """`stacked_logits_vjp` of a Sequential of Flatten, Linear and elementwise layers, or None when the net
+    does not start with Flatten* Linear on inputs (B, D).
+
+    Forward as `stacked_forward`: z_s = h_s W_s^T + b_s for every sample at once (`baddbmm`, activations
+    (S, B, H)), the first layer on the shared inputs expanded without a copy; relu and leaky relu are
+    applied in place on the fresh product. Backward, with g = dL/dz (S, B, H):
+
+    - through a linear layer, g <- g_s W_s per sample (`bmm`);
+    - through relu / leaky relu, g <- g * f'(z) with f'(z) = 1 where the output a > 0, else the slope (in
+      place on a product of ours); through any other activation, `torch.func.vjp`;
+    - at the first layer, dL/dx = sum_s g_s W_s = G W with G (B, S H) the samples' gradients side by side
+      and W (S H, D) their weights stacked: one matrix product, which also sums over the samples. The
+      activation's backward just before it writes G directly in that (B, S, H) order.
+
+    Against autograd through `stacked_logits` this forms no (S, B, D) gradient of the expanded input (and
+    no sum of it), allocates fewer buffers, keeps no graph, and never computes weight gradients.
+    """
+    tape, h, first, fresh = [], x, True, False
+    for name, m in layers:
+        if isinstance(m, nn.Flatten):
+            if first:
+                h = m(h)  # on the shared inputs; after a Linear, features are already flat
+            continue
+        if isinstance(m, nn.Linear):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            if first:
+                if h.dim() != 2:
+                    return None
+                h = h.expand(w.shape[0], *h.shape)
+            h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            tape.append(("first" if first else "linear", w))
+            first, fresh = False, True
+            continue
+        if first:
+            return None  # an activation of the raw inputs: left to autograd
+        if isinstance(m, nn.Identity):
+            continue
+        slope = _SLOPE[type(m)](m) if type(m) in _SLOPE else None
+        if slope is not None and slope >= 0:
+            h = torch.nn.functional.leaky_relu(h, slope, inplace=fresh)
+            tape.append(("leaky", (h, slope)))
+        else:
+            h, back_m = torch.func.vjp(m, h)
+            tape.append(("vjp", back_m))
+        fresh = False
+    if first:
+        return None
+    x_shape = x.shape
+    steps = tape[::-1]
+
+    @torch.no_grad()
+    def back(g):
+        owned, side_by_side = False, None  # the caller's tensor is never written to
+        for i, (kind, item) in enumerate(steps):
+            if kind == "linear":
+                g, owned = torch.bmm(g, item), True
+            elif kind == "leaky":
+                out = None
+                if i + 1 < len(steps) and steps[i + 1][0] == "first":  # write G (B, S, H) for the first layer
+                    side_by_side = g.new_empty(g.shape[1], g.shape[0], g.shape[2])
+                    out = side_by_side.transpose(0, 1)
+                elif owned:
+                    out = g
+                leaky_back = torch.ops.aten.leaky_relu_backward
+                g = (leaky_back(g, item[0], item[1], True) if out is None
+                     else leaky_back.grad_input(g, item[0], item[1], True, grad_input=out))
+                owned = True
+            elif kind == "vjp":
+                (g,), owned = item(g), False
+            else:  # the first layer: (B, S H) @ (S H, D), summed over the samples by the product
+                s, out_f, in_f = item.shape
+                if side_by_side is None:
+                    side_by_side = g.transpose(0, 1).contiguous()
+                g = torch.mm(side_by_side.view(g.shape[1], s * out_f), item.reshape(s * out_f, in_f))
+        return g.reshape(x_shape)
+
+    return h, back
 
 
 def activation_numel(net: nn.Module, input_shape) -> int:

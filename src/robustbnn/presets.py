@@ -39,10 +39,13 @@ BNN_PRESETS = {
 
 # Training batch sizes of the seed: model_nn.py 64, ensemble members 100, VI 128, HMC 5000 (legacy
 # per-minibatch chains; our default HMC is full batch).
-BATCH_SIZE = {"nn": 64, "ensemble": 100, "vi": 128, "hmc": 5000}
+BATCH_SIZE = {"nn": 64, "ensemble": 100, "vi": 128, "hmc": 5000, "sghmc": 500}
 # HMC constructor defaults of the seed: the initial step size (adapted in warm-up) and the leapfrog steps.
 HMC_DEFAULTS = dict(step_size=0.005, num_steps=10)
 HALF_MOONS_HMC = dict(step_size=0.001, num_steps=10)
+# Cyclical SGHMC (not in the paper): eta_0 = lr per data point, momentum 1 - friction = 0.9 as in Zhang et
+# al. (2020); the cycle settings are BNN flags (runs.SGHMC_FLAGS).
+SGHMC_DEFAULTS = dict(lr=0.1)
 
 # grid_search_halfMoons.py at HEAD (original-behaviour.md section 3.4): fc2 HMC BNNs, the lists crossed
 # in the order width, warm-up, training size.
@@ -55,3 +58,73 @@ def preset(table: dict, idx: int, what: str) -> dict:
     if idx not in table:
         raise UserError(f"unknown --model_idx {idx} for {what}; choose one of {sorted(table)}")
     return dict(table[idx])
+
+
+# ---- `robustbnn study` (issue 10): for each dataset and scale, the four models and the evaluation sizes.
+# nn and ensemble use the architecture of the paper's MCMC BNN for the dataset (BNN preset 1 for MNIST, 3 for
+# Fashion-MNIST) with the training settings of NN preset 5 (the paper has no Fashion-MNIST network preset);
+# vi is the paper's VI preset (0, 2) at scale paper, and at scale cpu the MCMC architecture with the VI settings
+# of BNN preset 5 (conv VI on 60000 points is too slow on a CPU). `models` entries: the model kind (nn,
+# ensemble, bnn) and its settings (preset keys, plus the BNN / SGHMC flags of `runs`). `battery`: keyword
+# arguments of `evaluate.Settings` (empty: its defaults, 100 APGD iterations and 1000 Square queries).
+# Cyclical SGHMC at cpu scale: 1-epoch cycles, draws from the cycles after the burn-in (32 per chain for MNIST,
+# 28 for Fashion-MNIST's 2.8 times larger fc2-1024), enough for split R-hat to tell converged chains apart.
+SGHMC_STUDY = {"mnist": dict(num_chains=4, cycles=42, burnin_cycles=10, epochs_per_cycle=1, samples_per_cycle=1,
+                             lr=0.1, batch_size=500),
+               "fashion_mnist": dict(num_chains=4, cycles=36, burnin_cycles=8, epochs_per_cycle=1,
+                                     samples_per_cycle=1, lr=0.1, batch_size=500)}
+HMC_STUDY = dict(num_chains=4, warmup=500, n_samples=200, num_steps=20)
+_STUDY_ARCH = {"mnist": dict(dataset="mnist", hidden_size=512, activation="leaky", architecture="fc2"),
+               "fashion_mnist": dict(dataset="fashion_mnist", hidden_size=1024, activation="leaky",
+                                     architecture="fc2")}
+_STUDY_NET = dict(epochs=10, lr=0.01)  # NN preset 5
+# Fashion-MNIST's fc2-1024 costs 2.8 times MNIST's fc2-512 per epoch: at cpu scale its networks train 5 epochs.
+_STUDY_NET_CPU = {"mnist": _STUDY_NET, "fashion_mnist": dict(epochs=5, lr=0.01)}
+_STUDY_VI_PAPER = {"mnist": 0, "fashion_mnist": 2}  # BNN presets: conv VI
+_STUDY_EVAL = {"cpu": dict(n_train=60000, n_test=1000, samples=20, eps=[0.1, 0.3], battery={}),
+               "paper": dict(n_train=60000, n_test=10000, samples=100, eps=[0.1, 0.3], battery={})}
+_STUDY_NOTES = {
+    "common": [
+        "nn and ensemble: the MCMC BNN's architecture trained as `train-nn` trains (Adam, mean cross-entropy) "
+        "for 10 epochs at lr 0.01 (NN preset 5; the paper has no network preset for Fashion-MNIST, so MNIST's "
+        "settings are used there), batch sizes 64 (network) and 100 (ensemble members), 10 members",
+        "vi: the true ELBO (minibatch likelihood scaled by N / batch size), not the paper's unscaled minibatch "
+        "term",
+        "evaluation: one fixed set of posterior samples both attacks and predicts (MCMC: the first draws, which "
+        "span every chain; VI: a seeded draw from the guide; ensemble: every member)",
+    ],
+    "cpu": [
+        "vi: the MCMC BNN's fc2 architecture with BNN preset 5's VI settings (10 epochs, lr 0.01) instead of the "
+        "paper's conv VI preset (0 for MNIST, 2 for Fashion-MNIST): conv VI costs about 2.5 minutes per training "
+        "epoch on one CPU thread, and attacking it far more: one input gradient of 1000 test points with 20 "
+        "samples takes about a minute (65 times fc2's), so one 100-iteration APGD at one eps takes almost two hours",
+        "nn and ensemble on Fashion-MNIST: 5 epochs instead of 10 (fc2-1024 costs 2.8 times fc2-512 per epoch)",
+        "mcmc: cyclical SGHMC (`presets.SGHMC_STUDY`; its settings are listed below) instead of the paper's HMC, "
+        "whose per-minibatch chains with 50 warm-up steps are not a posterior sample (bug B1) and whose full-batch "
+        "form is out of reach on a CPU",
+    ],
+    "paper": [
+        "mcmc: full-batch HMC, 4 chains, 500 warm-up iterations, 200 samples, 20 leapfrog steps, instead of the "
+        "paper's per-minibatch chains with 50 warm-up steps and 100 samples (bug B1); meant for --device cuda",
+    ],
+}
+
+
+def _study_models(dataset: str, scale: str) -> dict:
+    arch = _STUDY_ARCH[dataset]
+    if scale == "paper":
+        vi = {k: v for k, v in BNN_PRESETS[_STUDY_VI_PAPER[dataset]].items() if v is not None}
+        mcmc = dict(arch, inference="hmc", **HMC_STUDY)
+    else:
+        vi = dict(arch, inference="vi", epochs=10, lr=0.01)  # BNN preset 5's VI settings
+        mcmc = dict(arch, inference="sghmc", **SGHMC_STUDY[dataset])
+    net = _STUDY_NET_CPU[dataset] if scale == "cpu" else _STUDY_NET
+    return {"nn": dict(kind="nn", **arch, **net),
+            "ensemble": dict(kind="ensemble", ensemble_size=10, **arch, **net),
+            "vi": dict(kind="bnn", **vi), "mcmc": dict(kind="bnn", **mcmc)}
+
+
+STUDY = {dataset: {scale: dict(models=_study_models(dataset, scale), **_STUDY_EVAL[scale],
+                               deviations=_STUDY_NOTES["common"] + _STUDY_NOTES[scale])
+                   for scale in ("cpu", "paper")}
+         for dataset in ("mnist", "fashion_mnist")}

@@ -16,14 +16,18 @@ from pathlib import Path
 from robustbnn import posterior
 from robustbnn.artifacts import model_name, resolve_savedir, write_config, write_csv, write_json
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import PROGRESS, json_object, positive_float, positive_int, str2bool
+from robustbnn.experiments.common import (PROGRESS, json_object, nonneg_float, nonneg_int, positive_float,
+                                          positive_int, str2bool)
 from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.inference.hmc import run_hmc
 from robustbnn.inference.sgd import train_nets
 from robustbnn.inference.vi import train_vi
 from robustbnn.nets import ACTIVATIONS, ARCHITECTURES, Architecture
 from robustbnn.plots import training_curves
-from robustbnn.presets import BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, preset
+from robustbnn.inference.hmc_diagnostics import convergence_warnings
+from robustbnn.inference.sghmc import run_sghmc
+from robustbnn.presets import (BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, SGHMC_DEFAULTS,
+                               preset)
 
 DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10", "half_moons")
 TRAIN_COMMANDS = {"nn": "train-nn", "ensemble": "train-ensemble", "bnn": "train-bnn"}
@@ -45,24 +49,42 @@ OVERRIDES = {
     "batch_size": dict(type=positive_int),
 }
 BNN_OVERRIDES = {
-    "inference": dict(type=inference_name, choices=("vi", "hmc"), help="vi (the seed's svi) or hmc"),
+    "inference": dict(type=inference_name, choices=("vi", "hmc", "sghmc"),
+                      help="vi (the seed's svi), hmc (full batch) or sghmc (cyclical stochastic-gradient HMC)"),
     "n_samples": dict(type=positive_int, help="HMC: samples kept; VI: samples drawn from the guide"),
     "warmup": dict(type=positive_int, help="HMC warm-up iterations"),
     "step_size": dict(type=positive_float, help="HMC initial step size"),
-    "num_steps": dict(type=positive_int, help="HMC leapfrog steps per iteration (fixed; the step size adapts)"),
+    "num_steps": dict(type=positive_int, help="HMC leapfrog steps per iteration (the step size adapts; with "
+                                              "--adapt_length only the starting trajectory length)"),
 }
 # BNN settings that are not in the presets: name -> (default, argparse keywords).
 BNN_FLAGS = {
     "prior_scale": (1.0, dict(type=positive_float, help="std of the N(0, s^2) weight prior")),
     "likelihood": ("scaled", dict(choices=("scaled", "legacy"), help="VI: scaled = true ELBO (N / batch); "
                                   "legacy = the paper's unscaled minibatch term")),
-    "num_chains": (1, dict(type=positive_int, help="HMC chains (R-hat and ESS need 2+)")),
+    "num_chains": (None, dict(type=positive_int, help="MCMC chains, run as one batch (R-hat and ESS need 2+; "
+                                                     "default 1 for hmc, 4 for sghmc)")),
     "thin": (1, dict(type=positive_int, help="HMC: keep every k-th draw after warm-up, so that the first S "
                                              "samples are less autocorrelated")),
     "target_accept": (0.8, dict(type=positive_float, help="HMC: acceptance probability the step-size adaptation "
                                                            "aims at")),
+    "jitter": (0.2, dict(type=nonneg_float, help="HMC: each chain's step size is drawn from eps * U(1 - j, 1 + j) "
+                         "every iteration (Stan's stepsize_jitter), so that a resonant trajectory length cannot "
+                         "stall a chain; 0 = off, must be < 1")),
+    "adapt_length": (False, dict(type=str2bool, help="HMC: adapt the trajectory length in warm-up with ChEES (Hoffman, "
+                                 "Radul & Sountsov 2021), starting from --num_steps steps; needs --num_chains >= 2")),
     "hmc_mode": ("full_batch", dict(choices=("full_batch", "legacy"), help="legacy = the paper's per-minibatch "
                                     "chains (reproduction only)")),
+}
+# Settings of --inference sghmc only: name -> (default, argparse keywords).
+SGHMC_FLAGS = {
+    "cycles": (40, dict(type=positive_int, help="SGHMC: cycles of the cosine step-size schedule, burn-in included")),
+    "burnin_cycles": (10, dict(type=nonneg_int, help="SGHMC: first cycles whose draws are discarded")),
+    "epochs_per_cycle": (1, dict(type=positive_int, help="SGHMC: epochs per cycle")),
+    "samples_per_cycle": (1, dict(type=positive_int, help="SGHMC: draws kept per cycle per chain, at its end")),
+    "friction": (0.1, dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)")),
+    "temperature": (1.0, dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)")),
+    "explore_fraction": (0.5, dict(type=nonneg_float, help="SGHMC: first fraction of each cycle run without noise")),
 }
 
 
@@ -96,7 +118,7 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
     if kind in ("ensemble", "any"):
         g.add_argument("--ensemble_size", type=positive_int, default=ensemble_size, help="number of members")
     if kind in ("bnn", "any"):
-        for name, (default, kw) in BNN_FLAGS.items():
+        for name, (default, kw) in (BNN_FLAGS | SGHMC_FLAGS).items():
             g.add_argument(f"--{name}", default=default, **kw)
     g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
 
@@ -129,7 +151,16 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
                 if s.get(k) is None:
                     s[k] = v
         s.update({k: flags.get(k, default) for k, (default, _) in BNN_FLAGS.items()})
-        needed = ("epochs", "lr") if s["inference"] == "vi" else ("n_samples", "warmup")
+        if s["num_chains"] is None:
+            s["num_chains"] = 4 if s["inference"] == "sghmc" else 1
+        if s["inference"] == "sghmc":
+            if flags.get("n_samples") is not None or flags.get("warmup") is not None:
+                raise UserError("sghmc keeps cycles x samples_per_cycle x num_chains draws and has no warm-up; "
+                                "set --cycles and --samples_per_cycle instead of --n_samples / --warmup")
+            s.update(n_samples=None, warmup=None, epochs=None, step_size=None, num_steps=None)
+            s.update({k: flags.get(k, default) for k, (default, _) in SGHMC_FLAGS.items()})
+            s.update({k: v for k, v in SGHMC_DEFAULTS.items() if s.get(k) is None})
+        needed = {"vi": ("epochs", "lr"), "hmc": ("n_samples", "warmup"), "sghmc": ()}[s["inference"]]
         missing = [f"--{k}" for k in needed if s.get(k) is None]
         if missing:
             raise UserError(f"{s['inference']} needs {', '.join(missing)} (the preset has none)")
@@ -170,7 +201,9 @@ def model_folder(savedir: str, settings: dict) -> Path:
         name = model_name("bnn", **common, inference=s["inference"], epochs=s.get("epochs"), lr=s.get("lr"),
                           n_inputs=s["n_inputs"] if s["dataset"] == "half_moons" else None,
                           n_samples=s.get("n_samples"), warmup=s.get("warmup"), step_size=s.get("step_size"),
-                          num_steps=s.get("num_steps"), thin=s.get("thin", 1))
+                          num_steps=s.get("num_steps"), thin=s.get("thin", 1),
+                          sghmc={k: s[k] for k in ("num_chains", "prior_scale", *SGHMC_FLAGS)}
+                          if s["inference"] == "sghmc" else None)
     return resolve_savedir(savedir) / name
 
 
@@ -193,13 +226,18 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume
         model = train_vi(arch, x, y, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], seed=seed,
                          prior_scale=s["prior_scale"], likelihood=s["likelihood"], n_samples=s.get("n_samples") or 100,
                          **common)
-    else:
+    elif s["inference"] == "hmc":
         model = run_hmc(arch, x, y, n_samples=s["n_samples"], warmup=s["warmup"], step_size=s["step_size"],
                         num_steps=s["num_steps"], num_chains=s["num_chains"], thin=s["thin"],
                         prior_scale=s["prior_scale"], seed=seed, mode=s["hmc_mode"], target_accept=s["target_accept"],
+                        jitter=s["jitter"], adapt_length=s["adapt_length"],
                         batch_size=s["batch_size"] if s["hmc_mode"] == "legacy" else None,
-                        x_eval=data.x_test[:500], y_eval=data.y_test[:500], **common)
-        warn_unadapted(model.meta["diagnostics"])
+                        x_eval=data.x_test[:1000], **common)
+        warn(model.meta["diagnostics"], "use more --n_samples or --thin, a longer --warmup, or more --num_chains")
+    else:
+        chosen = ("num_chains", "lr", "batch_size", "prior_scale", *SGHMC_FLAGS)
+        model = run_sghmc(arch, x, y, **{k: s[k] for k in chosen}, seed=seed, x_eval=data.x_test, **common)
+        warn(model.meta["diagnostics"], "use more --cycles, longer cycles (--epochs_per_cycle) or more --num_chains")
     model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
                       train_time_s=time.perf_counter() - t0)
     model.save(folder)
@@ -212,11 +250,10 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume
     return model
 
 
-def warn_unadapted(diagnostics: dict) -> None:
-    accept, divergent = diagnostics.get("acceptance_rate", []), sum(diagnostics.get("divergences", []))
-    if divergent or any(a < 0.5 for a in accept):
-        print(f"warning: HMC acceptance {', '.join(f'{a:.2f}' for a in accept)} with {divergent} divergences "
-              "after warm-up: the step size is not adapted; use a longer --warmup", file=sys.stderr)
+def warn(diagnostics: dict, advice: str) -> None:
+    """Each convergence warning of an MCMC run (`hmc_diagnostics.convergence_warnings`) as one stderr line."""
+    for line in convergence_warnings(diagnostics, advice):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def load_model(settings: dict, data, savedir: str, device):

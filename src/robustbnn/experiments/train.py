@@ -8,6 +8,9 @@ samples alone; the others print the accuracy with all their samples.
 
 from __future__ import annotations
 
+import os
+
+from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
 from robustbnn.experiments.common import add_common, setup, str2bool
 from robustbnn.experiments.runs import add_model_flags, model_folder, model_settings, record_metrics, train_or_load
@@ -15,6 +18,7 @@ from robustbnn.posterior import log_mean_softmax
 
 # HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
 HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
+                        "pred_rhat_max", "pred_rhat_below_1.1",
                         "loglik_rhat", "loglik_ess", "time_s")
 
 
@@ -22,11 +26,16 @@ def add_arguments(parser, kind: str) -> None:
     add_model_flags(parser, kind, user_arch=True)
     parser.add_argument("--train", type=str2bool, default=True, help="train (True) or load (False)")
     parser.add_argument("--test", type=str2bool, default=True, help="evaluate on the first n_inputs test points")
+    parser.add_argument("--compile", type=str2bool, default=None,
+                        help="HMC: torch.compile the potential (default: the environment variable ROBUSTBNN_COMPILE, "
+                             "else off: compiling takes 5-15 s and pays only after ~10000 gradients per chain)")
     add_common(parser)
 
 
 def run(args) -> dict:
     device = setup(args)
+    if args.compile is not None:  # a run-time choice, not a model setting: the same draws to ~1e-7
+        os.environ[COMPILE_ENV] = "1" if args.compile else "0"
     settings = model_settings(args.model_kind, vars(args), n_inputs=args.n_inputs)
     data = load_dataset(settings["dataset"], args.n_inputs, args.data_dir)
     model = train_or_load(settings, data, args, device)

@@ -26,10 +26,12 @@ draws of one chain.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
+from robustbnn.compile import COMPILE_HMC, compile_enabled, maybe_compile
 from robustbnn.data import validate_xy
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
@@ -38,8 +40,8 @@ from robustbnn.inference.hmc_kernel import (SamplerSettings, autograd_value_and_
                                             sampler_diagnostics)
 from robustbnn.device import resolve_device
 from robustbnn.nets import as_architecture, init_params, template
-from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, activation_numel, flatten, param_layout,
-                                 stacked_logits, unflatten)
+from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, _mlp_layers, activation_numel, flatten, param_layout,
+                                 stacked_forward, stacked_logits, unflatten)
 
 # --------------------------------------------------------------------------------------------------
 # The network posterior: the full-batch potential of flat parameter vectors
@@ -76,11 +78,63 @@ def bnn_potential(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: float = 1
 
 
 def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: float = 1.0,
-                       budget: int = DEFAULT_BUDGET):
+                       budget: int = DEFAULT_BUDGET, compile: bool | None = None):
     """(U, grad U, log-likelihood) of the full-batch BNN potential for positions (C, D), as `hmc_kernel`
     expects: `bnn_potential` summed over chunks of the data, each chunk differentiated on its own so
     that the activations of forward and backward stay within `budget` floats; U summed in float64, and
-    the log-likelihood sum_i log p(y_i | x_i, w) = -(U + log prior) per chain."""
+    the log-likelihood sum_i log p(y_i | x_i, w) = -(U + log prior) per chain.
+
+    `compile` (None: ROBUSTBNN_COMPILE, else `compile.COMPILE_HMC`, off; robustbnn/compile.py has the
+    measurements: it pays for small networks sampled long): each chunk's gradient is then one
+    `torch.compile`d `torch.func.grad_and_value` of
+
+        nll_c(q) = -sum_i m_i log softmax(f(x_i; w_c))[y_i],   m_i in {0, 1},
+
+    and the prior's part is added in closed form, U = sum_chunks nll + ||q||^2 / (2 s^2) + (D/2) log(2 pi s^2),
+    grad U = sum_chunks grad nll + q / s^2. The shapes stay static, so a run compiles once: the n points are
+    cut into k = ceil(n / chunk) chunks of equal size ceil(n / k), the last one padded with m_i = 0 rows
+    (fewer than k of them), and calls with fewer chains than the most seen so far (the kernel's step-size
+    search evaluates subsets of the chains) are padded with copies of their first chain, whose results are
+    dropped. If compilation fails, the eager loop runs (one warning).
+    """
+    if not compile_enabled(compile, COMPILE_HMC):
+        return _eager_value_and_grad(arch, x, y, prior_scale, budget)
+    step = _compiled_chunk_grad(arch, x.device)
+    per_input = 3 * activation_numel(template(arch), x.shape[1:])
+    geometry: dict[int, list] = {}  # chain count -> [(x chunk, y chunk, mask)]
+
+    def chunks_for(c: int) -> list:
+        if c not in geometry:
+            n = len(x)
+            k = -(-n // max(1, budget // (per_input * c)))
+            size = -(-n // k)
+            mask = torch.ones(size, device=x.device)
+            parts = [(x[lo:lo + size], y[lo:lo + size], mask) for lo in range(0, size * (k - 1), size)]
+            lo, pad = size * (k - 1), size * k - n
+            xl = torch.cat([x[lo:], x.new_zeros(pad, *x.shape[1:])]) if pad else x[lo:]
+            yl = torch.cat([y[lo:], y.new_zeros(pad)]) if pad else y[lo:]
+            ml = torch.cat([mask[:size - pad], mask.new_zeros(pad)]) if pad else mask
+            geometry[c] = parts + [(xl, yl, ml)]
+        return geometry[c]
+
+    widest = [0]  # the most chains seen: fewer (the step-size search runs subsets) are padded to it
+
+    def value_and_grad(q):
+        q, c = q.detach(), q.shape[0]
+        widest[0] = max(widest[0], c)
+        qp = torch.cat([q, q[:1].expand(widest[0] - c, -1)]) if c < widest[0] else q
+        prior = log_prior(q, prior_scale)
+        u, grad = -prior, q / prior_scale**2
+        for xc, yc, mc in chunks_for(widest[0]):
+            part_g, (_, part_nll) = step(qp, xc, yc, mc)
+            u, grad = u + part_nll[:c].double(), grad + part_g[:c]
+        return u, grad, -(u + prior)
+
+    return value_and_grad
+
+
+def _eager_value_and_grad(arch, x, y, prior_scale, budget):
+    """`bnn_value_and_grad` without compilation: autograd per data chunk, the last chunk ragged."""
     potential = bnn_potential(arch, x, y, prior_scale)
     per_input = 3 * activation_numel(template(arch), x.shape[1:])
 
@@ -95,15 +149,41 @@ def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     return value_and_grad
 
 
+_COMPILED_GRADS: dict = {}
+
+
+def _compiled_chunk_grad(arch, device):
+    """The compiled (grad, (sum, per-chain nll)) of one masked data chunk, one per architecture and device:
+    a new closure per call of `bnn_value_and_grad` would make Dynamo recompile the same code (its guards
+    see a new module) and run into its recompile limit in a process that samples many times."""
+    arch = as_architecture(arch)
+    key = (json.dumps(arch.to_json(), sort_keys=True, default=str), str(device))
+    if key not in _COMPILED_GRADS:
+        net = template(arch).to(device)
+        layout = param_layout(dict(net.named_parameters()))
+        layers = _mlp_layers(net)  # looked up here, outside the traced code
+
+        def chunk_nll(q, xc, yc, mc):
+            logits = stacked_forward(net, layers, unflatten(q, layout), xc)
+            logp = logits.log_softmax(-1).gather(-1, yc.view(1, -1, 1).expand(logits.shape[0], -1, 1))
+            nll = -(logp.squeeze(-1) * mc).sum(-1)
+            return nll.sum(), nll
+
+        _COMPILED_GRADS[key] = maybe_compile(torch.func.grad_and_value(chunk_nll, has_aux=True), True,
+                                             name="the HMC potential gradient")
+    return _COMPILED_GRADS[key]
+
+
 # --------------------------------------------------------------------------------------------------
 # The public entry point
 
 
 def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: int, step_size: float,
             num_steps: int, num_chains: int = 1, thin: int = 1, prior_scale: float = 1.0, seed: int = 0,
-            device="cpu", target_accept: float = 0.8, mode: str = "full_batch", batch_size: int | None = None,
-            x_eval: torch.Tensor | None = None, y_eval: torch.Tensor | None = None, checkpoint=None,
-            resume: bool = False, checkpoint_every: int | None = None, progress: bool = False,
+            device="cpu", target_accept: float = 0.8, jitter: float = 0.2, adapt_length: bool = False,
+            mode: str = "full_batch", batch_size: int | None = None, x_eval: torch.Tensor | None = None,
+            y_eval: torch.Tensor | None = None, checkpoint=None, resume: bool = False,
+            checkpoint_every: int | None = None, progress: bool = False, compile: bool | None = None,
             log=print) -> Posterior:
     """Sample the BNN posterior of `arch` (a built-in spec dict or an `Architecture`) on (x, y) with HMC;
     return a `Posterior` of kind mcmc.
@@ -119,13 +199,23 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     earlier chains were thrown away unseen, only the last minibatch's chain is run here (same
     result, less time). Unlike the paper (Pyro's Uniform(-2, 2)), it starts from the network init.
 
+    Trajectories (`hmc_kernel.SamplerSettings`): `num_steps` leapfrog steps per iteration, each chain's
+    step size jittered every iteration to eps * U(1 - jitter, 1 + jitter) (Stan's stepsize_jitter; the
+    default 0.2 is `hmc_kernel.DEFAULT_JITTER`, 0 turns it off), against the stalls of a trajectory
+    length that resonates with a period of the dynamics. `adapt_length=True` (needs num_chains >= 2)
+    adapts the trajectory length T during warm-up with ChEES (Hoffman, Radul & Sountsov 2021), starting
+    from step size * num_steps, and then runs ceil(u T / step size) leapfrog steps with u in (0, 1)
+    (van der Corput jitter), so the cost per iteration varies (counted exactly in gradient_evaluations).
+
     `post.meta` holds "inference": "hmc", the settings ("hmc") and the diagnostics ("diagnostics"):
     acceptance_rate (accepted fraction after warm-up) and mean_accept_prob per chain, divergences
-    after and during warm-up, adapted step_size per chain, num_steps (leapfrog steps per iteration),
-    gradient_evaluations (single-chain full-batch gradients), time_s, loglik_mean per chain; and, when
-    there are >= 4 draws per chain, split R-hat and ESS of the training log-likelihood and (with
-    `x_eval`) of the test-point probability of the class `y_eval` (if given, else the predicted
-    class): median/max R-hat and min/median ESS over test points. No weight-space R-hat.
+    after and during warm-up, adapted step_size per chain, num_steps (leapfrog steps setting), jitter,
+    adapt_length, mean_num_steps (mean leapfrog steps per iteration after warm-up), trajectory_length per
+    chain, adapted_trajectory_length (ChEES T, else None), gradient_evaluations (single-chain full-batch
+    gradients, exact), time_s, loglik_mean per chain; and, when there are >= 4 draws per chain, split
+    R-hat and ESS of the training log-likelihood and (with `x_eval`) of the test predictive probabilities,
+    of every (test point, class) pair, or with `y_eval` of the true class only: median/max R-hat, the share
+    below 1.1, and min/median ESS (`hmc_diagnostics.summarise`). No weight-space R-hat.
     """
     if mode not in ("full_batch", "legacy"):
         raise UserError(f"unknown HMC mode {mode!r}; choose full_batch or legacy")
@@ -143,20 +233,23 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     n_samples, num_chains = int(n_samples), int(num_chains)
     settings = dict(n_samples=n_samples, warmup=int(warmup), step_size=float(step_size), num_steps=int(num_steps),
                     num_chains=num_chains, thin=int(thin), prior_scale=float(prior_scale), seed=int(seed),
-                    target_accept=float(target_accept), mode=mode, batch_size=batch_size)
+                    target_accept=float(target_accept), jitter=float(jitter), adapt_length=bool(adapt_length),
+                    mode=mode, batch_size=batch_size)
     legacy = None
     if mode == "legacy":
         x, y, legacy = _legacy_batch(x, y, n_samples, batch_size, num_chains)
         draws = legacy["batch_samples"]
     else:
         draws = -(-n_samples // num_chains)
-    cfg = SamplerSettings(draws, int(warmup), float(step_size), int(num_steps), int(thin), float(target_accept))
+    cfg = SamplerSettings(draws, int(warmup), float(step_size), int(num_steps), int(thin), float(target_accept),
+                          float(jitter), bool(adapt_length))
     layout = param_layout(init_params(arch, seed))
     q0 = torch.stack([flatten(init_params(arch, seed + c), layout) for c in range(num_chains)]).to(device)
     fingerprint = dict(settings, arch=arch.to_json(), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
-    log(f"hmc ({mode}): {num_chains} chain(s) x ({warmup} warm-up + {draws * cfg.thin} iterations) x {num_steps} "
-        f"leapfrog steps, {q0.shape[1]} parameters, {len(x)} training points")
-    state, trace = run_sampler(bnn_value_and_grad(arch, x, y, prior_scale), q0, cfg, seed=seed,
+    steps = f"ChEES-adapted trajectories from {num_steps}" if cfg.adapt_length else f"{num_steps}"
+    log(f"hmc ({mode}): {num_chains} chain(s) x ({warmup} warm-up + {draws * cfg.thin} iterations) x {steps} "
+        f"leapfrog steps (step-size jitter {cfg.jitter:g}), {q0.shape[1]} parameters, {len(x)} training points")
+    state, trace = run_sampler(bnn_value_and_grad(arch, x, y, prior_scale, compile=compile), q0, cfg, seed=seed,
                                checkpoint=checkpoint, resume=resume, fingerprint=fingerprint,
                                checkpoint_every=checkpoint_every, progress=progress, log=log)
     diag = dict(mode=mode, n_samples=n_samples, draws_per_chain=draws, warmup=int(warmup), thin=int(thin),
@@ -167,7 +260,8 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     if x_eval is not None and len(x_eval):
         every = Posterior.from_arch(arch, unflatten(samples.reshape(-1, samples.shape[-1]), layout), kind="mcmc")
         probs = every.logits(x_eval.to(device, torch.float32)).softmax(-1).cpu()
-        eval_probs = hmc_diagnostics.class_traces(probs.reshape(*samples.shape[:2], *probs.shape[1:]), y_eval)
+        probs = probs.reshape(*samples.shape[:2], *probs.shape[1:])  # (C, draws, B, K)
+        eval_probs = probs if y_eval is None else hmc_diagnostics.class_traces(probs, y_eval)
     diag.update(hmc_diagnostics.summarise(loglik, eval_probs))
     if legacy is not None:
         gen = torch.Generator().manual_seed(int(seed))

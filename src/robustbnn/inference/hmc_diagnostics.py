@@ -22,13 +22,14 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Split R-hat and ESS of `traces` (C chains, N draws, *batch): each of shape `batch`.
 
-    Split R-hat needs N >= 4 draws per chain, ESS N >= 2; otherwise that entry is None. A constant
+    Split R-hat and ESS need N >= 4 draws per chain (fewer give meaningless values); otherwise that entry is
+    None. A constant
     trace has no variance and gives NaN (and, through Pyro's ESS, NaN for the whole batch).
     """
     traces = traces.detach().double().cpu()
     n = traces.shape[1]
     rhat = split_gelman_rubin(traces, chain_dim=0, sample_dim=1) if n >= 4 else None
-    ess = effective_sample_size(traces, chain_dim=0, sample_dim=1) if n >= 2 else None
+    ess = effective_sample_size(traces, chain_dim=0, sample_dim=1) if n >= 4 else None
     return rhat, ess
 
 
@@ -38,18 +39,22 @@ def _num(x) -> float | None:
 
 
 def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None) -> dict:
-    """R-hat and ESS of the log-likelihood trace (C, N) and of test-point probabilities (C, N, B).
+    """R-hat and ESS of the log-likelihood trace (C, N) and of test predictive probabilities (C, N, *pairs):
+    (C, N, B) for one class per test point, or (C, N, B, K) for every (test point, class) pair.
 
     Returns {"loglik_rhat", "loglik_ess", "pred_rhat_median", "pred_rhat_max", "pred_ess_min",
-    "pred_ess_median", "pred_points_constant"} (entries that cannot be computed are None). The
-    predictive summaries skip test points whose probability is the same in every draw.
+    "pred_ess_median", "pred_rhat_below_1.1", "pred_points_constant", "pred_points"} (entries that
+    cannot be computed are None). A pair whose probability is the same in every draw has nothing to
+    mix: it is left out of the medians and extremes and counted as converged in "pred_rhat_below_1.1",
+    the fraction of pairs with split R-hat below 1.1.
     """
     out: dict = {"num_chains": int(loglik.shape[0]), "draws_per_chain": int(loglik.shape[1])}
     rhat, ess = rhat_ess(loglik)
     out["loglik_rhat"] = None if rhat is None else _num(rhat)
     out["loglik_ess"] = None if ess is None else _num(ess)
-    if eval_probs is None or eval_probs.shape[-1] == 0:
+    if eval_probs is None or eval_probs[0, 0].numel() == 0:
         return out
+    eval_probs = eval_probs.reshape(*eval_probs.shape[:2], -1)
     flat = eval_probs.reshape(-1, eval_probs.shape[-1])
     varies = flat.max(0).values > flat.min(0).values
     # constant traces are skipped first: one NaN poisons Pyro's ESS of every other point
@@ -60,8 +65,51 @@ def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None) -> d
     out["pred_rhat_max"] = _num(r.max()) if r is not None and r.numel() else None
     out["pred_ess_min"] = _num(e.min()) if e is not None and e.numel() else None
     out["pred_ess_median"] = _num(e.median()) if e is not None and e.numel() else None
+    if rhat is not None or not varies.any():
+        below = int((~varies).sum()) + (int((rhat < RHAT_LIMIT).sum()) if rhat is not None else 0)
+        out["pred_rhat_below_1.1"] = below / eval_probs.shape[-1]
+    else:
+        out["pred_rhat_below_1.1"] = None
     out["pred_points_constant"] = int((~varies).sum())
     out["pred_points"] = int(eval_probs.shape[-1])
+    return out
+
+
+RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1.01; 1.1 is the issue's bar
+MIN_ESS = 10
+
+
+def summary_line(sampler: str, diag: dict) -> str:
+    """One line of a finished run's convergence diagnostics, for the log."""
+    text = f"{sampler}: {diag.get('gradient_evaluations')} gradients in {diag.get('time_s', 0.0):.1f}s"
+    if diag.get("loglik_rhat") is not None and diag.get("num_chains", 1) > 1:
+        text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {diag['loglik_ess']:.0f}"
+    if diag.get("pred_rhat_max") is not None:
+        text += (f"; predictive R-hat max {diag['pred_rhat_max']:.3f}, below 1.1 for "
+                 f"{100 * diag['pred_rhat_below_1.1']:.2f}% of {diag['pred_points']} (point, class) pairs")
+    return text
+
+
+def convergence_warnings(diag: dict, advice: str) -> list[str]:
+    """One-line warnings for a run whose chains have not mixed: R-hat above 1.1 (log-likelihood, or more than
+    1% of the predictive pairs), ESS below 10, or (HMC) an acceptance rate below 0.5 or divergences after
+    warm-up. `advice` names the flag
+    to change."""
+    out = []
+    lr = diag.get("loglik_rhat")
+    if lr is not None and lr > RHAT_LIMIT:
+        out.append(f"log-likelihood R-hat {lr:.2f} > {RHAT_LIMIT}: the chains disagree; {advice}")
+    below = diag.get("pred_rhat_below_1.1")
+    if below is not None and below < 0.99:
+        out.append(f"predictive R-hat > {RHAT_LIMIT} for {100 * (1 - below):.1f}% of (test point, class) pairs "
+                   f"(max {diag['pred_rhat_max']:.2f}); {advice}")
+    ess = [v for v in (diag.get("loglik_ess"), diag.get("pred_ess_min")) if v is not None]
+    if ess and min(ess) < MIN_ESS:
+        out.append(f"effective sample size {min(ess):.1f} < {MIN_ESS}: too few independent draws; {advice}")
+    accept, divergent = diag.get("acceptance_rate") or [], sum(diag.get("divergences") or [])
+    if divergent or any(a < 0.5 for a in accept):
+        out.append(f"HMC acceptance {', '.join(f'{a:.2f}' for a in accept)} with {divergent} divergences after "
+                   "warm-up: the step size is not adapted; use a longer --warmup")
     return out
 
 

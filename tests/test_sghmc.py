@@ -1,0 +1,165 @@
+"""Cyclical SGHMC: exact answers on a conjugate model, the full-batch HMC predictive on a small BNN, resume."""
+
+import pytest
+import torch
+from pyro.ops.stats import effective_sample_size
+
+from robustbnn.data import load_dataset
+from robustbnn.errors import UserError
+from robustbnn.inference.fidelity import chain_halves, validate_against_hmc
+from robustbnn.inference.hmc import run_hmc
+from robustbnn.inference.sghmc import SGHMCSettings, run_sghmc, run_sgmcmc
+
+
+def linear_regression(n=200, d=2, noise=0.5, prior=1.0, seed=0):
+    """Data of y = x w + e and the closed-form posterior N(m, S) of w under the prior N(0, prior^2 I):
+    S = (X^T X / noise^2 + I / prior^2)^-1, m = S X^T y / noise^2."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0], dtype=torch.float64)[:d] + noise * torch.randn(n, generator=gen,
+                                                                                       dtype=torch.float64)
+    cov = torch.linalg.inv(x.T @ x / noise**2 + torch.eye(d, dtype=torch.float64) / prior**2)
+    mean = cov @ x.T @ y / noise**2
+    return x, y, mean, cov
+
+
+def regression_grad(x, y, noise=0.5, prior=1.0):
+    """Minibatch gradient of U(w) = sum_i (y_i - x_i w)^2 / (2 noise^2) + ||w||^2 / (2 prior^2), per chain."""
+    n = len(x)
+
+    def grad(q, idx):  # q (C, d), idx (C, B)
+        xb, yb = x[idx], y[idx]  # (C, B, d), (C, B)
+        resid = (xb @ q.unsqueeze(-1)).squeeze(-1) - yb
+        return (n / idx.shape[1]) * (xb * resid.unsqueeze(-1)).sum(1) / noise**2 + q / prior**2
+
+    return grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_conjugate_posterior_matches_closed_form(temperature):
+    """Draws at the end of each cycle follow N(m, T S): mean within 5 Monte Carlo standard errors, variance
+    within 20%, at T = 1 and a cold T = 0.5.
+
+    The step is small enough for the minibatch noise not to matter: its variance adds about
+    eta Var(grad U~) / (2 alpha) = lr (N / B) Var_i(grad_i) / (2 alpha) ~ 4% to the temperature here; with
+    lr = 0.05 and B = 20 it would add 1000% (SGHMC's known bias without the B-hat correction).
+    """
+    x, y, mean, cov = linear_regression()
+    cfg = SGHMCSettings(cycles=120, steps_per_cycle=200, samples_per_cycle=1, lr=1e-3, friction=0.1,
+                        temperature=temperature, explore_fraction=0.0, n_data=len(x), batch_size=100)
+    q0 = torch.zeros(8, 2, dtype=torch.float64)
+    run = run_sgmcmc(regression_grad(x, y), q0, cfg, seed=1, log=lambda *_: None)
+    assert run["samples"].shape == (8, 120, 2)
+    draws = run["samples"].reshape(-1, 2)
+    ess = effective_sample_size(run["samples"], chain_dim=0, sample_dim=1)
+    sd = (temperature * cov.diag()).sqrt()
+    assert ((draws.mean(0) - mean).abs() < 5 * sd / ess.sqrt()).all()
+    ratio = draws.var(0) / (temperature * cov.diag())
+    assert ((ratio > 0.8) & (ratio < 1.2)).all(), ratio
+
+
+def test_no_noise_is_an_optimiser():
+    """With explore_fraction close to 1 and at T -> 0 the draws collapse onto the posterior mode m."""
+    x, y, mean, _ = linear_regression()
+    cfg = SGHMCSettings(cycles=2, steps_per_cycle=400, samples_per_cycle=1, lr=0.05, friction=0.1,
+                        temperature=1e-8, explore_fraction=0.5, n_data=len(x), batch_size=200)
+    run = run_sgmcmc(regression_grad(x, y), torch.zeros(2, 2, dtype=torch.float64), cfg, log=lambda *_: None)
+    assert torch.allclose(run["samples"][:, -1], mean.expand(2, 2), atol=1e-4)
+
+
+def test_schedule_and_sample_steps():
+    cfg = SGHMCSettings(cycles=3, steps_per_cycle=10, samples_per_cycle=3, lr=0.2, friction=0.1, temperature=1.0,
+                        explore_fraction=0.4, n_data=100, batch_size=10)
+    assert cfg.noise_from == 4 and cfg.sample_steps == (5, 7, 9)
+    assert cfg.eta(0) == pytest.approx(0.2 / 100) and cfg.eta(10) == pytest.approx(0.2 / 100)
+    assert cfg.eta(5) == pytest.approx(0.2 / 100 / 2)  # half way through the cosine
+    assert cfg.eta(9) < cfg.eta(5) < cfg.eta(1)
+    with pytest.raises(UserError, match="do not fit"):
+        SGHMCSettings(1, 10, 7, 0.1, 0.1, 1.0, 0.5, 100, 10)
+    with pytest.raises(UserError, match="friction"):
+        SGHMCSettings(1, 10, 1, 0.1, 1.5, 1.0, 0.5, 100, 10)
+
+
+def moons(n=300):
+    data = load_dataset("half_moons", n)
+    arch = dict(architecture="fc2", input_shape=list(data.input_shape), num_classes=2, hidden_size=16,
+                activation="leaky")
+    return data, arch
+
+
+def test_bnn_predictive_close_to_full_batch_hmc():
+    """On a small BNN whose posterior is dominated by the prior's scale (weights of rms ~1 under HMC), SGHMC
+    with long cycles and a large step is close to full-batch HMC's predictive, while short minibatch cycles
+    stay near the initialisation's scale and far from it: the fidelity check is needed, and it tells."""
+    data, arch = moons()
+    quiet = dict(log=lambda *_: None)
+    ref = run_hmc(arch, data.x_train, data.y_train, n_samples=400, warmup=100, step_size=0.01, num_steps=20,
+                  num_chains=4, **quiet)
+    check = lambda **sghmc: validate_against_hmc(arch, data.x_train, data.y_train, data.x_test[:300],  # noqa: E731
+                                                 reference=ref, sghmc=dict(sghmc, num_chains=4, burnin_cycles=0),
+                                                 **quiet)
+    good = check(cycles=10, epochs_per_cycle=200, samples_per_cycle=2, lr=0.1, batch_size=300, explore_fraction=0.0)
+    assert good["hmc_halves_tv_mean"] < 0.02, good  # the reference agrees with itself
+    assert good["tv_mean"] < 0.07, good
+    poor = check(cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03, batch_size=100)
+    assert poor["tv_mean"] > 2 * good["tv_mean"], (poor, good)
+
+
+def test_run_sghmc_posterior_and_diagnostics():
+    data, arch = moons()
+    post = run_sghmc(arch, data.x_train, data.y_train, cycles=5, burnin_cycles=1, epochs_per_cycle=2,
+                     samples_per_cycle=2, lr=0.05,
+                     batch_size=50, num_chains=3, x_eval=data.x_test[:50], log=lambda *_: None)
+    assert post.kind == "mcmc" and post.n_samples == 4 * 2 * 3
+    d = post.meta["diagnostics"]
+    assert d["num_chains"] == 3 and d["draws_per_chain"] == 8 and d["pred_points"] == 50 * 2
+    assert d["gradient_evaluations"] == 5 * 2 * (300 // 50) * 3
+    assert 0 <= d["pred_rhat_below_1.1"] <= 1 and d["loglik_rhat"] is not None
+    # interleaved: the first 3 draws are the first draw of each chain, i.e. three different networks
+    w = post.params["0.weight"] if "0.weight" in post.params else next(iter(post.params.values()))
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    even, odd = chain_halves(post, 3)
+    assert even.n_samples == 16 and odd.n_samples == 8
+
+
+def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
+    data, arch = moons(200)
+    kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
+              log=lambda *_: None)
+    a = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
+    b = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+    calls = {"n": 0}
+    import robustbnn.inference.sghmc as sghmc_module
+    original = sghmc_module.sghmc_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 17:  # in cycle 2 (10 steps per cycle), after cycle 1's checkpoint
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    sghmc_module.sghmc_step = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw)
+    finally:
+        sghmc_module.sghmc_step = original
+    c = run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, resume=True, **kw)
+    assert all(torch.equal(a.params[k], c.params[k]) for k in a.params)
+    with pytest.raises(UserError, match="differ|settings"):
+        run_sghmc(arch, data.x_train, data.y_train, seed=4, checkpoint=tmp_path, resume=True, **kw)
+
+
+def test_bad_settings_are_one_line_errors():
+    data, arch = moons(100)
+    with pytest.raises(UserError, match="batch_size"):
+        run_sghmc(arch, data.x_train, data.y_train, batch_size=1000, log=lambda *_: None)
+    with pytest.raises(UserError, match="burn-in"):
+        run_sghmc(arch, data.x_train, data.y_train, cycles=2, burnin_cycles=2, batch_size=20, log=lambda *_: None)
+    with pytest.raises(UserError, match="resume needs"):
+        run_sghmc(arch, data.x_train, data.y_train, resume=True, log=lambda *_: None)
+    with pytest.raises(UserError, match="diverged"):
+        run_sghmc(arch, data.x_train, data.y_train, lr=1e6, cycles=1, burnin_cycles=0, epochs_per_cycle=3,
+                  batch_size=20, log=lambda *_: None)

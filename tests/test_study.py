@@ -1,0 +1,234 @@
+"""`robustbnn study` on a tiny configuration: the verdict table, reuse, resume after an interruption, bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from robustbnn import evaluate as battery
+from robustbnn import study
+from robustbnn.data import Dataset
+from robustbnn.experiments import runs
+from robustbnn.posterior import WEIGHTS_FILE
+from tests.conftest import run_cli
+from tests.test_cli import one_line_error
+
+# The paper's double softmax bounds its softmax robustness of a BNN from below: max_k |.| <= (e - 1) / (e + C - 1).
+LEGACY_FLOOR = 1 - (torch.e - 1) / (torch.e + 10 - 1)
+
+
+def synthetic(n_train: int = 300, n_test: int = 100, seed: int = 0) -> Dataset:
+    """10 classes of 8x8 images in [0, 1]: a prototype per class plus noise (learnable in one epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(10, 1, 8, 8, generator=g)
+
+    def draw(n):
+        y = torch.arange(n) % 10
+        return (protos[y] + 0.1 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
+
+    return Dataset("mnist", *draw(n_train), *draw(n_test), (1, 8, 8), 10)
+
+
+def tiny_spec(ensemble_epochs: int = 3) -> dict:
+    """The MNIST cpu spec, shrunk: narrow nets, 3 epochs, 4 kept SGHMC cycles of 2 chains, 50 test points, one eps."""
+    spec = study.study_spec("mnist", "cpu")
+    m = spec["models"]
+    small = dict(hidden_size=16, epochs=3)
+    spec["models"] = {"nn": dict(m["nn"], **small), "ensemble": dict(m["ensemble"], **small, ensemble_size=3),
+                      "vi": dict(m["vi"], **small),
+                      "mcmc": dict(m["mcmc"], hidden_size=16, num_chains=2, cycles=5, burnin_cycles=1,
+                                   epochs_per_cycle=2, batch_size=100)}
+    spec["models"]["ensemble"]["epochs"] = ensemble_epochs
+    spec.update(n_train=300, n_test=50, samples=4, eps=[0.1], battery=dict(iterations=5, square_queries=20))
+    return spec
+
+
+def run(spec, savedir, **kw):
+    lines = []
+    res = study.run_study(spec, savedir, "cpu", data=synthetic(), log=lines.append, **kw)
+    return res, lines
+
+
+def posterior_stamps(savedir) -> dict:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (savedir / "models").glob(f"*/{WEIGHTS_FILE}")}
+
+
+def test_study_writes_the_table_and_a_rerun_reuses_everything(tmp_path, one_thread):
+    res, lines = run(tiny_spec(), tmp_path)
+    out = tmp_path / "mnist_cpu"
+    assert res["folder"] == str(out) and len(lines) == 4 * 4
+    assert lines[0] == "[1/16] mnist nn: train ..." and "battery eps=0.1" in lines[2]
+    table = pd.read_csv(out / "table.csv")
+    assert table.model.tolist() == ["nn", "ensemble", "vi", "mcmc"]
+    assert table.inference.tolist() == ["adam", "adam x3", "vi", "sghmc"]
+    accs = [c for c in table if "acc" in c]
+    assert len(accs) == 4 and table[accs].notna().all().all()
+    assert ((table[accs] >= 0) & (table[accs] <= 100)).all().all()
+    assert (table.clean_acc > 30).all(), "every model learned the synthetic classes"
+    # the battery counts a misclassified input as broken, so robust accuracy never exceeds clean accuracy
+    assert (table["robust_acc_eps=0.1"] <= table.clean_acc).all()
+    for c in ("softmax_rob_eps=0.1", "paper_legacy_rob_eps=0.1"):
+        assert table[c].between(0, 1).all()
+    bnn = table.model.isin(["vi", "mcmc"])
+    assert (table.loc[bnn, "paper_legacy_rob_eps=0.1"] >= LEGACY_FLOOR - 1e-6).all(), "the double-softmax floor"
+    assert table.loc[table.model == "mcmc", "loglik_rhat"].notna().all()
+    assert table.loc[table.model != "mcmc", "loglik_rhat"].isna().all()
+    assert table.masking_flags.notna().all()
+    everything = json.loads((out / "study.json").read_text())
+    for m in table.model:
+        r = everything["results"][m]["battery_eps=0.1"]["result"]
+        assert r["robust_acc"] <= min(r[f"acc_after_{a}"] for a in battery.DEFAULT_BATTERY) + 1e-9
+        assert everything["results"][m]["train"]["time_s"] >= 0
+    assert len(everything["timings"]) == 16 and everything["settings"]["battery"]["iterations"] == 5
+    md = (out / "table.md").read_text()
+    assert "deviate from the paper" in md and "| mcmc | sghmc |" in md
+
+    # a second run trains nothing and computes nothing
+    stamps, results = posterior_stamps(tmp_path), {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")}
+    assert len(stamps) == 4
+    res2, lines2 = run(tiny_spec(), tmp_path)
+    assert all(line.endswith("(done before, reused)") for line in lines2), lines2
+    assert posterior_stamps(tmp_path) == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")} == results
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), table)
+
+    # other evaluation settings redo the evaluations, not the training
+    spec = tiny_spec()
+    spec["n_test"] = 40
+    _, lines3 = run(spec, tmp_path)
+    assert lines3[0].endswith("(done before, reused)") and lines3[1].endswith("...")
+    assert posterior_stamps(tmp_path) == stamps
+
+
+def test_interrupted_study_resumes_without_retraining(tmp_path, monkeypatch, one_thread):
+    """Interrupted in the ensemble's second epoch: the network is kept, the ensemble resumes from its checkpoint."""
+    import robustbnn.inference.sgd as sgd
+
+    save = sgd.save_checkpoint
+    saves = []
+
+    def save_then_interrupt(folder, state):
+        save(folder, state)
+        saves.append(folder)
+        if "ensemble" in str(folder):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgd, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_spec(ensemble_epochs=2), tmp_path)
+    out = tmp_path / "mnist_cpu"
+    assert pd.read_csv(out / "table.csv").model.tolist() == ["nn"], "the table is written after every model"
+    stamps = posterior_stamps(tmp_path)
+    assert list(stamps) == [p.parent.name for p in (tmp_path / "models").glob("*nn*/posterior.safetensors")]
+    monkeypatch.setattr(sgd, "save_checkpoint", save)
+
+    resumed = {}
+    train_model = runs.train_model
+
+    def spy(settings, *args, **kw):
+        resumed[settings["model_type"] if settings["model_type"] != "bnn" else settings["inference"]] = kw["resume"]
+        return train_model(settings, *args, **kw)
+
+    monkeypatch.setattr(runs, "train_model", spy)
+    _, lines = run(tiny_spec(ensemble_epochs=2), tmp_path)
+    assert all(line.endswith("(done before, reused)") for line in lines[:4]), lines[:4]
+    assert resumed == {"ensemble": True, "vi": False, "sghmc": False}, "only the interrupted training resumes"
+    assert {k: v for k, v in posterior_stamps(tmp_path).items() if k in stamps} == stamps
+    history = pd.read_csv(next((tmp_path / "models").glob("*ensemble*")) / "history.csv")
+    assert sorted(history.epoch.unique()) == [1, 2]
+    assert pd.read_csv(out / "table.csv").model.tolist() == ["nn", "ensemble", "vi", "mcmc"]
+
+
+def test_a_model_with_other_settings_is_not_reused_silently(tmp_path, one_thread):
+    spec = tiny_spec()
+    spec["models"] = {"nn": spec["models"]["nn"]}
+    run(spec, tmp_path)
+    with pytest.raises(study.UserError, match="other settings \\(seed\\).*--retrain"):
+        study.run_study(spec, tmp_path, "cpu", data=synthetic(), log=lambda _: None, seed=1)
+
+
+def test_correct_evaluation_is_the_battery(one_thread):
+    """The study's worst-case loop gives `evaluate.evaluate`'s robust accuracy, attack by attack."""
+    from robustbnn import train_nets
+
+    data = synthetic()
+    spec = dict(architecture="fc2", input_shape=[1, 8, 8], num_classes=10, hidden_size=16, activation="leaky")
+    post = train_nets(spec, data.x_train, data.y_train, seeds=[0, 1], epochs=1, lr=0.01, batch_size=64,
+                      log=lambda *_: None)
+    x, y, s = data.x_test[:60], data.y_test[:60], battery.Settings(iterations=5, square_queries=20)
+    mine, frame = study.correct_evaluation(post, x, y, 0.1, s, (0.0, 1.0))
+    theirs = battery.evaluate(post, x, y, [0.1], s, legacy=False, flags=False)["summary"].iloc[0]
+    for k in ("clean_acc", "robust_acc", *(f"acc_after_{a}" for a in s.attacks)):
+        assert mine[k] == pytest.approx(theirs[k]), k
+    assert 0 <= mine["softmax_robustness"] <= 1 and set(frame.attack) <= {"clean", *s.attacks}
+
+
+def test_specs_cover_both_datasets_and_scales():
+    for dataset in ("mnist", "fashion_mnist"):
+        names = {}
+        for scale in ("cpu", "paper"):
+            spec = study.study_spec(dataset, scale)
+            assert list(spec["models"]) == list(study.MODELS) and spec["n_train"] == 60000
+            assert spec["eps"] == [0.1, 0.3] and spec["deviations"]
+            assert (spec["n_test"], spec["samples"]) == ((1000, 20) if scale == "cpu" else (10000, 100))
+            settings = {m: study.model_settings(sm, 60000) for m, sm in spec["models"].items()}
+            assert all(s["dataset"] == dataset for s in settings.values())
+            assert settings["mcmc"]["inference"] == ("sghmc" if scale == "cpu" else "hmc")
+            assert settings["vi"]["architecture"] == ("fc2" if scale == "cpu" else "conv")
+            assert settings["ensemble"]["ensemble_size"] == 10
+            names[scale] = {m: runs.model_folder("x", s).name for m, s in settings.items()}
+        # the same network and ensemble at both scales: trained once, shared
+        assert [names["cpu"][m] == names["paper"][m] for m in study.MODELS] == [True, True, False, False]
+    assert list(study.study_spec("mnist", models=["vi", "nn"])["models"]) == ["nn", "vi"]
+
+
+def test_missing_data_is_one_line_and_writes_nothing(tmp_path, capsys):
+    code, _, err = run_cli(["study", "--dataset", "fashion_mnist", "--data_dir", tmp_path / "empty",
+                            "--savedir", tmp_path / "out"], capsys)
+    assert "robustbnn fetch-data fashion_mnist" in one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [(["--models", "nn,cnn"], "subset of nn,ensemble,vi,mcmc"),
+                                          (["--scale", "huge"], "invalid choice"),
+                                          (["--n_test", "0"], "positive integer")])
+def test_bad_flags_are_one_line(flags, needle, capsys):
+    code, _, err = run_cli(["study", *flags], capsys)
+    assert needle in one_line_error(code, err)
+
+
+def test_help_says_what_the_scales_mean(capsys):
+    code, out, _ = run_cli(["study", "--help"], capsys)
+    out = " ".join(out.split())  # argparse wraps the help text
+    assert code == 0 and "cpu:" in out and "paper:" in out and "minutes per dataset on 2 CPU cores" in out
+
+
+def test_real_mnist_slice(real_data_root, tmp_path, one_thread):
+    if not (real_data_root / "mnist").exists():
+        pytest.skip(f"no mnist in {real_data_root}; run: robustbnn fetch-data mnist")
+    spec = tiny_spec()
+    spec["models"] = {"nn": dict(spec["models"]["nn"], hidden_size=32)}
+    res = study.run_study(spec, tmp_path, "cpu", data_dir=real_data_root, log=lambda _: None)
+    row = res["rows"][0]
+    assert row["model"] == "nn" and row["clean_acc"] > 60 and row["robust_acc_eps=0.1"] <= row["clean_acc"]
+
+
+def test_the_command_on_a_real_mnist_slice(real_data_root, tmp_path, capsys, monkeypatch, one_thread):
+    """The command end to end, with the MNIST cpu spec shrunk in place (the network only)."""
+    if not (real_data_root / "mnist").exists():
+        pytest.skip(f"no mnist in {real_data_root}; run: robustbnn fetch-data mnist")
+    spec = tiny_spec()
+    spec["models"]["nn"]["hidden_size"] = 32
+    monkeypatch.setitem(study.STUDY["mnist"], "cpu", {k: v for k, v in spec.items() if k not in ("dataset", "scale")})
+    args = ["study", "--models", "nn", "--data_dir", real_data_root, "--savedir", tmp_path,
+            "--summary_json", tmp_path / "s.json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "verdict table:" in out
+    assert "[1/4] mnist nn: train ..." in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["markdown"] == str(tmp_path / "mnist_cpu" / "table.md")
+    acc = summary["robust_acc"]["nn"]
+    assert 0 <= acc["robust_acc_eps=0.1"] <= 100 and 0 <= acc["paper_pgd_acc_eps=0.1"] <= 100
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and err.count("(done before, reused)") == 4
