@@ -233,3 +233,13 @@ def test_chees_settings_and_helpers():
     old, new = torch.ones(1, 3, **F64), torch.tensor([[100.0, 1.0, 0.01]], **F64)
     assert math.exp(hmc_kernel._rescaled_length(0.0, old, new)) == pytest.approx(0.1, rel=1e-3)
     assert adaptation_windows(0) == []
+
+
+def test_convergence_warnings_with_missing_numbers():
+    """Diagnostics that could not be computed (None) still give one readable line each, never a crash."""
+    from robustbnn.inference import hmc_diagnostics
+    diag = {"loglik_rhat": 1.5, "loglik_ess": None, "pred_rhat_below_1.1": 0.5, "pred_rhat_max": None,
+            "pred_points": 10, "acceptance_rate": [0.3], "divergences": [2], "gradient_evaluations": 5, "num_chains": 2}
+    lines = hmc_diagnostics.convergence_warnings(diag, "use more --cycles")
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert "n/a" in hmc_diagnostics.summary_line("hmc", diag)

@@ -163,3 +163,19 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(UserError, match="diverged"):
         run_sghmc(arch, data.x_train, data.y_train, lr=1e6, cycles=1, burnin_cycles=0, epochs_per_cycle=3,
                   batch_size=20, log=lambda *_: None)
+
+
+def test_subset_settings_keep_the_schedule_in_steps():
+    from robustbnn.inference.fidelity import subset_sghmc
+    full = dict(batch_size=500, epochs_per_cycle=1, cycles=42, lr=0.1)
+    sub = subset_sghmc(full, 60000, 1000)
+    assert sub["batch_size"] == 100 and sub["epochs_per_cycle"] * (1000 // 100) == 120  # 120 steps, as 60000 / 500
+    assert sub["cycles"] == 42 and full["batch_size"] == 500  # the rest kept, the input left alone
+
+
+def test_validate_flag_needs_sghmc(tmp_path, capsys):
+    from robustbnn.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train-bnn", "--dataset", "half_moons", "--model_idx", "1", "--n_inputs", "100", "--hidden_size", "4",
+              "--n_samples", "2", "--warmup", "2", "--savedir", str(tmp_path), "--validate_against_hmc", "50"])
+    assert e.value.code != 0 and "--inference sghmc" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from robustbnn.artifacts import atomic_path  # noqa: E402
 # black / dark red / dark orange, extended); "hmc" names the demo's MCMC model.
 PALETTE = {"nn": "black", "bnn": "darkred", "vi": "darkred", "mcmc": "#1f5f8b", "hmc": "#1f5f8b",
            "ensemble": "darkorange", "avg_ensemble": "#b8860b"}
-LABELS = {"nn": "deterministic NN", "bnn": "BNN", "vi": "BNN (VI)", "mcmc": "BNN (HMC)", "hmc": "BNN (HMC)",
+LABELS = {"nn": "deterministic NN", "bnn": "BNN", "vi": "BNN (VI)", "mcmc": "BNN (MCMC)", "hmc": "BNN (HMC)",
           "ensemble": "ensemble", "avg_ensemble": "ensemble members (mean)"}
 
 

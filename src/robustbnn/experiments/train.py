@@ -12,8 +12,11 @@ import os
 
 from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
-from robustbnn.experiments.common import add_common, setup, str2bool
-from robustbnn.experiments.runs import add_model_flags, model_folder, model_settings, record_metrics, train_or_load
+from robustbnn.errors import UserError
+from robustbnn.experiments.common import add_common, nonneg_int, setup, str2bool
+from robustbnn.experiments.runs import (SGHMC_FLAGS, add_model_flags, arch_of, model_folder, model_settings,
+                                        record_metrics, train_or_load)
+from robustbnn.inference.fidelity import validate_on_subset
 from robustbnn.posterior import log_mean_softmax
 
 # HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
@@ -29,6 +32,11 @@ def add_arguments(parser, kind: str) -> None:
     parser.add_argument("--compile", type=str2bool, default=None,
                         help="HMC: torch.compile the potential (default: the environment variable ROBUSTBNN_COMPILE, "
                              "else off: compiling takes 5-15 s and pays only after ~10000 gradients per chain)")
+    if kind == "bnn":
+        parser.add_argument("--validate_against_hmc", type=nonneg_int, default=0, metavar="N",
+                            help="sghmc: also sample the first N training points with SGHMC (the same schedule in "
+                                 "steps) and with full-batch HMC (4 chains, 200 warm-up, 100 draws each), and "
+                                 "report the total-variation distance between their test predictives (0: off)")
     add_common(parser)
 
 
@@ -50,7 +58,21 @@ def run(args) -> dict:
         metrics = bnn_test(post, data) if post.kind in ("vi", "mcmc") else net_test(post, data)
         summary.update(metrics)
         record_metrics(folder, metrics | {"n_test": len(data.x_test)})
+    if getattr(args, "validate_against_hmc", 0):
+        summary.update(validate(settings, data, args.validate_against_hmc, device, args.seed, folder))
     return summary
+
+
+def validate(settings: dict, data, n: int, device, seed: int, folder) -> dict:
+    """--validate_against_hmc: what SGHMC costs in fidelity, against full-batch HMC on n training points."""
+    if settings["inference"] != "sghmc":
+        raise UserError("--validate_against_hmc compares SGHMC with HMC; use it with --inference sghmc")
+    sghmc = {k: settings[k] for k in ("num_chains", "lr", "batch_size", "prior_scale", *SGHMC_FLAGS)}
+    res = validate_on_subset(arch_of(settings, data), data.x_train, data.y_train, data.x_test, n, sghmc, seed=seed,
+                             device=device)
+    record_metrics(folder, {"validate_against_hmc": res})
+    return {"tv_vs_hmc": res["tv_mean"], "tv_hmc_chain_halves": res.get("hmc_halves_tv_mean"),
+            "hmc_loglik_rhat": res["hmc"]["loglik_rhat"]}
 
 
 def net_test(post, data) -> dict:

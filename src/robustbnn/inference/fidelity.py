@@ -12,8 +12,11 @@ large even if the other sampler were exact.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from robustbnn.errors import UserError
 from robustbnn.inference.hmc import run_hmc
 from robustbnn.inference.sghmc import run_sghmc
 from robustbnn.posterior import Posterior
@@ -61,3 +64,27 @@ def validate_against_hmc(arch, x: torch.Tensor, y: torch.Tensor, x_test: torch.T
     log(f"validate against HMC on {len(x)} training points: mean TV(SGHMC, HMC) {out['tv_mean']:.4f}"
         + (f" (HMC chain halves: {out['hmc_halves_tv_mean']:.4f})" if chains >= 2 else ""))
     return out
+
+
+# The reference run of `validate_on_subset`: full-batch HMC, 4 chains, 200 warm-up iterations, 100 draws each.
+SUBSET_HMC = dict(n_samples=400, warmup=200, step_size=1e-3, num_steps=20, num_chains=4)
+
+
+def subset_sghmc(sghmc: dict, n_full: int, n_sub: int) -> dict:
+    """SGHMC settings for a subset of n_sub of the n_full points that keep the full run's steps per cycle
+    (the same schedule in steps, not in epochs): the batch shrinks to at most n_sub / 10 and the epochs per
+    cycle grow to match."""
+    batch = min(int(sghmc["batch_size"]), max(1, n_sub // 10))
+    steps_full = int(sghmc["epochs_per_cycle"]) * (n_full // int(sghmc["batch_size"]))
+    return dict(sghmc, batch_size=batch, epochs_per_cycle=max(1, math.ceil(steps_full / (n_sub // batch))))
+
+
+def validate_on_subset(arch, x, y, x_test, n: int, sghmc: dict, *, seed: int = 0, device="cpu", log=print) -> dict:
+    """`validate_against_hmc` on the first n training points: SGHMC with the full run's settings in steps
+    (`subset_sghmc`) against full-batch HMC (`SUBSET_HMC`), on the first 1000 test points."""
+    if not 1 <= n <= len(x):
+        raise UserError(f"--validate_against_hmc needs between 1 and {len(x)} training points, got {n}")
+    settings = subset_sghmc(sghmc, len(x), n)
+    out = validate_against_hmc(arch, x[:n], y[:n], x_test[:1000], sghmc=settings, hmc=SUBSET_HMC, seed=seed,
+                               device=device, log=log)
+    return dict(out, sghmc_settings=settings, hmc_settings=SUBSET_HMC)

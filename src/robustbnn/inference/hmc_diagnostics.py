@@ -79,13 +79,17 @@ RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1
 MIN_ESS = 10
 
 
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def summary_line(sampler: str, diag: dict) -> str:
     """One line of a finished run's convergence diagnostics, for the log."""
     text = f"{sampler}: {diag.get('gradient_evaluations')} gradients in {diag.get('time_s', 0.0):.1f}s"
     if diag.get("loglik_rhat") is not None and diag.get("num_chains", 1) > 1:
-        text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {diag['loglik_ess']:.0f}"
-    if diag.get("pred_rhat_max") is not None:
-        text += (f"; predictive R-hat max {diag['pred_rhat_max']:.3f}, below 1.1 for "
+        text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {_fmt(diag['loglik_ess'], '.0f')}"
+    if diag.get("pred_rhat_below_1.1") is not None:
+        text += (f"; predictive R-hat max {_fmt(diag['pred_rhat_max'], '.3f')}, below 1.1 for "
                  f"{100 * diag['pred_rhat_below_1.1']:.2f}% of {diag['pred_points']} (point, class) pairs")
     return text
 
@@ -102,7 +106,7 @@ def convergence_warnings(diag: dict, advice: str) -> list[str]:
     below = diag.get("pred_rhat_below_1.1")
     if below is not None and below < 0.99:
         out.append(f"predictive R-hat > {RHAT_LIMIT} for {100 * (1 - below):.1f}% of (test point, class) pairs "
-                   f"(max {diag['pred_rhat_max']:.2f}); {advice}")
+                   f"(max {_fmt(diag.get('pred_rhat_max'), '.2f')}); {advice}")
     ess = [v for v in (diag.get("loglik_ess"), diag.get("pred_ess_min")) if v is not None]
     if ess and min(ess) < MIN_ESS:
         out.append(f"effective sample size {min(ess):.1f} < {MIN_ESS}: too few independent draws; {advice}")
