@@ -229,7 +229,7 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         raise UserError("resume needs a checkpoint folder")
     device = resolve_device(device)
     arch = as_architecture(arch)
-    x, y = _check_data(arch, x, y, device)
+    x, y = check_data(arch, x, y, device)
     n_samples, num_chains = int(n_samples), int(num_chains)
     settings = dict(n_samples=n_samples, warmup=int(warmup), step_size=float(step_size), num_steps=int(num_steps),
                     num_chains=num_chains, thin=int(thin), prior_scale=float(prior_scale), seed=int(seed),
@@ -272,10 +272,10 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         rows = torch.arange(n_samples)
     meta = {"inference": "hmc", "hmc": settings, "diagnostics": diag}
     log(_summary_line(diag))
-    return Posterior.from_arch(arch, _stored_draws(samples, layout, rows), kind="mcmc", meta=meta)
+    return Posterior.from_arch(arch, interleaved_draws(samples, layout, rows), kind="mcmc", meta=meta)
 
 
-def _stored_draws(samples: torch.Tensor, layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def interleaved_draws(samples: torch.Tensor, layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """{name: (len(rows), *shape)}: the draws of `samples` (C, draws, D) at interleaved positions `rows`,
     where position r is draw r // C of chain r % C (`samples.transpose(0, 1).reshape(-1, D)[rows]`),
     one parameter at a time so that no second copy of all draws is made."""
@@ -318,7 +318,7 @@ def _legacy_batch(x, y, n_samples: int, batch_size, num_chains: int):
     return x[start:], y[start:], info
 
 
-def _check_data(arch, x, y, device):
+def check_data(arch, x, y, device):
     """`data.validate_xy` (class-index labels in range, finite inputs); for a built-in network, inputs are
     reshaped to its input shape when the sizes agree (e.g. the paper's (N, 1, 2, 1) half-moons layout)."""
     spec = arch.builtin_spec

@@ -41,7 +41,7 @@ from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
-from robustbnn.inference.hmc import _check_data, _stored_draws
+from robustbnn.inference.hmc import check_data, interleaved_draws
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, activation_numel, flatten, param_layout,
                                  stacked_logits, unflatten)
@@ -267,7 +267,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
         raise UserError(f"epochs_per_cycle must be at least 1, got {epochs_per_cycle}")
     device = resolve_device(device)
     arch = as_architecture(arch)
-    x, y = _check_data(arch, x, y, device)
+    x, y = check_data(arch, x, y, device)
     if not 1 <= int(batch_size) <= len(x):
         raise UserError(f"batch_size must lie between 1 and the number of training points ({len(x)}), got {batch_size}")
     settings = dict(cycles=int(cycles), epochs_per_cycle=int(epochs_per_cycle),
@@ -295,7 +295,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     diag = dict(num_chains=int(num_chains), draws_per_chain=draws, time_s=run["time_s"],
                 gradient_evaluations=cfg.steps * int(num_chains), loglik_mean=trace.mean(1).tolist(),
                 loglik_per_draw=trace.tolist())
-    post = Posterior.from_arch(arch, _stored_draws(samples, layout, torch.arange(draws * int(num_chains))),
+    post = Posterior.from_arch(arch, interleaved_draws(samples, layout, torch.arange(draws * int(num_chains))),
                                kind="mcmc", meta={"inference": "sghmc", "sghmc": settings})
     diag.update(hmc_diagnostics.summarise(trace, chain_probs(post, int(num_chains), x_eval)))
     post.meta["diagnostics"] = diag

@@ -8,7 +8,9 @@ split R-hat and ESS of the log-likelihood and of the test predictive probabiliti
 pairs) and `hmc_mnist_probs.safetensors` (the test predictive per chain, (C, 10000, 10)), so that another
 sampler's predictive can be compared with it (`inference.fidelity`) without moving the weights.
 
-    python benchmarks/hmc_mnist_gpu.py --device cuda --budget_s 300 --out OUT
+    python benchmarks/gpu/hmc_mnist.py --device cuda --budget_s 300 --out OUT
+
+(Not part of `make bench`, which runs the CPU benchmarks.)
 """
 
 from __future__ import annotations
