@@ -53,7 +53,7 @@ def log_prior(q: torch.Tensor, prior_scale: float) -> torch.Tensor:
     return -0.5 * q.double().square().sum(-1) / prior_scale**2 - 0.5 * d * math.log(2 * math.pi * prior_scale**2)
 
 
-def _nll(net, params, x, y) -> torch.Tensor:
+def neg_log_lik(net, params, x, y) -> torch.Tensor:
     """-sum_i log softmax(f(x_i; w_c))[y_i] for every chain c: (C,)."""
     logits = stacked_logits(net, params, x)
     logp = logits.log_softmax(-1).gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1))
@@ -71,7 +71,7 @@ def bnn_potential(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: float = 1
     layout = param_layout(dict(net.named_parameters()))
 
     def potential(q, lo: int = 0, hi: int | None = None):
-        nll = _nll(net, unflatten(q, layout), x[lo:hi], y[lo:hi]).double()
+        nll = neg_log_lik(net, unflatten(q, layout), x[lo:hi], y[lo:hi]).double()
         return nll - log_prior(q, prior_scale) if lo == 0 else nll
 
     return potential

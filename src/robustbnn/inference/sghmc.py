@@ -41,7 +41,7 @@ from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
-from robustbnn.inference.hmc import check_data, interleaved_draws
+from robustbnn.inference.hmc import check_data, interleaved_draws, neg_log_lik
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, activation_numel, flatten, param_layout,
                                  stacked_logits, unflatten)
@@ -231,9 +231,7 @@ def bnn_loglik(arch, x: torch.Tensor, y: torch.Tensor, budget: int = DEFAULT_BUD
         total = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
         params = unflatten(q, layout)
         for lo in range(0, len(x), chunk):
-            logits = stacked_logits(net, params, x[lo:lo + chunk])
-            yy = y[lo:lo + chunk].view(1, -1, 1).expand(q.shape[0], -1, 1)
-            total += logits.log_softmax(-1).gather(-1, yy).squeeze(-1).double().sum(-1)
+            total -= neg_log_lik(net, params, x[lo:lo + chunk], y[lo:lo + chunk]).double()
         return total
 
     return loglik
