@@ -150,7 +150,7 @@ def main():
     nets = paper_nets(post)
     pass_flops = 2 * MATMUL_FLOPS * n_samples * n_inputs  # forward + input-gradient backward
 
-    t_fgsm = timed(lambda: attacks.fgsm(post, x, y, eps), reps=1 if not args.quick else 3)
+    t_fgsm = timed(lambda: attacks.fgsm(post, x, y, eps), reps=3)
     t_base_fgsm = timed(lambda: paper_fgsm(nets, x[:base_fgsm], y[:base_fgsm], eps)) * 1000 / base_fgsm
     scale = 1000 / n_inputs
     emit(name, "fgsm_time", round(t_fgsm * scale, 3), "s per 1000 inputs", round(t_base_fgsm, 3),

@@ -25,12 +25,15 @@ gradient evaluations per second (NumPyro: (warm-up + draws) x L per chain, its f
 counted) and ESS per second of the test predictive probabilities (probability of the true class at the
 first test points; both sides through `robustbnn.inference.hmc_diagnostics`, NumPyro's draws converted to
 a `Posterior` first), median over test points (min in the note); baseline = NumPyro, ratio = ours / NumPyro.
+`_share_of_matmul_peak_eager`: our eager gradients/s times the matrix-product FLOPs of a gradient, against
+the float32 matmul peak of this process (the ceiling for any sampler on these cores); the note gives
+NumPyro's share.
 Times are whole runs from the first gradient on, compilation included on both sides (JAX's jit, our
 torch.compile); --warm adds `_warm` lines: second runs of both compiled samplers in the same process. With
 --threads 1 (default) XLA is limited to one thread too (XLA_FLAGS, set before JAX loads).
 
     python benchmarks/hmc.py [--quick] [--threads N] [--skip-pyro] [--skip-numpyro] [--sizes 1000x32,5000x128]
-                             [--chains C] [--warm]
+                             [--chains C] [--warm] [--modes eager,compiled]
 
 Prints one JSON object per line: {"benchmark", "metric", "value", "unit", "baseline", "ratio"}.
 """
@@ -56,6 +59,7 @@ from pyro.nn import PyroSample
 from pyro.nn.module import to_pyro_module_
 from pyro.ops.stats import effective_sample_size
 
+from _common import matmul_peak
 from robustbnn.data import load_dataset
 from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.hmc import bnn_potential, log_prior, run_hmc
@@ -256,10 +260,11 @@ def run_ours(spec, x, y, x_eval, y_eval, *, chains, compile_on, warmup, draws, s
     return diag["time_s"], diag["gradient_evaluations"], diag
 
 
-def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False, num_steps: int = 10,
-                       step_size: float = 0.01, n_eval: int = 200, seed: int = 0):
+def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False, modes=("eager", "compiled"),
+                       num_steps: int = 10, step_size: float = 0.01, n_eval: int = 200, seed: int = 0):
     """Ours (eager, compiled) against NumPyro at each size "n x width", 1 and `chains` chains. With `warm`,
     both compiled samplers run a second time in the same process, compilation cached (`_warm` lines)."""
+    peak = matmul_peak()
     for item in sizes.split(","):
         n, width = (int(v) for v in item.lower().split("x"))
         warmup, draws = NUMPYRO_ITERS[quick].get(n, NUMPYRO_ITERS[quick][5000])
@@ -272,7 +277,7 @@ def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False,
             times_np, g_np, flat = run_numpyro(spec, x, y, chains=c, runs=2 if warm else 1, **common)
             t_np = times_np[0]
             d_np = predictive_diagnostics(spec, x, y, x_eval, y_eval, flat)
-            for mode in ("eager", "compiled"):
+            for mode in modes:
                 t, g, d = run_ours(spec, x, y, x_eval, y_eval, chains=c, compile_on=mode == "compiled", **common)
                 setting = (f"half_moons n={n} fc2-{width}, {c} chain(s), {warmup}+{draws} iterations x {num_steps} "
                            f"leapfrog steps, {torch.get_num_threads()} thread(s); ours {mode} vs NumPyro HMC "
@@ -292,6 +297,22 @@ def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False,
                     emit(f"{name}_grad_per_s_compiled_warm", g2 / t2, "grad/s", g_np / times_np[1],
                          setting.replace("times include compilation", "second runs, compilation cached")
                          + f"; ours {g2} gradients in {t2:.1f}s, NumPyro {g_np} in {times_np[1]:.1f}s")
+                if mode == "eager":  # how far either side is from the matmul bound
+                    flops = gradient_flops(n, width)
+                    np_rate = g_np / times_np[-1]
+                    emit(f"{name}_share_of_matmul_peak_eager", g / t * flops / 1e9, "GFLOP/s", peak,
+                         f"matrix-product FLOPs of one gradient {flops / 1e6:.0f} M (2 n (2 d w + 3 w^2 + 3 w K)), "
+                         f"float32 matmul peak of this process {peak:.0f} GFLOP/s; NumPyro "
+                         f"{'second run' if warm else 'first run'} {np_rate * flops / 1e9:.0f} GFLOP/s = "
+                         f"{np_rate * flops / 1e9 / peak:.2f} of the peak; 1.5x NumPyro would need "
+                         f"{1.5 * np_rate * flops / 1e9 / peak:.2f}")
+
+
+def gradient_flops(n: int, width: int, d: int = 2, k: int = 2) -> float:
+    """Matrix-product FLOPs of one full-batch gradient of fc2 (d -> w -> w -> K) on n points: the forward
+    n (d w + w^2 + w K) multiply-adds, as many for the weight gradients, and the error backpropagation
+    through the two upper layers n (w^2 + w K); 2 FLOPs each."""
+    return 2.0 * n * (2 * d * width + 3 * width**2 + 3 * width * k)
 
 
 def emit(metric, value, unit, baseline, note=""):
@@ -311,6 +332,8 @@ def main():
     parser.add_argument("--skip-numpyro", action="store_true", help="leave out the NumPyro comparison")
     parser.add_argument("--sizes", default=NUMPYRO_SIZES, help="NumPyro comparison sizes, n x width, comma-separated")
     parser.add_argument("--warm", action="store_true", help="NumPyro comparison: also time second, compiled runs")
+    parser.add_argument("--modes", default="eager,compiled", help="NumPyro comparison: which of our samplers, "
+                                                                   "eager and/or compiled, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.threads == 1:  # XLA's CPU backend: one thread too, like ours (read when JAX loads)
@@ -320,7 +343,7 @@ def main():
         pyro_comparison(args)
     if not args.skip_numpyro:
         if numpyro_available():
-            numpyro_comparison(args.sizes, args.chains, args.quick, args.warm)
+            numpyro_comparison(args.sizes, args.chains, args.quick, args.warm, tuple(args.modes.split(",")))
         else:
             print(json.dumps({"benchmark": "hmc", "metric": "numpyro_comparison", "value": None,
                               "note": "skipped: jax and numpyro are not installed (pip install -e .[bench])"}))

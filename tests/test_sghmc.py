@@ -122,7 +122,10 @@ def test_run_sghmc_posterior_and_diagnostics():
     assert even.n_samples == 16 and odd.n_samples == 8
 
 
-def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
+def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
+    import robustbnn.inference.sghmc as sghmc_module
+
+    monkeypatch.setattr(sghmc_module, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every step
     data, arch = moons(200)
     kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
               log=lambda *_: None)
@@ -131,12 +134,11 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
 
     calls = {"n": 0}
-    import robustbnn.inference.sghmc as sghmc_module
     original = sghmc_module.sghmc_step
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 17:  # in cycle 2 (10 steps per cycle), after cycle 1's checkpoint
+        if calls["n"] == 17:  # in cycle 2 (10 steps per cycle), after a draw was kept
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 

@@ -14,26 +14,23 @@ error of `fn` itself is raised again by the eager call, so nothing is hidden. `d
 new input shape is a new specialised compilation, so a caller must keep shapes static inside a run
 (e.g. `inference.hmc.bnn_value_and_grad` pads its last data chunk with zero-weight rows).
 
-Defaults, from measurements on this project's 2-core CPU machine with one torch thread, UNDER LOAD from
-other jobs (the lead reruns them on an idle machine): full-batch gradients/s (single-chain gradients, all
-chains together), steady state, and the one-off compile time (warm Inductor cache; cold: 15-20 s):
+Defaults, from measurements on this project's 2-core CPU machine, idle, one torch thread: gradients/s of
+whole HMC runs (benchmarks/hmc.py, 300 + 600 iterations x 10 leapfrog steps at n=1000, 200 + 400 at
+n=5000; single-chain gradients, all chains together). "eager" is the hand-written perceptron gradient
+(`inference/mlp_grad.py`); "compiled" is the compiled `torch.func.grad_and_value`, on a second run with
+the compilation cached, and in brackets a first run, compilation (5-10 s) included:
 
-    half moons, fc2 leaky     eager   compiled   compile s   break-even (gradients per chain)
-    n=1000,  width 32,  1c     1400     3700        5           ~11,000
-    n=1000,  width 32,  4c     2500     4600        7            ~9,500
-    n=5000,  width 32,  1c      460      790       11           ~12,000
-    n=5000,  width 128, 1c      110      127       10            ~8,000
-    n=5000,  width 128, 4c       93       91        9            never
-    n=10000, width 512, 1c     5.7      6.2       13            ~1,000
+    half moons, fc2 leaky     eager   compiled
+    n=1000,  width 32,  1c     1820     1740 (1010)
+    n=1000,  width 32,  4c     3220     3140 (3100)
+    n=5000,  width 128, 1c      156      142  (137)
 
-- HMC potential gradient (`inference.hmc.bnn_value_and_grad`): `COMPILE_HMC = False`. Compiling (one
-  `torch.func.grad_and_value` per data chunk, static shapes) removes the per-operator overhead that bounds
-  small networks (2.6x at n=1000 fc2-32) but gains 0-15% where the matrix products dominate, which is
-  where the realistic runs are (the paper's half-moons grid: n 5000-15000, widths 32-512; MNIST fc2-512).
-  Those runs take 1,500-7,500 gradients per chain (50-500 warm-up + 100-250 draws, 10 leapfrog steps),
-  mostly below the break-even above, so compiling would make them as often slower as faster, by a few
-  seconds either way, and adds a toolchain dependency. It pays for small networks sampled for longer than
-  about 10^4 gradients per chain: set ROBUSTBNN_COMPILE=1 or pass compile=True there.
+- HMC potential gradient (`inference.hmc.bnn_value_and_grad`): `COMPILE_HMC = False`. Against the
+  autograd gradient, compiling removed per-operator overhead (2.6x at n=1000 fc2-32 under load) and gained
+  0-15% where the matrix products dominate; the hand-written perceptron gradient now removes most of that
+  overhead without compiling, and is as fast or faster at every size above. Compiling still helps
+  networks that are not perceptrons (autograd then), when small and sampled long: set ROBUSTBNN_COMPILE=1
+  or pass compile=True.
 - Attack gradients (`attacks.losses`): `COMPILE_ATTACKS = False`, and not wired in. They are large
   batched matrix products (fc2-512, 100 samples: about 10^4 (sample, input) pairs per pass): a compiled
   torch.func.grad of the predictive loss ran at 118-129 GFLOP/s against 120-122 for the eager

@@ -148,8 +148,9 @@ def _predictive_grad(post, xb, yb, s_chunk):
     m_run = torch.full((len(xb),), -math.inf, device=xb.device)
     z_run = torch.zeros(len(xb), device=xb.device)
     g_run = torch.zeros_like(xb)
+    buffers = {}  # the chunks' activations, reused (`posterior.reusable`)
     for p in post.sample_chunks(s_chunk):
-        logits, back = stacked_logits_vjp(post.net, p, xb)
+        logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
         ll = log_lik(logits, yb)
         m = ll.amax(0)
         e = (ll - m).exp()
@@ -165,9 +166,9 @@ def _predictive_grad(post, xb, yb, s_chunk):
 def _expected_grad(post, xb, yb, s_chunk):
     """(1/S) sum_s grad_x CE(f(x; w_s), y): per-chunk sums of per-sample gradients (one input backward of
     the logit gradient softmax(f_s) - onehot(y) per chunk), averaged."""
-    g = torch.zeros_like(xb)
+    g, buffers = torch.zeros_like(xb), {}
     for p in post.sample_chunks(s_chunk):
-        logits, back = stacked_logits_vjp(post.net, p, xb)
+        logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
         g += back(loglik_logit_grad(logits, yb, logits.new_full(logits.shape[:2], -1.0)))
     return g / post.n_samples
 
@@ -298,10 +299,10 @@ def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objec
         with torch.enable_grad():
             lp = logp.clone().requires_grad_(True)
             (v,) = torch.autograd.grad(objective(lp, yb).sum(), lp)
-        g = torch.zeros_like(xb)
+        g, buffers = torch.zeros_like(xb), {}
         for p in post.sample_chunks(s_chunk):
             # d/dlogits sum_c w_c log softmax(f)_c with w = v pi held fixed: w - softmax(f) sum_c w_c
-            logits, back = stacked_logits_vjp(post.net, p, xb)
+            logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
             ls = logits.log_softmax(-1)
             w = v * (ls - logp - log_s).exp()
             g += back(w - ls.exp() * w.sum(-1, keepdim=True))

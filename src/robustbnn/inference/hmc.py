@@ -6,7 +6,8 @@ potential energy
     U(w) = -sum_{i=1}^n log softmax(f(x_i; w))[y_i] + ||w||^2 / (2 s^2) + (D / 2) log(2 pi s^2),
 
 with every gradient over all n training points, w the flat vector of the D network parameters
-(`posterior.param_layout`) and the logits f of all chains at once from `posterior.stacked_logits`.
+(`posterior.param_layout`) and the logits f of all chains at once from `posterior.stacked_logits`; for
+multilayer perceptrons the gradient is written out by hand (`mlp_grad`), for other networks it is autograd.
 
 The sampler is `hmc_kernel` (HMC after Neal 2011 with Stan's warm-up, diagonal mass matrix), written there
 rather than driven through Pyro's kernel because the chains then run in lock-step as one batched
@@ -16,6 +17,8 @@ HMC on a PyroModule BNN in gradient evaluations per second (Half Moons fc2, n=10
 thread; one --quick run on a shared machine): one chain 2.4x, four chains as one batch 5.2x as many as
 Pyro's one chain. The gain comes from the potential and from batching chains, not from the integrator:
 Pyro's own kernel driven by this module's flat potential runs one chain about as fast (1.0-1.1x).
+The same benchmark runs NumPyro's HMC (JAX, jit) on the same model; its figures are in the README's
+benchmark notes.
 tests/test_hmc.py checks the sampler against Pyro's NUTS.
 
 Chains start from the usual network initialisation `nets.init_params(arch, seed + chain)`. The draws are
@@ -38,6 +41,7 @@ from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.checkpoint import tensor_digest
 from robustbnn.inference.hmc_kernel import (SamplerSettings, autograd_value_and_grad, run_sampler,
                                             sampler_diagnostics)
+from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.device import resolve_device
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, _mlp_layers, activation_numel, flatten, param_layout,
@@ -82,7 +86,9 @@ def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     """(U, grad U, log-likelihood) of the full-batch BNN potential for positions (C, D), as `hmc_kernel`
     expects: `bnn_potential` summed over chunks of the data, each chunk differentiated on its own so
     that the activations of forward and backward stay within `budget` floats; U summed in float64, and
-    the log-likelihood sum_i log p(y_i | x_i, w) = -(U + log prior) per chain.
+    the log-likelihood sum_i log p(y_i | x_i, w) = -(U + log prior) per chain. For multilayer perceptrons
+    each chunk's gradient is the hand-written `mlp_grad.nll_and_grad` (1.5-1.8x autograd's speed), for any
+    other network autograd.
 
     `compile` (None: ROBUSTBNN_COMPILE, else `compile.COMPILE_HMC`, off; robustbnn/compile.py has the
     measurements: it pays for small networks sampled long): each chunk's gradient is then one
@@ -133,10 +139,38 @@ def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     return value_and_grad
 
 
+# On a CPU, the hand-written gradient's elementwise passes (bias, activation and its backward) are bound by
+# memory bandwidth once an activation tensor (C, B, H) outgrows the caches: at n=5000, width 128, 4 chains,
+# data chunks of 1250 rows (2^19 floats per tensor) ran at 164 gradients/s against 135 in one chunk. Wide
+# layers are bound by their matrix products instead and prefer long chunks (MNIST fc2-512, 4 chains: 3%
+# slower at 1024 rows than at 8192, 20% at 256), hence the floor.
+CACHE_FLOATS, CACHE_MIN_ROWS = 2**19, 1024
+
+
 def _eager_value_and_grad(arch, x, y, prior_scale, budget):
-    """`bnn_value_and_grad` without compilation: autograd per data chunk, the last chunk ragged."""
+    """`bnn_value_and_grad` without compilation, per data chunk (the last one ragged): for multilayer
+    perceptrons the hand-written gradient `mlp_grad.nll_and_grad` and the prior's in closed form,
+    grad U = sum_chunks grad nll + q / s^2; for any other network autograd through `bnn_potential`."""
+    net = template(arch).to(x.device)
+    layout = param_layout(dict(net.named_parameters()))
+    per_input = 3 * activation_numel(net, x.shape[1:])
+    plan = mlp_plan(net, layout, x.shape[1:])
+    if plan is not None:
+        buffers = {}  # the activations, reused from call to call
+        widest = max(step[1][1] for step in plan if step[0] == "linear")
+
+        def mlp_value_and_grad(q):
+            chunk = max(1, budget // (per_input * q.shape[0]))
+            if x.device.type == "cpu":  # activations within the caches (see CACHE_FLOATS)
+                chunk = min(chunk, max(CACHE_MIN_ROWS, CACHE_FLOATS // (q.shape[0] * widest)))
+            nll, grad = 0.0, None
+            for lo in range(0, len(x), chunk):
+                part_nll, part_g = nll_and_grad(plan, q, x[lo:lo + chunk], y[lo:lo + chunk], buffers=buffers)
+                nll, grad = nll + part_nll.double(), part_g if grad is None else grad.add_(part_g)
+            return nll - log_prior(q, prior_scale), grad.add_(q, alpha=1.0 / prior_scale**2), -nll
+
+        return mlp_value_and_grad
     potential = bnn_potential(arch, x, y, prior_scale)
-    per_input = 3 * activation_numel(template(arch), x.shape[1:])
 
     def value_and_grad(q):
         chunk = max(1, budget // (per_input * q.shape[0]))
