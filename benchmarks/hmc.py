@@ -41,9 +41,7 @@ Prints one JSON object per line: {"benchmark", "metric", "value", "unit", "basel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import inspect
 import json
 import os
 import time
@@ -236,26 +234,11 @@ def predictive_diagnostics(spec, x, y, x_eval, y_eval, flat):
     return hmc_diagnostics.summarise(loglik_of(spec, x, y, flat.reshape(c * n, d)).reshape(c, n), eval_probs)
 
 
-@contextlib.contextmanager
-def compile_setting(compile_on: bool):
-    """ROBUSTBNN_COMPILE for the duration (for a `run_hmc` that does not take `compile=` itself)."""
-    before = os.environ.get("ROBUSTBNN_COMPILE")
-    os.environ["ROBUSTBNN_COMPILE"] = "1" if compile_on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("ROBUSTBNN_COMPILE", None)
-        else:
-            os.environ["ROBUSTBNN_COMPILE"] = before
-
-
 def run_ours(spec, x, y, x_eval, y_eval, *, chains, compile_on, warmup, draws, step_size, num_steps, seed):
     """`run_hmc` at the NumPyro run's settings: (seconds, gradient evaluations, diagnostics)."""
-    extra = {"compile": compile_on} if "compile" in inspect.signature(run_hmc).parameters else {}
-    with compile_setting(compile_on):
-        post = run_hmc(spec, x, y, n_samples=draws * chains, num_chains=chains, warmup=warmup, step_size=step_size,
-                       num_steps=num_steps, seed=seed, x_eval=x_eval, y_eval=y_eval, log=lambda *_: None, **extra)
+    post = run_hmc(spec, x, y, n_samples=draws * chains, num_chains=chains, warmup=warmup, step_size=step_size,
+                   num_steps=num_steps, seed=seed, x_eval=x_eval, y_eval=y_eval, log=lambda *_: None,
+                   compile=compile_on)
     diag = post.meta["diagnostics"]
     return diag["time_s"], diag["gradient_evaluations"], diag
 
@@ -351,11 +334,6 @@ def main():
 
 def pyro_comparison(args):
     """Ours (eager, as when these lines were introduced) against Pyro's HMC; see the module docstring."""
-    with compile_setting(False):
-        _pyro_comparison(args)
-
-
-def _pyro_comparison(args):
     if args.quick:
         n, width, warmup, draws, num_steps = 1000, 32, 100, 150, 10
     else:
@@ -370,14 +348,15 @@ def _pyro_comparison(args):
     ess_pyro = ess(loglik_of(spec, x, y, flat)[None]) / t_pyro
     rate_pyro = g_pyro / t_pyro
 
-    diag1 = run_hmc(spec, x, y, n_samples=draws, num_chains=1, log=lambda *_: None, **common).meta["diagnostics"]
+    diag1 = run_hmc(spec, x, y, n_samples=draws, num_chains=1, log=lambda *_: None, compile=False,
+                    **common).meta["diagnostics"]
     rate1 = diag1["gradient_evaluations"] / diag1["time_s"]
     ess1 = (diag1["loglik_ess"] or 0.0) / diag1["time_s"]
     emit("gradient_evals_per_s_1chain", rate1, "grad/s", rate_pyro, setting + "; baseline Pyro HMC(model)")
     emit("loglik_ess_per_s_1chain", ess1, "ESS/s", ess_pyro, setting + "; baseline Pyro HMC(model)")
 
     c = args.chains
-    postc = run_hmc(spec, x, y, n_samples=draws * c, num_chains=c, log=lambda *_: None, **common)
+    postc = run_hmc(spec, x, y, n_samples=draws * c, num_chains=c, log=lambda *_: None, compile=False, **common)
     diagc = postc.meta["diagnostics"]
     rate_c = diagc["gradient_evaluations"] / diagc["time_s"]
     layout = param_layout(init_params(spec, 0))

@@ -209,7 +209,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
 def bnn_minibatch_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: float = 1.0):
     """grad U~(q) = (N / B) grad sum_{i in batch} -log softmax(f(x_i; q))[y_i] + q / s^2 for positions q (C, D)
     and per-chain minibatch indices (C, B): one batched forward/backward for all chains (written by hand for
-    perceptrons, `mlp_grad.nll_and_grad`; autograd otherwise), the prior's gradient added in closed form (in place, as autograd of ||q||^2 would cost three passes over q)."""
+    perceptrons, `mlp_grad.nll_and_grad`; autograd otherwise), the prior's gradient added in closed form (in
+    place, as autograd of ||q||^2 would cost three passes over q)."""
     net = template(arch).to(x.device)
     layout = param_layout(dict(net.named_parameters()))
     plan = mlp_plan(net, layout, x.shape[1:])  # multilayer perceptrons: the hand-written gradient, else autograd
