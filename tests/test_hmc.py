@@ -430,3 +430,14 @@ def test_bad_settings_are_user_errors():
         run_hmc(spec, x, y, **dict(kw, step_size=-1.0))
     with pytest.raises(UserError, match="resume needs"):
         run_hmc(spec, x, y, resume=True, **kw)
+
+
+def test_rhat_and_ess_in_passes_equal_one_pass(monkeypatch):
+    """`hmc_diagnostics.rhat_ess` over the (test point, class) pairs in passes (as it does for 100,000 pairs, to
+    bound its memory) gives Pyro's split R-hat and ESS of the whole batch at once."""
+    traces = torch.randn(4, 50, 30, 7, generator=torch.Generator().manual_seed(0)).cumsum(1)
+    monkeypatch.setattr(hmc_diagnostics, "RHAT_FLOATS_PER_PASS", 4 * 50 * 3)  # 70 passes of 3 pairs
+    rhat, ess = hmc_diagnostics.rhat_ess(traces)
+    assert rhat.shape == ess.shape == (30, 7)
+    torch.testing.assert_close(rhat, split_gelman_rubin(traces.double(), chain_dim=0, sample_dim=1))
+    torch.testing.assert_close(ess, effective_sample_size(traces.double(), chain_dim=0, sample_dim=1))

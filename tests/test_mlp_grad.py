@@ -96,3 +96,37 @@ def test_hmc_potential_gradient_over_chunks_matches_autograd():
         torch.testing.assert_close(u, ref_u, rtol=1e-6, atol=1e-4)
         torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loglik, -(ref_u + log_prior(qq, 0.7)), rtol=1e-6, atol=1e-4)
+
+
+def test_confident_networks_keep_exact_values_and_no_denormal_softmax():
+    """Logit gaps of hundreds (a well-fit chain's): the floored softmax head (`LOG_FLOOR`) gives the exact
+    negative log-likelihood, also for points whose true class is far below the top one (nll > 60), and the
+    gradient of autograd, without a denormal probability anywhere in the computation."""
+    torch.set_flush_denormal(False)  # as a library user's process runs (the command line flushes them)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))
+    layout, q = positions(net, 2)
+    q = q * 12.0  # logits of order +-300
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 3, generator=gen), torch.randint(5, (40,), generator=gen)
+    nll, g = nll_and_grad(mlp_plan(net, layout, (3,)), q, x, y)
+    ref_nll, ref_g = autograd_nll_and_grad(net, layout, q, x, y)
+    logits = stacked_logits(net, unflatten(q, layout), x)
+    gaps = logits - logits.amax(-1, keepdim=True)
+    denormal = (gaps.exp() > 0) & (gaps.exp() < torch.finfo(torch.float32).tiny)
+    assert denormal.any() and (gaps.gather(-1, y.expand(2, -1)[..., None]) < -60).any()
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-3)
+    seen = []
+    real_exp = torch.Tensor.exp_
+
+    def spy(t):
+        out = real_exp(t)
+        seen.append(((out > 0) & (out < torch.finfo(torch.float32).tiny)).any().item())
+        return out
+
+    torch.Tensor.exp_ = spy
+    try:
+        nll_and_grad(mlp_plan(net, layout, (3,)), q, x, y)
+    finally:
+        torch.Tensor.exp_ = real_exp
+    assert seen == [False]

@@ -203,7 +203,7 @@ def test_bad_flags_are_one_line(flags, needle, capsys):
 def test_help_says_what_the_scales_mean(capsys):
     code, out, _ = run_cli(["study", "--help"], capsys)
     out = " ".join(out.split())  # argparse wraps the help text
-    assert code == 0 and "cpu:" in out and "paper:" in out and "100 minutes for MNIST" in out
+    assert code == 0 and "cpu:" in out and "paper:" in out and "80 minutes for MNIST" in out
 
 
 def test_real_mnist_slice(real_data_root, tmp_path, one_thread):

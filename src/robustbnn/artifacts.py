@@ -76,13 +76,16 @@ def resolve_savedir(savedir: str) -> Path:
 
 def model_name(model_type: str, dataset: str, hidden_size, activation: str, architecture: str, *, epochs=None,
                lr=None, inference=None, n_inputs=None, n_samples=None, warmup=None, step_size=None, num_steps=None,
-               ensemble_size=None, thin=1, arch_label: str | None = None, sghmc: dict | None = None) -> str:
+               ensemble_size=None, thin=1, arch_label: str | None = None, sghmc: dict | None = None,
+               grad_dtype: str = "float32") -> str:
     """The seed's model names, which key every folder (original-behaviour.md section 1.6).
 
     Settings print as Python's str() (`lr=0.01`, `ep=None`), as the seed's names do. VI models keep
     the seed's `svi` in their names. A user's architecture (`arch_label`, from its factory name)
-    replaces the built-in `hid=_act=_arch=` part, so the two never collide.
+    replaces the built-in `hid=_act=_arch=` part, so the two never collide. SGHMC gradients in another dtype
+    than float32 add `_grad=<dtype>`: such a sampler's draws differ from the float32 one's.
     """
+    grad = f"_grad={grad_dtype}" if grad_dtype != "float32" else ""
     base = f"hid={hidden_size}_act={activation}_arch={architecture}" if arch_label is None else f"arch={arch_label}"
     if model_type == "nn":
         return f"{dataset}_nn_{base}_ep={epochs}_lr={lr}"
@@ -99,7 +102,7 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
         return name + (f"_chains={g['num_chains']}_cycles={g['cycles']}x{g['epochs_per_cycle']}ep"
                        f"_burnin={g['burnin_cycles']}"
                        f"_samp={g['samples_per_cycle']}_lr={lr}_T={g['temperature']}"
-                       + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else ""))
+                       + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else "") + grad)
     return name + f"_ep={epochs}_lr={lr}"
 
 

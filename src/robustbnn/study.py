@@ -121,9 +121,17 @@ def load_data(spec: dict, data_dir=None) -> Dataset:
 
 def _config_matches(folder: Path, settings: dict, seed: int) -> list[str]:
     """The settings that differ between `settings` (and seed) and the model folder's config.json."""
-    saved = (_read_json(folder / "config.json") or {}).get("settings") or {}
+    saved = _with_new_flags((_read_json(folder / "config.json") or {}).get("settings") or {})
     want = _plain(dict(settings, seed=seed))
     return sorted(k for k in want if saved.get(k) != want[k])
+
+
+def _with_new_flags(model: dict) -> dict:
+    """Stored BNN settings with the BNN flags added since they were written (e.g. grad_dtype) at their defaults,
+    which is what those models were trained with, so that older models and results are still reused."""
+    if model.get("model_type") != "bnn":
+        return model
+    return {**{k: default for k, (default, _) in runs.BNN_FLAGS.items()}, **model}
 
 
 def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, seed: int, retrain: bool = False,
@@ -242,6 +250,8 @@ class Steps:
         self.done += 1
         head = f"[{self.done}/{self.total}] {self.dataset} {model}: {what}"
         old = _read_json(path)
+        if old and isinstance(old.get("settings", {}).get("model"), dict):
+            old["settings"]["model"] = _with_new_flags(old["settings"]["model"])
         if old and old.get("settings") == _plain(settings) and all(Path(f).exists() for f in files):
             self.log(f"{head} (done before, reused)")
             self.timings.append(dict(model=model, step=what, time_s=old.get("time_s"), reused=True))

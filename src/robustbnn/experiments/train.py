@@ -67,7 +67,7 @@ def validate(settings: dict, data, n: int, device, seed: int, folder) -> dict:
     """--validate_against_hmc: what SGHMC costs in fidelity, against full-batch HMC on n training points."""
     if settings["inference"] != "sghmc":
         raise UserError("--validate_against_hmc compares SGHMC with HMC; use it with --inference sghmc")
-    sghmc = {k: settings[k] for k in ("num_chains", "lr", "batch_size", "prior_scale", *SGHMC_FLAGS)}
+    sghmc = {k: settings[k] for k in ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype", *SGHMC_FLAGS)}
     res = validate_on_subset(arch_of(settings, data), data.x_train, data.y_train, data.x_test, n, sghmc, seed=seed,
                              device=device)
     record_metrics(folder, {"validate_against_hmc": res})

@@ -147,6 +147,17 @@ def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
 CACHE_FLOATS, CACHE_MIN_ROWS = 2**19, 1024
 
 
+def data_chunk(plan, chains: int, per_input: int, budget: int, device) -> int:
+    """Rows of data per chunk of a batched pass of `chains` networks: within `budget` activation floats
+    (`per_input` per data point and chain), and for a perceptron's hand-written pass (`plan`) on a CPU within
+    the caches (CACHE_FLOATS floats per activation tensor, at least CACHE_MIN_ROWS rows)."""
+    chunk = max(1, budget // (per_input * chains))
+    if plan is not None and torch.device(device).type == "cpu":
+        widest = max(step[1][1] for step in plan if step[0] == "linear")
+        chunk = min(chunk, max(CACHE_MIN_ROWS, CACHE_FLOATS // (chains * widest)))
+    return chunk
+
+
 def _eager_value_and_grad(arch, x, y, prior_scale, budget):
     """`bnn_value_and_grad` without compilation, per data chunk (the last one ragged): for multilayer
     perceptrons the hand-written gradient `mlp_grad.nll_and_grad` and the prior's in closed form,
@@ -157,12 +168,9 @@ def _eager_value_and_grad(arch, x, y, prior_scale, budget):
     plan = mlp_plan(net, layout, x.shape[1:])
     if plan is not None:
         buffers = {}  # the activations, reused from call to call
-        widest = max(step[1][1] for step in plan if step[0] == "linear")
 
         def mlp_value_and_grad(q):
-            chunk = max(1, budget // (per_input * q.shape[0]))
-            if x.device.type == "cpu":  # activations within the caches (see CACHE_FLOATS)
-                chunk = min(chunk, max(CACHE_MIN_ROWS, CACHE_FLOATS // (q.shape[0] * widest)))
+            chunk = data_chunk(plan, q.shape[0], per_input, budget, x.device)
             nll, grad = 0.0, None
             for lo in range(0, len(x), chunk):
                 part_nll, part_g = nll_and_grad(plan, q, x[lo:lo + chunk], y[lo:lo + chunk], buffers=buffers)

@@ -19,18 +19,30 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return t[torch.isfinite(t)]
 
 
+# Float64 trace values per pass of `rhat_ess` (32 MB): Pyro's FFT-based ESS holds several padded complex copies of
+# its input, and 4 chains x 300 draws x 100,000 (test point, class) pairs in one pass took a 24 GB machine out of
+# memory.
+RHAT_FLOATS_PER_PASS = 2**22
+
+
 def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Split R-hat and ESS of `traces` (C chains, N draws, *batch): each of shape `batch`.
+    """Split R-hat and ESS of `traces` (C chains, N draws, *batch): each of shape `batch`, computed over the batch
+    in passes of at most RHAT_FLOATS_PER_PASS values (each entry depends only on its own traces).
 
     Split R-hat and ESS need N >= 4 draws per chain (fewer give meaningless values); otherwise that entry is
-    None. A constant
-    trace has no variance and gives NaN (and, through Pyro's ESS, NaN for the whole batch).
+    None. A constant trace has no variance and gives NaN (and, through Pyro's ESS, NaN for its whole pass).
     """
-    traces = traces.detach().double().cpu()
-    n = traces.shape[1]
-    rhat = split_gelman_rubin(traces, chain_dim=0, sample_dim=1) if n >= 4 else None
-    ess = effective_sample_size(traces, chain_dim=0, sample_dim=1) if n >= 4 else None
-    return rhat, ess
+    c, n, batch = traces.shape[0], traces.shape[1], traces.shape[2:]
+    if n < 4:
+        return None, None
+    flat = traces.detach().cpu().reshape(c, n, -1)
+    step = max(1, RHAT_FLOATS_PER_PASS // (c * n))
+    rhat, ess = [], []
+    for lo in range(0, flat.shape[-1], step):
+        part = flat[..., lo:lo + step].double()
+        rhat.append(split_gelman_rubin(part, chain_dim=0, sample_dim=1))
+        ess.append(effective_sample_size(part, chain_dim=0, sample_dim=1))
+    return torch.cat(rhat).reshape(batch), torch.cat(ess).reshape(batch)
 
 
 def _num(x) -> float | None:
