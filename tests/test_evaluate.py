@@ -160,6 +160,18 @@ def test_battery_is_the_worst_case_and_monotone():
     assert "not_zero_at_box" not in flagged(out)
 
 
+def test_more_effort_check_reattacks_at_the_eps_that_left_the_most_robust_inputs():
+    # at eps = the whole box nothing survives, so re-attacking there would check nothing
+    post = conv_ensemble()
+    x, y = data(post)
+    out = evaluate(post, x, y, [0.02, 1.0], Settings(iterations=10, square_queries=50), legacy=False)
+    s = out["summary"]
+    assert s.robust_acc.iloc[1] == 0 < s.robust_acc.iloc[0]
+    n = round(s.robust_acc.iloc[0] * len(x) / 100)
+    detail = next(f["detail"] for f in out["flags"] if f["flag"] == "more_effort_lowers_accuracy")
+    assert f"of the {n} inputs left robust at eps = 0.02 " in detail
+
+
 def test_fresh_sample_defence_uses_eot_and_reports_fooled_share():
     spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="tanh")
     loc = init_params(spec, 0)

@@ -318,7 +318,27 @@ def test_several_chains_report_rhat_and_ess():
     probs = fc_logits(w, x_test, 4).softmax(-1).gather(-1, y_test.view(1, -1, 1).expand(90, -1, 1))
     r = split_gelman_rubin(probs.squeeze(-1).reshape(30, 3, -1).transpose(0, 1).double(), 0, 1)
     assert r.max().item() == pytest.approx(diag["pred_rhat_max"], rel=1e-3)
-    assert "weight" not in " ".join(diag)  # no weight-space R-hat
+    # R-hat of each tensor's squared norm (invariant to permuting hidden units), recomputed from the draws
+    sq = p["1.weight"].flatten(1).double().square().sum(1).reshape(30, 3).T
+    assert split_gelman_rubin(sq, 0, 1).item() == pytest.approx(diag["norm_rhat"]["1.weight"], rel=1e-4)
+    assert set(diag["norm_rhat"]) == set(p) and diag["norm_rhat_max"] == max(diag["norm_rhat"].values())
+
+
+def test_weight_norm_rhat_sees_a_drift_that_the_loglik_does_not():
+    """Chains whose weights grow in lockstep (as SG-MCMC's do towards the prior's scale, in directions the data
+    leave free) while the fit stays stationary: only the norm's R-hat, and a warning naming the tensor, show it."""
+    gen = torch.Generator().manual_seed(0)
+    c, n = 4, 100
+    grow = torch.linspace(1.0, 1.5, n, dtype=torch.float64).view(n, 1, 1)
+    w = torch.randn(n, c, 50, generator=gen, dtype=torch.float64) * grow  # draw i of chain j at row i * c + j
+    params = {"free.weight": w.reshape(n * c, 5, 10), "fit.bias": torch.randn(n * c, 3, generator=gen)}
+    norms = hmc_diagnostics.norm_traces(params, c)
+    torch.testing.assert_close(norms["free.weight"][2], w[:, 2].square().sum(-1), rtol=1e-6, atol=0)  # float32 norms
+    out = hmc_diagnostics.summarise(torch.randn(c, n, generator=gen), None, norms)
+    assert out["loglik_rhat"] < 1.05 and out["norm_rhat"]["fit.bias"] < 1.05
+    assert out["norm_rhat_max"] == out["norm_rhat"]["free.weight"] > 1.1
+    lines = hmc_diagnostics.convergence_warnings(out, "use more --cycles")
+    assert len(lines) == 1 and "weight-norm R-hat" in lines[0] and "(free.weight)" in lines[0]
 
 
 def test_predictive_summary_skips_constant_points():

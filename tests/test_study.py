@@ -72,7 +72,7 @@ def test_study_writes_the_table_and_a_rerun_reuses_everything(tmp_path, one_thre
         assert table[c].between(0, 1).all()
     bnn = table.model.isin(["vi", "mcmc"])
     assert (table.loc[bnn, "paper_legacy_rob_eps=0.1"] >= LEGACY_FLOOR - 1e-6).all(), "the double-softmax floor"
-    assert table.loc[table.model == "mcmc", "loglik_rhat"].notna().all()
+    assert table.loc[table.model == "mcmc", ["loglik_rhat", "weight_norm_rhat_max"]].notna().all().all()
     assert table.loc[table.model != "mcmc", "loglik_rhat"].isna().all()
     assert table.masking_flags.notna().all()
     everything = json.loads((out / "study.json").read_text())

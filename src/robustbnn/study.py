@@ -36,6 +36,7 @@ from robustbnn.data import Dataset, load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments import runs
 from robustbnn.experiments.demo_report import markdown_table
+from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.checkpoint import CHECKPOINT_FILE
 from robustbnn.posterior import WEIGHTS_FILE, Posterior
 from robustbnn.presets import STUDY
@@ -49,7 +50,8 @@ PAPER_ATTACKS = {"fgsm": {}, "pgd": dict(iterations=40, legacy=True, random_star
 # Settings a model's flags (not its preset keys) carry in `runs.model_settings`.
 FLAG_KEYS = {"ensemble_size", *runs.BNN_FLAGS, *runs.SGHMC_FLAGS}
 # Diagnostics kept in the results (the rest, per-draw traces, stay in the model folder).
-DIAGNOSTICS = ("num_chains", "draws_per_chain", "loglik_rhat", "loglik_ess", "pred_rhat_median", "pred_rhat_max",
+DIAGNOSTICS = ("num_chains", "draws_per_chain", "loglik_rhat", "loglik_ess", "norm_rhat", "norm_rhat_max",
+               "pred_rhat_median", "pred_rhat_max",
                "pred_ess_min", "pred_rhat_below_1.1", "pred_points", "acceptance_rate", "divergences", "time_s")
 
 
@@ -282,9 +284,12 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
         t0 = time.perf_counter()
         model, reused = train_or_reuse(settings, data, models_dir, device, seed=seed, retrain=retrain,
                                        data_dir=data_dir)
-        trained["model"] = model
-        meta = (model or runs.load_model(settings, data, models_dir, device)).meta
-        diag = meta.get("diagnostics") or {}
+        model = trained["model"] = model or runs.load_model(settings, data, models_dir, device)
+        meta = model.meta
+        diag = dict(meta.get("diagnostics") or {})
+        if diag.get("num_chains", 1) > 1 and "norm_rhat" not in diag and settings.get("hmc_mode") != "legacy":
+            # stored before the weight-norm R-hat existed: it needs only the stored draws
+            diag.update(hmc_diagnostics.norm_summary(hmc_diagnostics.norm_traces(model.params, diag["num_chains"])))
         return {"folder": str(folder), "reused_model": reused, "train_time_s": meta.get("train_time_s"),
                 "time_s": time.perf_counter() - t0, "diagnostics": {k: diag[k] for k in DIAGNOSTICS if k in diag}}
 
@@ -364,7 +369,8 @@ def table_row(name: str, spec: dict, results: Path) -> dict | None:
         row[f"softmax_rob_{_eps_label(e)}"] = c["softmax_robustness"] if c else None
     diag = train["result"]["diagnostics"]
     below = diag.get("pred_rhat_below_1.1")
-    row.update(loglik_rhat=diag.get("loglik_rhat"), pred_rhat_max=diag.get("pred_rhat_max"),
+    row.update(loglik_rhat=diag.get("loglik_rhat"), weight_norm_rhat_max=diag.get("norm_rhat_max"),
+               pred_rhat_max=diag.get("pred_rhat_max"),
                pred_rhat_below_1_1_pct=None if below is None else 100.0 * below)
     flags = _read_json(results / "flags.json")
     row["masking_flags"] = (", ".join(f["flag"] for f in flags["result"] if f["raised"]) or "none") if flags else None
@@ -416,9 +422,11 @@ def markdown(table: pd.DataFrame, spec: dict, settings: dict) -> str:
              f"{s['square_queries']} queries), each attack on what the ones before left robust, success judged by "
              "p(x); robust accuracy (%), and 1 - max_k |p(x)_k - p(x')_k| at each correctly classified input's "
              "worst point (the one that broke it, else the lowest-margin point reached).",
-             "- loglik_rhat, pred_rhat_max, pred_rhat_below_1_1_pct: MCMC convergence (split R-hat of the "
-             "training log-likelihood across chains; the largest R-hat of a test predictive probability; the "
-             "share (%) of (test point, class) pairs with R-hat below 1.1).",
+             "- loglik_rhat, weight_norm_rhat_max, pred_rhat_max, pred_rhat_below_1_1_pct: MCMC convergence "
+             "(split R-hat across chains of the training log-likelihood; the largest of the R-hats of each "
+             "parameter tensor's squared norm, which sees weights still drifting where the data do not "
+             "constrain them; the largest R-hat of a test predictive probability; the share (%) of (test point, "
+             "class) pairs with R-hat below 1.1).",
              "- masking_flags: the gradient-masking flags of `robustbnn.evaluate` that were raised.", "",
              "## Settings that deviate from the paper's presets\n"]
     parts += [f"- {d}" for d in spec["deviations"]]

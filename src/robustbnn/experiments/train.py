@@ -22,7 +22,7 @@ from robustbnn.posterior import log_mean_softmax
 # HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
 HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
                         "pred_rhat_max", "pred_rhat_below_1.1",
-                        "loglik_rhat", "loglik_ess", "time_s")
+                        "loglik_rhat", "loglik_ess", "norm_rhat_max", "time_s")
 
 
 def add_arguments(parser, kind: str) -> None:

@@ -257,7 +257,8 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     gradients, exact), time_s, loglik_mean per chain; and, when there are >= 4 draws per chain, split
     R-hat and ESS of the training log-likelihood and (with `x_eval`) of the test predictive probabilities,
     of every (test point, class) pair, or with `y_eval` of the true class only: median/max R-hat, the share
-    below 1.1, and min/median ESS (`hmc_diagnostics.summarise`). No weight-space R-hat.
+    below 1.1, and min/median ESS; R-hat of each parameter tensor's squared norm (not with mode "legacy", whose
+    draws are resampled) (`hmc_diagnostics.summarise`). No R-hat of single weights.
     """
     if mode not in ("full_batch", "legacy"):
         raise UserError(f"unknown HMC mode {mode!r}; choose full_batch or legacy")
@@ -304,7 +305,6 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         probs = every.logits(x_eval.to(device, torch.float32)).softmax(-1).cpu()
         probs = probs.reshape(*samples.shape[:2], *probs.shape[1:])  # (C, draws, B, K)
         eval_probs = probs if y_eval is None else hmc_diagnostics.class_traces(probs, y_eval)
-    diag.update(hmc_diagnostics.summarise(loglik, eval_probs))
     if legacy is not None:
         gen = torch.Generator().manual_seed(int(seed))
         rows = torch.randint(draws, (n_samples,), generator=gen)  # Pyro's get_samples(n): with replacement
@@ -312,9 +312,11 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         diag["legacy"] = legacy
     else:
         rows = torch.arange(n_samples)
-    meta = {"inference": "hmc", "hmc": settings, "diagnostics": diag}
+    kept = interleaved_draws(samples, layout, rows)
+    norms = hmc_diagnostics.norm_traces(kept, num_chains) if legacy is None else None
+    diag.update(hmc_diagnostics.summarise(loglik, eval_probs, norms))
     log(_summary_line(diag))
-    return Posterior.from_arch(arch, interleaved_draws(samples, layout, rows), kind="mcmc", meta=meta)
+    return Posterior.from_arch(arch, kept, kind="mcmc", meta={"inference": "hmc", "hmc": settings, "diagnostics": diag})
 
 
 def interleaved_draws(samples: torch.Tensor, layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -339,6 +341,8 @@ def _summary_line(diag: dict) -> str:
             f"{diag['time_s']:.1f}s")
     if diag.get("loglik_rhat") is not None and diag["num_chains"] > 1:
         text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {diag['loglik_ess']:.0f}"
+    if diag.get("norm_rhat_max") is not None and diag["num_chains"] > 1:
+        text += f"; weight-norm R-hat max {diag['norm_rhat_max']:.3f}"
     return text
 
 

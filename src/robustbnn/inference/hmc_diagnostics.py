@@ -1,10 +1,13 @@
-"""Convergence diagnostics of HMC chains, in function space (never weight space).
+"""Convergence diagnostics of MCMC chains over a network's weights: quantities invariant to its symmetries.
 
-Weight-space R-hat is meaningless for neural networks (hidden units can be permuted, so chains sit
-in equivalent but different modes); the log-likelihood of the training data and the predictive
-probabilities on test inputs are invariant to those symmetries, so they are what we summarise.
-Split R-hat (Gelman et al., BDA3 section 11.4) and effective sample size (Geyer 1992, the
-initial-positive-sequence estimator as in Stan) come from `pyro.ops.stats`.
+R-hat of single weights is meaningless for neural networks (hidden units can be permuted, so chains sit
+in equivalent but different modes). The log-likelihood of the training data, the predictive
+probabilities on test inputs and the squared norm of each parameter tensor are invariant to those
+symmetries, so they are what we summarise. The norms see what the other two cannot: weights that
+still drift in directions the data do not constrain (towards the prior's scale, slowly for SG-MCMC's
+small steps) leave the fit and the test predictive almost unchanged. Split R-hat (Gelman et al., BDA3
+section 11.4) and effective sample size (Geyer 1992, the initial-positive-sequence estimator as in
+Stan) come from `pyro.ops.stats`.
 """
 
 from __future__ import annotations
@@ -50,20 +53,45 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None) -> dict:
-    """R-hat and ESS of the log-likelihood trace (C, N) and of test predictive probabilities (C, N, *pairs):
-    (C, N, B) for one class per test point, or (C, N, B, K) for every (test point, class) pair.
+def norm_traces(params: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
+    """The squared norm ||w||^2 of each parameter tensor at each draw, as (C chains, N draws) traces, from
+    draws (S, *shape) stored interleaved across chains (draw r is chain r % C; an incomplete last round of
+    draws is left out). ||w||^2 is invariant to permutations of hidden units (and to their sign flips)."""
+    out = {}
+    for name, v in params.items():
+        n = v.shape[0] // num_chains
+        norm = torch.linalg.vector_norm(v[:n * num_chains].reshape(n * num_chains, -1).float(), dim=-1)
+        out[name] = norm.double().square().reshape(n, num_chains).T.cpu()
+    return out
 
-    Returns {"loglik_rhat", "loglik_ess", "pred_rhat_median", "pred_rhat_max", "pred_ess_min",
-    "pred_ess_median", "pred_rhat_below_1.1", "pred_points_constant", "pred_points"} (entries that
-    cannot be computed are None). A pair whose probability is the same in every draw has nothing to
-    mix: it is left out of the medians and extremes and counted as converged in "pred_rhat_below_1.1",
-    the fraction of pairs with split R-hat below 1.1.
+
+def norm_summary(norms: dict[str, torch.Tensor]) -> dict:
+    """{"norm_rhat": {name: split R-hat of its (C, N) trace of squared norms}, "norm_rhat_max"} (None where
+    there are too few draws)."""
+    rhat = {name: rhat_ess(t)[0] for name, t in norms.items()}
+    rhat = {name: (None if r is None else _num(r)) for name, r in rhat.items()}
+    known = [r for r in rhat.values() if r is not None]
+    return {"norm_rhat": rhat, "norm_rhat_max": max(known) if known else None}
+
+
+def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None,
+              norms: dict[str, torch.Tensor] | None = None) -> dict:
+    """R-hat and ESS of the log-likelihood trace (C, N), of test predictive probabilities (C, N, *pairs):
+    (C, N, B) for one class per test point, or (C, N, B, K) for every (test point, class) pair, and R-hat of
+    the parameter tensors' squared norms ({name: (C, N)}, `norm_traces`).
+
+    Returns {"loglik_rhat", "loglik_ess", "norm_rhat" ({name: R-hat}), "norm_rhat_max", "pred_rhat_median",
+    "pred_rhat_max", "pred_ess_min", "pred_ess_median", "pred_rhat_below_1.1", "pred_points_constant",
+    "pred_points"} (entries that cannot be computed are None). A pair whose probability is the same in every
+    draw has nothing to mix: it is left out of the medians and extremes and counted as converged in
+    "pred_rhat_below_1.1", the fraction of pairs with split R-hat below 1.1.
     """
     out: dict = {"num_chains": int(loglik.shape[0]), "draws_per_chain": int(loglik.shape[1])}
     rhat, ess = rhat_ess(loglik)
     out["loglik_rhat"] = None if rhat is None else _num(rhat)
     out["loglik_ess"] = None if ess is None else _num(ess)
+    if norms:
+        out.update(norm_summary(norms))
     if eval_probs is None or eval_probs[0, 0].numel() == 0:
         return out
     eval_probs = eval_probs.reshape(*eval_probs.shape[:2], -1)
@@ -100,6 +128,8 @@ def summary_line(sampler: str, diag: dict) -> str:
     text = f"{sampler}: {diag.get('gradient_evaluations')} gradients in {diag.get('time_s', 0.0):.1f}s"
     if diag.get("loglik_rhat") is not None and diag.get("num_chains", 1) > 1:
         text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {_fmt(diag['loglik_ess'], '.0f')}"
+    if diag.get("norm_rhat_max") is not None and diag.get("num_chains", 1) > 1:
+        text += f"; weight-norm R-hat max {diag['norm_rhat_max']:.3f}"
     if diag.get("pred_rhat_below_1.1") is not None:
         text += (f"; predictive R-hat max {_fmt(diag['pred_rhat_max'], '.3f')}, below 1.1 for "
                  f"{100 * diag['pred_rhat_below_1.1']:.2f}% of {diag['pred_points']} (point, class) pairs")
@@ -107,14 +137,19 @@ def summary_line(sampler: str, diag: dict) -> str:
 
 
 def convergence_warnings(diag: dict, advice: str) -> list[str]:
-    """One-line warnings for a run whose chains have not mixed: R-hat above 1.1 (log-likelihood, or more than
-    1% of the predictive pairs), ESS below 10, or (HMC) an acceptance rate below 0.5 or divergences after
-    warm-up. `advice` names the flag
-    to change."""
+    """One-line warnings for a run whose chains have not mixed: R-hat above 1.1 (log-likelihood, a parameter
+    tensor's squared norm, or more than 1% of the predictive pairs), ESS below 10, or (HMC) an acceptance
+    rate below 0.5 or divergences after warm-up. `advice` names the flag to change."""
     out = []
     lr = diag.get("loglik_rhat")
     if lr is not None and lr > RHAT_LIMIT:
         out.append(f"log-likelihood R-hat {lr:.2f} > {RHAT_LIMIT}: the chains disagree; {advice}")
+    nr = diag.get("norm_rhat_max")
+    if nr is not None and nr > RHAT_LIMIT:
+        worst = max((k for k, v in (diag.get("norm_rhat") or {}).items() if v is not None),
+                    key=lambda k: diag["norm_rhat"][k], default="?")
+        out.append(f"weight-norm R-hat {nr:.2f} > {RHAT_LIMIT} ({worst}): the weights still drift, where the "
+                   f"log-likelihood and predictive R-hats do not look; {advice}")
     below = diag.get("pred_rhat_below_1.1")
     if below is not None and below < 0.99:
         out.append(f"predictive R-hat > {RHAT_LIMIT} for {100 * (1 - below):.1f}% of (test point, class) pairs "

@@ -286,8 +286,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
 
     `post.meta`: "inference": "sghmc", the settings ("sghmc") and "diagnostics": time, gradient evaluations
     (minibatch gradients per chain), the log-likelihood of all training data at every draw with its
-    split R-hat and ESS across chains, and with `x_eval` those of the test predictive probabilities of
-    every (test point, class) pair (`hmc_diagnostics.summarise`).
+    split R-hat and ESS across chains, the R-hat of each parameter tensor's squared norm, and with `x_eval`
+    those of the test predictive probabilities of every (test point, class) pair (`hmc_diagnostics.summarise`).
     """
     if int(num_chains) < 1:
         raise UserError(f"num_chains must be at least 1, got {num_chains}")
@@ -330,7 +330,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
                 loglik_per_draw=trace.tolist())
     post = Posterior.from_arch(arch, interleaved_draws(samples, layout, torch.arange(draws * int(num_chains))),
                                kind="mcmc", meta={"inference": "sghmc", "sghmc": settings})
-    diag.update(hmc_diagnostics.summarise(trace, chain_probs(post, int(num_chains), x_eval)))
+    diag.update(hmc_diagnostics.summarise(trace, chain_probs(post, int(num_chains), x_eval),
+                                          hmc_diagnostics.norm_traces(post.params, int(num_chains))))
     post.meta["diagnostics"] = diag
     log(hmc_diagnostics.summary_line("sghmc", diag))
     return post
