@@ -127,6 +127,10 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
     g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
 
 
+# The settings `run_sghmc` takes (besides data, seed and device).
+SGHMC_ARGS = ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype", *SGHMC_FLAGS)
+
+
 def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None = None, **fixed) -> dict:
     """The settings of a model of `kind` (nn, ensemble, bnn) trained on the first `n_inputs` points.
 
@@ -243,8 +247,7 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume
                         x_eval=data.x_test[:1000], **common)
         warn(model.meta["diagnostics"], "use more --n_samples or --thin, a longer --warmup, or more --num_chains")
     else:
-        chosen = ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype", *SGHMC_FLAGS)
-        model = run_sghmc(arch, x, y, **{k: s[k] for k in chosen}, seed=seed, x_eval=data.x_test, **common)
+        model = run_sghmc(arch, x, y, **{k: s[k] for k in SGHMC_ARGS}, seed=seed, x_eval=data.x_test, **common)
         warn(model.meta["diagnostics"], "use more --cycles, longer cycles (--epochs_per_cycle) or more --num_chains")
     model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
                       train_time_s=time.perf_counter() - t0)

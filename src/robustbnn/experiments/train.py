@@ -14,7 +14,7 @@ from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, nonneg_int, setup, str2bool
-from robustbnn.experiments.runs import (SGHMC_FLAGS, add_model_flags, arch_of, model_folder, model_settings,
+from robustbnn.experiments.runs import (SGHMC_ARGS, add_model_flags, arch_of, model_folder, model_settings,
                                         record_metrics, train_or_load)
 from robustbnn.inference.fidelity import validate_on_subset
 from robustbnn.posterior import log_mean_softmax
@@ -67,7 +67,7 @@ def validate(settings: dict, data, n: int, device, seed: int, folder) -> dict:
     """--validate_against_hmc: what SGHMC costs in fidelity, against full-batch HMC on n training points."""
     if settings["inference"] != "sghmc":
         raise UserError("--validate_against_hmc compares SGHMC with HMC; use it with --inference sghmc")
-    sghmc = {k: settings[k] for k in ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype", *SGHMC_FLAGS)}
+    sghmc = {k: settings[k] for k in SGHMC_ARGS}
     res = validate_on_subset(arch_of(settings, data), data.x_train, data.y_train, data.x_test, n, sghmc, seed=seed,
                              device=device)
     record_metrics(folder, {"validate_against_hmc": res})

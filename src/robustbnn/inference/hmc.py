@@ -336,14 +336,8 @@ def interleaved_draws(samples: torch.Tensor, layout, rows: torch.Tensor) -> dict
 
 def _summary_line(diag: dict) -> str:
     acc = ", ".join(f"{a:.2f}" for a in diag["acceptance_rate"])
-    text = (f"hmc: acceptance {acc}; divergences {sum(diag['divergences'])} after warm-up, "
-            f"{sum(diag['divergences_warmup'])} during; {diag['gradient_evaluations']} gradients in "
-            f"{diag['time_s']:.1f}s")
-    if diag.get("loglik_rhat") is not None and diag["num_chains"] > 1:
-        text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {diag['loglik_ess']:.0f}"
-    if diag.get("norm_rhat_max") is not None and diag["num_chains"] > 1:
-        text += f"; weight-norm R-hat max {diag['norm_rhat_max']:.3f}"
-    return text
+    return hmc_diagnostics.summary_line("hmc", diag, head=f"acceptance {acc}; divergences {sum(diag['divergences'])} "
+                                        f"after warm-up, {sum(diag['divergences_warmup'])} during; ")
 
 
 def _legacy_batch(x, y, n_samples: int, batch_size, num_chains: int):

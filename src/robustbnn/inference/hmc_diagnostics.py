@@ -123,9 +123,10 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def summary_line(sampler: str, diag: dict) -> str:
-    """One line of a finished run's convergence diagnostics, for the log."""
-    text = f"{sampler}: {diag.get('gradient_evaluations')} gradients in {diag.get('time_s', 0.0):.1f}s"
+def summary_line(sampler: str, diag: dict, head: str = "") -> str:
+    """One line of a finished run's convergence diagnostics, for the log (`head`: the sampler's own figures
+    first, e.g. HMC's acceptance)."""
+    text = f"{sampler}: {head}{diag.get('gradient_evaluations')} gradients in {diag.get('time_s', 0.0):.1f}s"
     if diag.get("loglik_rhat") is not None and diag.get("num_chains", 1) > 1:
         text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {_fmt(diag['loglik_ess'], '.0f')}"
     if diag.get("norm_rhat_max") is not None and diag.get("num_chains", 1) > 1:
