@@ -63,7 +63,8 @@ def main():
     bnn = guide.draw(20, seed=0)
     emit("crosscheck", "bnn_clean_accuracy", round(robust(bnn, x, y), 2), "%")
     for eps in (0.1, 0.3):
-        ours = evaluate(bnn, x, y, [eps], Settings(square_queries=1000), legacy=False, flags=False)
+        ours = evaluate(bnn, x, y, [eps], Settings(square_queries=1000, effort_rounds=0), legacy=False,
+                        flags=False)
         aa = torchattacks.AutoAttack(bnn.as_module(), norm="Linf", eps=eps, version="rand", n_classes=10, seed=0)
         for atk in aa._autoattack.attacks:
             atk.steps = 100

@@ -59,7 +59,7 @@ def main():
     x, _ = random_inputs(n_inputs)
     y = post.log_predictive(x).argmax(-1)  # every input starts correct
     ours_iters = max(1, steps * 20 // post.n_samples)
-    settings = Settings(attacks=("apgd-ce", "apgd-dlr"), iterations=ours_iters)
+    settings = Settings(attacks=("apgd-ce", "apgd-dlr"), iterations=ours_iters, effort_rounds=0)  # equal budgets
     result = {}
 
     def ours():

@@ -164,12 +164,42 @@ def test_more_effort_check_reattacks_at_the_eps_that_left_the_most_robust_inputs
     # at eps = the whole box nothing survives, so re-attacking there would check nothing
     post = conv_ensemble()
     x, y = data(post)
-    out = evaluate(post, x, y, [0.02, 1.0], Settings(iterations=10, square_queries=50), legacy=False)
+    out = evaluate(post, x, y, [0.02, 1.0], Settings(iterations=10, square_queries=50, effort_rounds=0), legacy=False)
     s = out["summary"]
     assert s.robust_acc.iloc[1] == 0 < s.robust_acc.iloc[0]
     n = round(s.robust_acc.iloc[0] * len(x) / 100)
     detail = next(f["detail"] for f in out["flags"] if f["flag"] == "more_effort_lowers_accuracy")
     assert f"of the {n} inputs left robust at eps = 0.02 " in detail
+
+
+def test_effort_rounds_lower_a_weak_battery_and_stop_when_more_effort_stops_paying():
+    """Round k re-runs APGD-CE and APGD-DLR with 2^k times the iterations and k more restarts on what is still
+    robust; the rounds stop after one that breaks at most 1% of the inputs, and the more-effort flag reads the
+    last round instead of attacking again."""
+    post = conv_ensemble()
+    x, y = data(post, 100)
+    weak = Settings(attacks=("apgd-ce",), iterations=2)
+    plain = evaluate(post, x, y, [0.1], Settings(**{**weak.__dict__, "effort_rounds": 0}), legacy=False, flags=False)
+    out = evaluate(post, x, y, [0.1], Settings(**{**weak.__dict__, "effort_rounds": 3}), legacy=False)
+    per, s = out["per_input"], out["summary"]
+    assert s.robust_acc.iloc[0] < plain["summary"].robust_acc.iloc[0]  # the effort found what 2 iterations missed
+    assert s["acc_after_apgd-ce"].iloc[0] == plain["summary"].robust_acc.iloc[0]  # the battery itself is unchanged
+    k = s.effort_rounds_run.iloc[0]
+    assert k >= 1
+    survivors = set(per[(per.attack == "apgd-ce") & ~per.broken].input)
+    assert set(per[per.attack == "apgd-ce-effort1"].input) == survivors  # only what the battery left robust
+    # cost per input: (iterations + 1) per restart
+    assert per[per.attack == "apgd-ce-effort1"].cost.max() == (2 * 2 + 1) * 2
+    for r in range(1, k + 1):
+        broke = per[per.attack.str.endswith(f"-effort{r}")].broken.sum()
+        if r < k:  # a round that ran on means the one before it still paid
+            assert 100 * broke / len(x) > 1.0
+    last = per[per.attack.str.endswith(f"-effort{k}")].broken.sum()
+    left = round(s.robust_acc.iloc[0] * len(x) / 100)
+    assert k == 3 or 100 * last / len(x) <= 1.0 or left == 0
+    flag = next(f for f in out["flags"] if f["flag"] == "more_effort_lowers_accuracy")
+    assert f"effort round {k} " in flag["detail"]
+    assert flag["raised"] == (100 * last / len(x) > 1.0 and left > 0)
 
 
 def test_fresh_sample_defence_uses_eot_and_reports_fooled_share():

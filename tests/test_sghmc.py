@@ -181,3 +181,48 @@ def test_validate_flag_needs_sghmc(tmp_path, capsys):
         main(["train-bnn", "--dataset", "half_moons", "--model_idx", "1", "--n_inputs", "100", "--hidden_size", "4",
               "--n_samples", "2", "--warmup", "2", "--savedir", str(tmp_path), "--validate_against_hmc", "50"])
     assert e.value.code != 0 and "--inference sghmc" in capsys.readouterr().err
+
+
+def test_extending_chains_starts_at_each_chains_last_draw():
+    """`init`: chain c continues from the last draw of chain c of the earlier run (draws interleaved), so a
+    cold, tiny-step extension stays where each chain stopped; a posterior with another number of chains or
+    another architecture is a one-line error."""
+    data, arch = moons(200)
+    quiet = dict(log=lambda *_: None)
+    first = run_sghmc(arch, data.x_train, data.y_train, cycles=3, burnin_cycles=1, samples_per_cycle=1, lr=0.05,
+                      batch_size=40, num_chains=3, **quiet)
+    still = run_sghmc(arch, data.x_train, data.y_train, cycles=1, burnin_cycles=0, lr=1e-12, temperature=1e-12,
+                      batch_size=40, num_chains=3, init=first, **quiet)
+    for name, v in first.params.items():  # first: 2 draws x 3 chains; the last 3 rows are each chain's last draw
+        assert torch.allclose(still.params[name], v[-3:], atol=1e-6)
+        assert not torch.allclose(v[-3:], v[:3])  # and they are not the chains' first draws
+    with pytest.raises(UserError, match="3 chains"):
+        run_sghmc(arch, data.x_train, data.y_train, cycles=1, burnin_cycles=0, batch_size=40, num_chains=2,
+                  init=first, **quiet)
+    wider = dict(arch, hidden_size=8)
+    with pytest.raises(UserError, match="architecture"):
+        run_sghmc(wider, data.x_train, data.y_train, cycles=1, burnin_cycles=0, batch_size=40, num_chains=3,
+                  init=first, **quiet)
+
+
+def test_train_bnn_init_from_extends_a_saved_run(tmp_path, capsys):
+    """`train-bnn --init_from FOLDER`: a model of its own (folder suffix `_from=`), started at the saved chains'
+    last draws (read without loading the rest); with another inference it is a one-line error."""
+    from tests.conftest import run_cli
+
+    base = ["train-bnn", "--dataset", "half_moons", "--model_idx", "1", "--n_inputs", "200", "--hidden_size", "4",
+            "--inference", "sghmc", "--cycles", "3", "--burnin_cycles", "1", "--num_chains", "2", "--batch_size",
+            "50", "--savedir", tmp_path]
+    code, _, err = run_cli(base, capsys)
+    assert code == 0, err
+    (first,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    code, _, err = run_cli(base + ["--init_from", first, "--cycles", "2"], capsys)
+    assert code == 0, err
+    (second,) = [p for p in tmp_path.iterdir() if p.is_dir() and p != first]
+    assert "_from=" in second.name and "_from=" not in first.name
+    from robustbnn.posterior import load
+    assert load(second).meta["sghmc"]["extends_chains"] is True
+    assert load(first, last=2).n_samples == 2
+    hmc = base[:9] + ["--inference", "hmc", "--n_samples", "2", "--warmup", "2", "--savedir", tmp_path]
+    code, _, err = run_cli(hmc + ["--init_from", first], capsys)
+    assert code != 0 and "--init_from extends SGHMC chains" in err and "Traceback" not in err

@@ -159,9 +159,10 @@ def test_correct_evaluation_is_the_battery(one_thread):
     x, y, s = data.x_test[:60], data.y_test[:60], battery.Settings(iterations=5, square_queries=20)
     mine, frame = study.correct_evaluation(post, x, y, 0.1, s, (0.0, 1.0))
     theirs = battery.evaluate(post, x, y, [0.1], s, legacy=False, flags=False)["summary"].iloc[0]
-    for k in ("clean_acc", "robust_acc", *(f"acc_after_{a}" for a in s.attacks)):
+    for k in ("clean_acc", "robust_acc", "effort_rounds_run", *(f"acc_after_{a}" for a in s.attacks)):
         assert mine[k] == pytest.approx(theirs[k]), k
-    assert 0 <= mine["softmax_robustness"] <= 1 and set(frame.attack) <= {"clean", *s.attacks}
+    effort = {battery.effort_label(a, k) for a in ("apgd-ce", "apgd-dlr") for k in range(1, s.effort_rounds + 1)}
+    assert 0 <= mine["softmax_robustness"] <= 1 and set(frame.attack) <= {"clean", *s.attacks, *effort}
 
 
 def test_specs_cover_both_datasets_and_scales():
@@ -234,3 +235,21 @@ def test_the_command_on_a_real_mnist_slice(real_data_root, tmp_path, capsys, mon
     assert 0 <= acc["robust_acc_eps=0.1"] <= 100 and 0 <= acc["paper_pgd_acc_eps=0.1"] <= 100
     code, _, err = run_cli(args, capsys)
     assert code == 0 and err.count("(done before, reused)") == 4
+
+
+def test_an_extended_mcmc_model_trains_the_run_it_extends_first(tmp_path, one_thread):
+    """A study model with `extends` continues the chains of the run those overrides give: that run is trained
+    (or reused) first, in the same models folder, and the table's model starts at its chains' last draws."""
+    spec = tiny_spec()
+    spec["models"] = {"mcmc": dict(spec["models"]["mcmc"], cycles=2, burnin_cycles=1,
+                                   extends=dict(cycles=3, burnin_cycles=1))}
+    res, lines = run(spec, tmp_path)
+    folders = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert len(folders) == 2 and sum("_from=" in f for f in folders) == 1
+    first = next(f for f in folders if "_from=" not in f)
+    assert "cycles=3x2ep" in first
+    settings = study.model_settings(spec["models"]["mcmc"], spec["n_train"])
+    assert settings["init_from"] == first and settings["cycles"] == 2
+    assert pd.read_csv(tmp_path / "mnist_cpu" / "table.csv").model.tolist() == ["mcmc"]
+    _, again = run(spec, tmp_path)
+    assert all(line.endswith("(done before, reused)") for line in again), again

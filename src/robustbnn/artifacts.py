@@ -102,7 +102,8 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
         return name + (f"_chains={g['num_chains']}_cycles={g['cycles']}x{g['epochs_per_cycle']}ep"
                        f"_burnin={g['burnin_cycles']}"
                        f"_samp={g['samples_per_cycle']}_lr={lr}_T={g['temperature']}"
-                       + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else "") + grad)
+                       + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else "")
+                       + (f"_from={g['init_from']}" if g.get("init_from") else "") + grad)
     return name + f"_ep={epochs}_lr={lr}"
 
 

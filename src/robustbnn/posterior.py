@@ -674,13 +674,14 @@ def _save(folder, tensors: dict, stored: str, obj) -> Path:
     return folder
 
 
-def _record(path: Path) -> tuple[dict, dict]:
+def _record(path: Path, last: int | None = None) -> tuple[dict, dict]:
     try:
-        tensors = load_file(str(path), device="cpu")
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+            # `last`: only the last samples, read from the file without loading the rest
+            tensors = {k: f.get_slice(k)[-last:] for k in f.keys()} if last else load_file(str(path), device="cpu")
         record = json.loads(metadata[METADATA_KEY])
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise UserError(f"corrupt or foreign saved model {path} ({exc.__class__.__name__}: {exc}); train it again") \
@@ -697,18 +698,22 @@ def _record(path: Path) -> tuple[dict, dict]:
     return record, tensors
 
 
-def load(path, device="cpu", arch: Architecture | dict | None = None) -> "Posterior | MeanFieldGuide":
+def load(path, device="cpu", arch: Architecture | dict | None = None,
+         last: int | None = None) -> "Posterior | MeanFieldGuide":
     """Load a saved model: a `Posterior` (samples), or a `MeanFieldGuide` for VI (draw samples from it).
 
     `path` is the file or its folder. Loading imports only the architecture's factory. If `arch` (or
     a built-in spec dict) is given, the saved architecture must equal it: a model that does not match
-    the requested preset or dataset is an error, not a silent reinterpretation.
+    the requested preset or dataset is an error, not a silent reinterpretation. `last`: only the last
+    `last` samples of a posterior, read without loading the others (an MCMC run's file can hold 9 GB).
     """
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
     if not file.exists():
         raise UserError(f"no saved model at {file} (train it first, or point --savedir at its parent folder)")
-    record, tensors = _record(file)
+    record, tensors = _record(file, last)
+    if last and record["stored"] == "guide":
+        raise UserError(f"{file} holds a VI guide, not samples: it has no last samples to read")
     saved = Architecture.from_json(record["arch"])
     if arch is not None:
         wanted = arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))

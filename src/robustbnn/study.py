@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from robustbnn import attacks, measures
 from robustbnn import evaluate as battery
@@ -81,11 +80,24 @@ def study_spec(dataset: str, scale: str = "cpu", *, models=None, n_test: int | N
 
 
 def model_settings(spec_model: dict, n_train: int) -> dict:
-    """The `runs` settings of one study model: its preset keys as the base, its flags as flags."""
+    """The `runs` settings of one study model: its preset keys as the base, its flags as flags. An SGHMC model
+    with `extends` (overrides) extends the chains of the model those overrides give (`extended_model`)."""
     kind = spec_model["kind"]
+    first = extended_model(spec_model, n_train)
+    spec_model = {k: v for k, v in spec_model.items() if k != "extends"}
     base = {k: v for k, v in spec_model.items() if k != "kind" and k not in FLAG_KEYS}
     flags = {k: v for k, v in spec_model.items() if k in FLAG_KEYS}
+    if first is not None:  # its folder's name: `runs` looks it up beside the new model's folder
+        flags["init_from"] = runs.model_folder(".", first).name
     return runs.model_settings(kind, flags, n_inputs=n_train, base=base)
+
+
+def extended_model(spec_model: dict, n_train: int) -> dict | None:
+    """The settings of the run whose chains a model with `extends` continues (None without)."""
+    if not spec_model.get("extends"):
+        return None
+    first = {k: v for k, v in spec_model.items() if k != "extends"} | spec_model["extends"]
+    return model_settings(first, n_train)
 
 
 def _plain(obj):
@@ -133,7 +145,8 @@ def _with_new_flags(model: dict) -> dict:
     which is what those models were trained with, so that older models and results are still reused."""
     if model.get("model_type") != "bnn":
         return model
-    return {**{k: default for k, (default, _) in runs.BNN_FLAGS.items()}, **model}
+    new = runs.BNN_FLAGS | (runs.SGHMC_FLAGS if model.get("inference") == "sghmc" else {})
+    return {**{k: default for k, (default, _) in new.items()}, **model}
 
 
 def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, seed: int, retrain: bool = False,
@@ -195,35 +208,19 @@ def paper_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: flo
 
 def correct_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, s: battery.Settings, bounds,
                        progress: bool = False) -> tuple[dict, pd.DataFrame]:
-    """The battery at `eps`, as `evaluate.battery` runs it (each attack on the inputs still robust, success
-    judged by the posterior predictive), keeping each input's worst point: the one that broke it, else the
-    lowest-margin point any attack reached.
+    """`evaluate.battery` at `eps` (each attack on the inputs still robust, then the effort rounds, success judged
+    by the posterior predictive) and the softmax robustness at each input's worst point.
 
-    Returns ({clean_acc, robust_acc, acc_after_<attack>, softmax_robustness}, the per-input frame of
-    `evaluate.battery` with an eps column). The softmax robustness is averaged over the inputs that are
+    Returns ({clean_acc, acc_after_<attack>, robust_acc, effort_rounds_run, softmax_robustness}, the per-input
+    frame of `evaluate.battery` with an eps column). The softmax robustness is averaged over the inputs that are
     classified correctly (the only ones the battery attacks).
     """
-    m_clean = attacks.margin(post.log_predictive(x), y)
-    robust, worst, m_worst = m_clean >= 0, x.clone(), m_clean.clone()
-    correct = robust.clone()
-    rows = [pd.DataFrame({"attack": "clean", "input": range(len(x)), "broken": (~robust).cpu().numpy(),
-                          "margin": m_clean.cpu().numpy(), "cost": 0.0})]
-    result = {"clean_acc": 100.0 * correct.float().mean().item()}
-    for name in tqdm(s.attacks, desc=f"battery eps={eps:g}", leave=False, disable=not progress):
-        idx = robust.nonzero().flatten()
-        if len(idx):
-            x_adv, cost = battery.run_attack(name, post, x[idx], y[idx], eps, s, bounds)
-            m = attacks.margin(post.log_predictive(x_adv), y[idx])
-            lower = m < m_worst[idx]
-            worst[idx[lower]], m_worst[idx[lower]] = x_adv[lower], m[lower]
-            robust[idx[m < 0]] = False
-            rows.append(pd.DataFrame({"attack": name, "input": idx.cpu().numpy(), "broken": (m < 0).cpu().numpy(),
-                                      "margin": m.cpu().numpy(), "cost": cost.cpu().numpy()}))
-        result[f"acc_after_{name}"] = 100.0 * robust.float().mean().item()
-    result["robust_acc"] = 100.0 * robust.float().mean().item()
+    frame, worst = battery.battery(post, x, y, eps, s, bounds, progress)
+    result = battery.accuracies(frame, s.attacks)
+    correct = ~torch.tensor(frame[frame.attack == "clean"].sort_values("input").broken.to_numpy(), device=x.device)
     rob = measures.softmax_robustness(post.predictive(x[correct]), post.predictive(worst[correct]))
     result["softmax_robustness"] = rob.mean().item() if len(rob) else float("nan")
-    return result, pd.concat(rows, ignore_index=True).assign(eps=eps)
+    return result, frame.assign(eps=eps)
 
 
 def masking_flags(post: Posterior, x, y, paper: dict, correct: dict, per_input: pd.DataFrame, s: battery.Settings,
@@ -282,6 +279,9 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
 
     def train():
         t0 = time.perf_counter()
+        first = extended_model(spec["models"][name], spec["n_train"])
+        if first is not None:  # the run these chains extend, trained or reused first
+            train_or_reuse(first, data, models_dir, device, seed=seed, retrain=retrain, data_dir=data_dir)
         model, reused = train_or_reuse(settings, data, models_dir, device, seed=seed, retrain=retrain,
                                        data_dir=data_dir)
         model = trained["model"] = model or runs.load_model(settings, data, models_dir, device)
@@ -418,8 +418,7 @@ def markdown(table: pd.DataFrame, spec: dict, settings: dict) -> str:
              "BNNs); adversarial accuracy (%) and the paper's softmax robustness of the PGD points (double "
              "softmax for BNNs: it cannot fall below 0.853 with 10 classes whatever the attack does).",
              f"- robust_acc, softmax_rob: the correct evaluation. Worst case per input over "
-             f"{', '.join(s['attacks'])} (APGD {s['iterations']} iterations, {s['restarts']} restart(s); Square "
-             f"{s['square_queries']} queries), each attack on what the ones before left robust, success judged by "
+             f"{battery.describe(s)}, each attack on what the ones before left robust, success judged by "
              "p(x); robust accuracy (%), and 1 - max_k |p(x)_k - p(x')_k| at each correctly classified input's "
              "worst point (the one that broke it, else the lowest-margin point reached).",
              "- loglik_rhat, weight_norm_rhat_max, pred_rhat_max, pred_rhat_below_1_1_pct: MCMC convergence "

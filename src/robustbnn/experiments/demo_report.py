@@ -5,10 +5,12 @@ Every sentence that states a finding is computed from the numbers of the run it 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
+from robustbnn import evaluate as battery
 from robustbnn.artifacts import write_text
 from robustbnn.plots import LABELS
 
@@ -66,9 +68,9 @@ def _verdict_section(summary: pd.DataFrame, flags: list[dict], spec: dict) -> li
     worst = summary.loc[(summary.legacy_pgd_acc - summary.robust_acc).idxmax()]
     label = LABELS.get(worst.model, worst.model)
     lines = ["## Verdict: the evaluation battery\n",
-             f"`robustbnn evaluate` at reduced effort on the first {int(spec['points'])} test points: APGD-CE and "
-             f"APGD-DLR ({s.iterations} iterations), then Square ({s.square_queries} queries) on what they left; an "
-             "input counts as robust only if every attack fails, judged by the posterior predictive of all the "
+             f"`robustbnn evaluate` at reduced effort on the first {int(spec['points'])} test points: "
+             f"{battery.describe(asdict(s))}; an input counts as robust only if every attack fails, judged by the "
+             "posterior predictive of all the "
              "model's samples (fixed samples: no EOT needed).\n", markdown_table(table), "",
              f"The largest gap: the paper's evaluation reports {worst.legacy_pgd_acc:.1f}% for {label} at eps = "
              f"{worst.eps:g}, the battery {worst.robust_acc:.1f}%. "]

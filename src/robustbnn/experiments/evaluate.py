@@ -22,7 +22,7 @@ from robustbnn.artifacts import read_csv, resolve_savedir, write_csv, write_json
 from robustbnn.attacks.losses import fixed_samples
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import add_common, float_list, positive_int, setup, str2bool
+from robustbnn.experiments.common import add_common, float_list, nonneg_int, positive_int, setup, str2bool
 from robustbnn.experiments.demo_report import markdown_table
 from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
 from robustbnn.posterior import Posterior, load
@@ -40,6 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=positive_int, default=100, help="APGD / PGD iterations")
     parser.add_argument("--restarts", type=positive_int, default=1, help="APGD / PGD restarts")
     parser.add_argument("--square_queries", type=positive_int, default=1000, help="Square queries per input")
+    parser.add_argument("--effort_rounds", type=nonneg_int, default=2,
+                        help="after the battery, up to this many rounds of APGD-CE and APGD-DLR with 2^k times the "
+                             "iterations and k more restarts on what is still robust, stopping once a round breaks "
+                             "at most 1%% of the inputs (0: the battery alone)")
     parser.add_argument("--samples", type=positive_int, default=None,
                         help="the defender's weight samples (default: all stored; VI: the number kept at training)")
     parser.add_argument("--fresh_samples", type=str2bool, default=False,
@@ -87,7 +91,7 @@ def run(args) -> dict:
     device = setup(args)
     attacks = tuple(a for a in args.attacks.split(",") if a)
     settings = battery.Settings(attacks, args.iterations, args.restarts, args.square_queries, args.eot_iter,
-                                args.fresh_draws, args.seed).check()
+                                args.fresh_draws, args.seed, args.effort_rounds).check()
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), n_inputs=args.n_inputs, fresh_samples=args.fresh_samples, samples=args.samples,
                   legacy=args.legacy, attacks=list(attacks))
@@ -146,8 +150,7 @@ def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) 
     legacy = [c for c in ("legacy_fgsm_acc", "legacy_pgd_acc", "legacy_softmax_robustness", "fooled_share")
               if c in summary]
     parts = ["# Robustness verdict\n",
-             f"Battery: {', '.join(record['attacks'])} (APGD {record['iterations']} iterations, {record['restarts']} "
-             f"restart(s); Square {record['square_queries']} queries), worst case per input, on the first "
+             f"Battery: {battery.describe(record)}, worst case per input, on the first "
              f"{record['n_inputs']} test points. An input is robust only if it is classified correctly and every "
              "attack fails, judged by the defender's full posterior predictive.\n",
              "![robust accuracy](robust_accuracy.png)\n", "## Robust accuracy (%)\n",

@@ -89,6 +89,8 @@ SGHMC_FLAGS = {
     "friction": (0.1, dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)")),
     "temperature": (1.0, dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)")),
     "explore_fraction": (0.5, dict(type=nonneg_float, help="SGHMC: first fraction of each cycle run without noise")),
+    "init_from": (None, dict(metavar="FOLDER", help="SGHMC: extend the chains of this saved SGHMC (or HMC) model of "
+                             "the same architecture and --num_chains: each chain starts at its last draw")),
 }
 
 
@@ -128,7 +130,8 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
 
 
 # The settings `run_sghmc` takes (besides data, seed and device).
-SGHMC_ARGS = ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype", *SGHMC_FLAGS)
+SGHMC_ARGS = ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype",
+              *(k for k in SGHMC_FLAGS if k != "init_from"))
 
 
 def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None = None, **fixed) -> dict:
@@ -168,6 +171,8 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
             s.update(n_samples=None, warmup=None, epochs=None, step_size=None, num_steps=None)
             s.update({k: flags.get(k, default) for k, (default, _) in SGHMC_FLAGS.items()})
             s.update({k: v for k, v in SGHMC_DEFAULTS.items() if s.get(k) is None})
+        if flags.get("init_from") and s["inference"] != "sghmc":
+            raise UserError("--init_from extends SGHMC chains; use it with --inference sghmc")
         if s["grad_dtype"] != "float32" and s["inference"] != "sghmc":
             raise UserError(f"--grad_dtype {s['grad_dtype']} is for --inference sghmc: HMC's Metropolis test stays "
                             "exact with bfloat16 leapfrog gradients, but they cut its effective samples per gradient "
@@ -200,6 +205,20 @@ def arch_label(arch: dict) -> str:
     return label
 
 
+def init_label(init_from) -> str | None:
+    """A model extended from another in a folder name: a digest of the other's folder name."""
+    if not init_from:
+        return None
+    return hashlib.sha1(Path(init_from).resolve().name.encode()).hexdigest()[:8]
+
+
+def init_folder(init_from, folder: Path) -> Path:
+    """--init_from's folder: a path, or a bare folder name looked up beside the new model's `folder` (the same
+    --savedir, as the study names the runs it extends)."""
+    path = Path(init_from)
+    return folder.parent / path if len(path.parts) == 1 and not path.exists() else path
+
+
 def model_folder(savedir: str, settings: dict) -> Path:
     """<savedir>/<the seed's name for this model>."""
     s = settings
@@ -214,7 +233,8 @@ def model_folder(savedir: str, settings: dict) -> Path:
                           n_inputs=s["n_inputs"] if s["dataset"] == "half_moons" else None,
                           n_samples=s.get("n_samples"), warmup=s.get("warmup"), step_size=s.get("step_size"),
                           num_steps=s.get("num_steps"), thin=s.get("thin", 1),
-                          sghmc={k: s[k] for k in ("num_chains", "prior_scale", *SGHMC_FLAGS)}
+                          sghmc=dict({k: s.get(k) for k in ("num_chains", "prior_scale", *SGHMC_FLAGS)},
+                                     init_from=init_label(s.get("init_from")))
                           if s["inference"] == "sghmc" else None, grad_dtype=s.get("grad_dtype", "float32"))
     return resolve_savedir(savedir) / name
 
@@ -247,8 +267,12 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume
                         x_eval=data.x_test[:1000], **common)
         warn(model.meta["diagnostics"], "use more --n_samples or --thin, a longer --warmup, or more --num_chains")
     else:
-        model = run_sghmc(arch, x, y, **{k: s[k] for k in SGHMC_ARGS}, seed=seed, x_eval=data.x_test, **common)
-        warn(model.meta["diagnostics"], "use more --cycles, longer cycles (--epochs_per_cycle) or more --num_chains")
+        init = (posterior.load(init_folder(s["init_from"], folder), device=device, last=s["num_chains"])
+                if s.get("init_from") else None)
+        model = run_sghmc(arch, x, y, **{k: s[k] for k in SGHMC_ARGS}, seed=seed, x_eval=data.x_test, init=init,
+                          **common)
+        warn(model.meta["diagnostics"], "use more --cycles, longer cycles (--epochs_per_cycle) or more "
+                                        "--num_chains, or extend this run with --init_from")
     model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
                       train_time_s=time.perf_counter() - t0)
     model.save(folder)

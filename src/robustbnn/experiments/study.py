@@ -15,7 +15,7 @@ from robustbnn.experiments.common import PROGRESS, add_common, positive_int, set
 
 SCALE_HELP = ("cpu: the paper's MNIST-size models on all 60000 training points with a CPU budget (fc2 VI instead "
               "of conv VI, cyclical SGHMC instead of HMC; first 1000 test points, 20 posterior samples), about "
-              "80 minutes for MNIST and 3.5 hours for Fashion-MNIST on 2 CPU cores; paper: the paper's VI "
+              "80 minutes for MNIST and 4.5 hours for Fashion-MNIST on 2 CPU cores; paper: the paper's VI "
               "presets (conv) and full-batch HMC (4 chains, 500 warm-up, 200 samples), the whole test set and 100 "
               "samples, meant for --device cuda")
 

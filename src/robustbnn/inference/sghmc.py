@@ -274,11 +274,16 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
               samples_per_cycle: int = 1, burnin_cycles: int = 10, lr: float = 0.1, friction: float = 0.1,
               temperature: float = 1.0, explore_fraction: float = 0.5, batch_size: int = 500, num_chains: int = 4,
               prior_scale: float = 1.0, grad_dtype: str = "float32", seed: int = 0, device="cpu", x_eval=None,
-              checkpoint=None, resume: bool = False, progress: bool = False, log=print) -> Posterior:
+              init: Posterior | None = None, checkpoint=None, resume: bool = False, progress: bool = False,
+              log=print) -> Posterior:
     """Sample the BNN posterior of `arch` on (x, y) with cyclical SGHMC; return a `Posterior` of kind mcmc.
 
-    `num_chains` chains from `nets.init_params(arch, seed + c)`, each `cycles` cycles of `epochs_per_cycle`
-    epochs of minibatches of `batch_size`, keeping `samples_per_cycle` draws per cycle after the first
+    `num_chains` chains from `nets.init_params(arch, seed + c)`, or, to extend the chains of an earlier run,
+    from the last draw of each of the `num_chains` chains of `init` (an SGHMC or HMC posterior of the same
+    architecture, draws interleaved; the momentum starts at 0, as it nearly is at a cycle's end; the random
+    numbers come from `seed` mixed with a digest of those draws, so that they differ from the earlier run's
+    even with the same seed); each runs
+    `cycles` cycles of `epochs_per_cycle` epochs of minibatches of `batch_size`, keeping `samples_per_cycle` draws per cycle after the first
     `burnin_cycles` (see the module docstring for the schedule); `grad_dtype` "bfloat16" runs the
     gradients' matrix products in bfloat16 (`bnn_minibatch_grad`). The Posterior holds all
     (cycles - burnin_cycles) * samples_per_cycle * num_chains draws, interleaved across chains (draw 0 of
@@ -307,14 +312,18 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
                     burnin_cycles=int(burnin_cycles),
                     lr=float(lr), friction=float(friction), temperature=float(temperature),
                     explore_fraction=float(explore_fraction), batch_size=int(batch_size), num_chains=int(num_chains),
-                    prior_scale=float(prior_scale), grad_dtype=str(grad_dtype), seed=int(seed))
+                    prior_scale=float(prior_scale), grad_dtype=str(grad_dtype), seed=int(seed),
+                    extends_chains=init is not None)
     dtype = as_grad_dtype(grad_dtype)
     cfg = SGHMCSettings(int(cycles), int(epochs_per_cycle) * (len(x) // int(batch_size)), int(samples_per_cycle),
                         float(lr), float(friction), float(temperature), float(explore_fraction), len(x),
                         int(batch_size), int(burnin_cycles))
     layout = param_layout(init_params(arch, seed))
-    q0 = torch.stack([flatten(init_params(arch, seed + c), layout) for c in range(int(num_chains))]).to(device)
+    q0 = (last_draws(init, layout, int(num_chains)) if init is not None else
+          torch.stack([flatten(init_params(arch, seed + c), layout) for c in range(int(num_chains))])).to(device)
     fingerprint = dict(settings, arch=arch.to_json(), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    if init is not None:  # an extension draws other minibatches and noise than the run it extends did with `seed`
+        seed = (seed * 1_000_003 + int(tensor_digest(q0), 16)) % 2**63
     log(f"sghmc: {num_chains} chain(s) x {cycles} cycle(s) x {epochs_per_cycle} epochs ({cfg.steps_per_cycle} steps "
         f"of {batch_size} points per cycle), {samples_per_cycle} draw(s) per cycle after {burnin_cycles} burn-in "
         f"cycle(s), {q0.shape[1]} parameters, "
@@ -335,6 +344,19 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     post.meta["diagnostics"] = diag
     log(hmc_diagnostics.summary_line("sghmc", diag))
     return post
+
+
+def last_draws(post: Posterior, layout, num_chains: int) -> torch.Tensor:
+    """The last draw of each chain of an MCMC posterior stored interleaved (draw r is chain r % C), flattened
+    (C, D) in `layout`'s order: where an extension of its chains starts."""
+    chains = post.meta.get("diagnostics", {}).get("num_chains")
+    if post.kind != "mcmc" or chains != num_chains:
+        raise UserError(f"extending chains needs an MCMC posterior with {num_chains} chains, got a {post.kind} "
+                        f"posterior with {chains or 'an unknown number of'} chains")
+    shapes = {name: tuple(v.shape[1:]) for name, v in post.params.items()}
+    if shapes != dict(layout):
+        raise UserError("the posterior to extend has another architecture than the one asked for")
+    return flatten({name: v[-num_chains:] for name, v in post.params.items()}, layout, batch_dims=1).float()
 
 
 def chain_probs(post: Posterior, num_chains: int, x_eval) -> torch.Tensor | None:
