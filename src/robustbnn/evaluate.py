@@ -260,7 +260,8 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
     the check would be empty.
     """
     survived = ~per_input[per_input.eps > 0].groupby(["eps", "input"]).broken.any()
-    left = survived[survived].reset_index().groupby("eps").size()
+    robust = survived[survived].reset_index()  # (eps, input) left robust
+    left = robust.groupby("eps").size()
     if s.effort_rounds:
         rounds = per_input[effort_of(per_input.attack) > 0]
         if not len(rounds):
@@ -280,7 +281,6 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
     if not len(left):
         return 0.0, "no input was left robust at any eps > 0: nothing to re-attack"
     e = float(left[left == left.max()].index.max())
-    robust = survived[survived].reset_index()
     idx = torch.tensor(robust[robust.eps == e].input.values, dtype=torch.long)
     r = effort_round(s, 1)
     frame, _ = battery(model, x[idx], y[idx], e, r, bounds)
