@@ -6,6 +6,7 @@ from pyro.ops.stats import effective_sample_size
 
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
+from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
 from robustbnn.inference.fidelity import chain_halves, validate_against_hmc
 from robustbnn.inference.hmc import run_hmc
 from robustbnn.inference.sghmc import SGHMCSettings, run_sghmc, run_sgmcmc
@@ -49,9 +50,9 @@ def test_conjugate_posterior_matches_closed_form(temperature):
                         temperature=temperature, explore_fraction=0.0, n_data=len(x), batch_size=100)
     q0 = torch.zeros(8, 2, dtype=torch.float64)
     run = run_sgmcmc(regression_grad(x, y), q0, cfg, seed=1, log=lambda *_: None)
-    assert run["samples"].shape == (8, 120, 2)
-    draws = run["samples"].reshape(-1, 2)
-    ess = effective_sample_size(run["samples"], chain_dim=0, sample_dim=1)
+    assert run["samples"]["q"].shape == (120, 8, 2)  # draw-major
+    draws = run["samples"]["q"].reshape(-1, 2)
+    ess = effective_sample_size(run["samples"]["q"], chain_dim=1, sample_dim=0)
     sd = (temperature * cov.diag()).sqrt()
     assert ((draws.mean(0) - mean).abs() < 5 * sd / ess.sqrt()).all()
     ratio = draws.var(0) / (temperature * cov.diag())
@@ -64,7 +65,25 @@ def test_no_noise_is_an_optimiser():
     cfg = SGHMCSettings(cycles=2, steps_per_cycle=400, samples_per_cycle=1, lr=0.05, friction=0.1,
                         temperature=1e-8, explore_fraction=0.5, n_data=len(x), batch_size=200)
     run = run_sgmcmc(regression_grad(x, y), torch.zeros(2, 2, dtype=torch.float64), cfg, log=lambda *_: None)
-    assert torch.allclose(run["samples"][:, -1], mean.expand(2, 2), atol=1e-4)
+    assert torch.allclose(run["samples"]["q"][-1], mean.expand(2, 2), atol=1e-4)
+
+
+def test_draws_split_by_layout_are_the_same_draws():
+    """A layout splits each kept q (C, D) into blocks (draws, C, *shape), nothing else changes; the blocks read
+    draw-major are the interleaved order of `Posterior` (row r = draw r // C of chain r % C)."""
+    x, y, _, _ = linear_regression()
+    cfg = SGHMCSettings(cycles=5, steps_per_cycle=20, samples_per_cycle=2, lr=1e-3, friction=0.1, temperature=1.0,
+                        explore_fraction=0.5, n_data=len(x), batch_size=100)
+    q0 = torch.zeros(3, 2, dtype=torch.float64)
+    whole = run_sgmcmc(regression_grad(x, y), q0, cfg, seed=2, log=lambda *_: None)["samples"]["q"]  # (10, 3, 2)
+    split = run_sgmcmc(regression_grad(x, y), q0, cfg, seed=2, layout=[("a", (1, 1)), ("b", (1,))],
+                       log=lambda *_: None)["samples"]
+    assert split["a"].shape == (10, 3, 1, 1) and split["b"].shape == (10, 3, 1)
+    assert torch.equal(split["a"].flatten(2), whole[:, :, :1]) and torch.equal(split["b"], whole[:, :, 1:])
+    rows = split["b"].reshape(-1, 1)
+    assert torch.equal(rows[7], whole[7 // 3, 7 % 3, 1:])
+    with pytest.raises(ValueError, match="layout"):
+        run_sgmcmc(regression_grad(x, y), q0, cfg, layout=[("a", (3,))], log=lambda *_: None)
 
 
 def test_schedule_and_sample_steps():
@@ -148,8 +167,19 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
             run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw)
     finally:
         sghmc_module.sghmc_step = original
+    # the same interruption as an earlier version saved it: the draws as one (C, draws, D) tensor
+    state = load_checkpoint(tmp_path)
+    blocks = state["state"]["samples"]
+    assert 0 < next(iter(blocks.values())).shape[0] < 3  # interrupted after a draw was kept, before the last
+    state["state"]["samples"] = torch.cat([t.flatten(2) for t in blocks.values()], -1).transpose(0, 1)
+    save_checkpoint(tmp_path / "old", state)
+
     c = run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, resume=True, **kw)
     assert all(torch.equal(a.params[k], c.params[k]) for k in a.params)
+    # the posterior's weights are the sampler's own storage, not a copy of it
+    assert all(t.is_contiguous() and t._base is not None for t in c.params.values())
+    d = run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path / "old", resume=True, **kw)
+    assert all(torch.equal(a.params[k], d.params[k]) for k in a.params)
     with pytest.raises(UserError, match="differ|settings"):
         run_sghmc(arch, data.x_train, data.y_train, seed=4, checkpoint=tmp_path, resume=True, **kw)
 

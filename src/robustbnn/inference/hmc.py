@@ -322,7 +322,7 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
 def interleaved_draws(samples: torch.Tensor, layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """{name: (len(rows), *shape)}: the draws of `samples` (C, draws, D) at interleaved positions `rows`,
     where position r is draw r // C of chain r % C (`samples.transpose(0, 1).reshape(-1, D)[rows]`),
-    one parameter at a time so that no second copy of all draws is made."""
+    one parameter at a time so that no temporary beside the result is made (the result is a copy)."""
     c = samples.shape[0]
     rows = rows.to(samples.device)
     chain, draw = rows % c, rows // c
