@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import (CHECKPOINT_FILE, LEGACY_FILE, clear_checkpoint, load_checkpoint,
-                                            save_checkpoint)
+                                            load_part, save_checkpoint, save_part)
 
 
 def assert_same(a, b, path="state"):
@@ -125,6 +125,19 @@ def test_corrupt_or_old_checkpoint_is_a_one_line_user_error(tmp_path):
         load_checkpoint(tmp_path)
     clear_checkpoint(tmp_path)
     assert not (tmp_path / LEGACY_FILE).exists()
+
+
+def test_parts_round_trip_and_a_missing_part_is_a_user_error(tmp_path):
+    """A part holds a leading slice exactly (not the rest of its storage); clear_checkpoint deletes the parts."""
+    draws = torch.arange(24.0).reshape(6, 2, 2)
+    save_part(tmp_path, "draws_0", {"w": draws[:4]})
+    save_checkpoint(tmp_path, {"parts": [[0, 4]]})
+    assert_same(load_part(tmp_path, "draws_0"), {"w": draws[:4]})
+    with pytest.raises(UserError, match="missing or corrupt checkpoint part") as info:
+        load_part(tmp_path, "draws_4")
+    assert "\n" not in str(info.value)
+    clear_checkpoint(tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_fingerprint_mismatch_names_the_settings(tmp_path):

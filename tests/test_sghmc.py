@@ -6,7 +6,7 @@ from pyro.ops.stats import effective_sample_size
 
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
+from robustbnn.inference.checkpoint import clear_checkpoint, load_checkpoint, load_part, save_checkpoint
 from robustbnn.inference.fidelity import chain_halves, validate_against_hmc
 from robustbnn.inference.hmc import run_hmc
 from robustbnn.inference.sghmc import SGHMCSettings, run_sghmc, run_sgmcmc
@@ -157,7 +157,7 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 17:  # in cycle 2 (10 steps per cycle), after a draw was kept
+        if calls["n"] == 27:  # in cycle 3 (10 steps per cycle), after two draws were kept
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -167,11 +167,16 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
             run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw)
     finally:
         sghmc_module.sghmc_step = original
-    # the same interruption as an earlier version saved it: the draws as one (C, draws, D) tensor
+    # every checkpoint wrote the draws kept since the one before as a part, and no draw twice
     state = load_checkpoint(tmp_path)
-    blocks = state["state"]["samples"]
-    assert 0 < next(iter(blocks.values())).shape[0] < 3  # interrupted after a draw was kept, before the last
-    state["state"]["samples"] = torch.cat([t.flatten(2) for t in blocks.values()], -1).transpose(0, 1)
+    parts = state["state"]["parts"]
+    assert state["state"]["kept"] == 2 and "samples" not in state["state"]  # interrupted between two draws
+    assert parts == [[0, 1], [1, 2]] and sorted(p.name for p in tmp_path.glob("checkpoint_part_*")) == [
+        "checkpoint_part_draws_0.safetensors", "checkpoint_part_draws_1.safetensors"]
+    # the same interruption as an earlier version saved it: all draws in the state, as one (C, draws, D) tensor
+    blocks = [torch.cat([load_part(tmp_path, f"draws_{start}")[k] for start, _ in parts]) for k in a.params]
+    state["state"]["samples"] = torch.cat([t.flatten(2) for t in blocks], -1).transpose(0, 1)
+    del state["state"]["parts"]
     save_checkpoint(tmp_path / "old", state)
 
     c = run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, resume=True, **kw)
@@ -182,6 +187,8 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
     assert all(torch.equal(a.params[k], d.params[k]) for k in a.params)
     with pytest.raises(UserError, match="differ|settings"):
         run_sghmc(arch, data.x_train, data.y_train, seed=4, checkpoint=tmp_path, resume=True, **kw)
+    clear_checkpoint(tmp_path)
+    assert not list(tmp_path.glob("checkpoint*"))
 
 
 def test_bad_settings_are_one_line_errors():

@@ -11,6 +11,12 @@ interrupted save leaves the previous checkpoint.
 
 A state's "fingerprint" entry (a dict of JSON values: the settings the run depends on) is compared with the
 caller's on load, so a run never resumes from a checkpoint made with other settings.
+
+Data that only grows, such as an MCMC run's draws, goes into parts: `save_part` writes folder/checkpoint_part_
+NAME.safetensors once, and each checkpoint writes only what is new since the last one (rewriting all draws every
+5 minutes cost 23 s of each 300 s late in the Fashion-MNIST study's run). The state names its parts, and is
+written after them, so an interruption in between leaves a part the state does not name; it is overwritten by
+the next save of the same name, and `clear_checkpoint` deletes it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from robustbnn.artifacts import atomic_path
 from robustbnn.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+PART_PREFIX = "checkpoint_part_"
 LEGACY_FILE = "checkpoint.pt"  # the pickled checkpoints of earlier versions, no longer read
 METADATA_KEY = "robustbnn.checkpoint"
 FORMAT = 1
@@ -77,10 +84,28 @@ def load_checkpoint(folder, fingerprint: dict | None = None) -> dict | None:
     return state
 
 
+def save_part(folder, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the tensors {key: tensor} to folder/checkpoint_part_NAME.safetensors atomically (see the module
+    docstring); tensors that are leading slices of larger ones are written without a copy."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(Path(folder) / f"{PART_PREFIX}{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_part(folder, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of part NAME; a missing or corrupt part is a one-line `UserError`."""
+    path = Path(folder) / f"{PART_PREFIX}{name}.safetensors"
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - as in load_checkpoint
+        raise UserError(f"missing or corrupt checkpoint part {path} ({exc.__class__.__name__}); delete the "
+                        "checkpoint to start over") from None
+
+
 def clear_checkpoint(folder) -> None:
-    """Delete the checkpoint in `folder` (and a pickled one of an earlier version), if any."""
-    for name in (CHECKPOINT_FILE, LEGACY_FILE):
-        path = Path(folder) / name
+    """Delete the checkpoint in `folder`, its parts (and a pickled one of an earlier version), if any."""
+    folder = Path(folder)
+    for path in [folder / CHECKPOINT_FILE, folder / LEGACY_FILE, *folder.glob(f"{PART_PREFIX}*.safetensors")]:
         if path.exists():
             path.unlink()
 

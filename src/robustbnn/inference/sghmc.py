@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
+from robustbnn.inference.checkpoint import load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest
 from robustbnn.inference.hmc import check_data, data_chunk, neg_log_lik
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
@@ -142,10 +142,10 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     block "q" of shape (D,)), draw-major so that `samples[name].reshape(-1, *shape)` is every draw in the
     interleaved order of `Posterior` (draw 0 of each chain first) without a copy: the Fashion-MNIST study's
     draws take 9 GB, and a second copy made at the end took the run to 18 of this 24 GB machine's memory.
-    With `checkpoint` (a folder) the whole state, with the draws kept so far, is saved atomically every
-    `CHECKPOINT_SECONDS` (5 minutes; saving at every cycle's end cost more than a cycle once a fc2-512 run
-    held 100 draws of 4 chains, 1 GB); `resume` continues a saved run with the same fingerprint and gives
-    the same draws.
+    With `checkpoint` (a folder) the whole state is saved atomically every `CHECKPOINT_SECONDS` (5 minutes;
+    saving at every cycle's end cost more than a cycle once a fc2-512 run held 100 draws of 4 chains, 1 GB),
+    with the draws kept since the last save as a new part (`checkpoint.save_part`), so that no save rewrites
+    the earlier draws; `resume` continues a saved run with the same fingerprint and gives the same draws.
     """
     c, d = q0.shape
     gen = torch.Generator().manual_seed(seed)
@@ -159,35 +159,35 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
         start += math.prod(shape)
     if start != d:
         raise ValueError(f"the layout covers {start} numbers, q has {d}")
-    empty = lambda shape: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device)  # noqa: E731
-    s = dict(q=q0.detach().clone(), v=torch.zeros_like(q0), it=0, perm=None, pos=0, kept=0, elapsed=0.0,
-             samples={}, stats={})
+    samples = {name: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device) for name, shape, _ in blocks}
+    # the draws live outside the state: each checkpoint writes those kept since the last as a part [start, end)
+    s = dict(q=q0.detach().clone(), v=torch.zeros_like(q0), it=0, perm=None, pos=0, kept=0, elapsed=0.0, stats={},
+             parts=[])
     if checkpoint is not None and resume:
         saved = load_checkpoint(checkpoint, fingerprint=fingerprint)
         if saved is not None:
-            kept = saved["state"].pop("samples")
-            if torch.is_tensor(kept):  # written before the draws were stored by block: (C, draws, D)
-                kept = {name: kept[:, :, cols].transpose(0, 1).reshape(-1, c, *shape) for name, shape, cols in blocks}
-            s = dict(saved["state"], q=saved["state"]["q"].to(q0.device), v=saved["state"]["v"].to(q0.device),
-                     samples={})
-            for name, shape, _ in blocks:  # one block at a time, freed once copied: one copy of the draws at most
-                done = kept.pop(name)
-                s["samples"][name] = empty(shape)
-                s["samples"][name][:len(done)] = done.to(q0.device)
-                del done
+            state = saved["state"]
+            old = state.pop("samples", None)  # an earlier version kept all draws in the state, as (C, draws, D)
+            s = dict(state, q=state["q"].to(q0.device), v=state["v"].to(q0.device), parts=state.get("parts", []))
+            if old is not None:
+                for name, shape, cols in blocks:
+                    samples[name][:old.shape[1]] = old[:, :, cols].transpose(0, 1).reshape(-1, c, *shape)
+            for start, end in s["parts"]:
+                part = load_part(checkpoint, f"draws_{start}")
+                for name in samples:
+                    samples[name][start:end] = part.pop(name).to(q0.device)
             gen.set_state(saved["rng"])
             log(f"sghmc: resuming from {checkpoint} at step {s['it']} of {cfg.steps}")
-    for name, shape, _ in blocks:
-        if name not in s["samples"]:  # (not setdefault: it would allocate the block even when resumed)
-            s["samples"][name] = empty(shape)
     batches = cfg.n_data // cfg.batch_size
     noise_buf = torch.empty_like(s["q"])
 
     def save():
         if checkpoint is not None:
-            # the draws so far, not the empty rest: leading slices, so no copy is made
-            kept_only = dict(s, samples={name: t[:s["kept"]] for name, t in s["samples"].items()})
-            state = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kept_only.items()}
+            start = s["parts"][-1][1] if s["parts"] else 0
+            if s["kept"] > start:  # slices along the draws are contiguous: written without a copy
+                save_part(checkpoint, f"draws_{start}", {name: t[start:s["kept"]] for name, t in samples.items()})
+                s["parts"].append([start, s["kept"]])
+            state = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
             save_checkpoint(checkpoint, {"fingerprint": fingerprint, "state": state, "rng": gen.get_state()})
 
     bar = tqdm(total=cfg.steps, initial=s["it"], disable=not progress, desc="sghmc", unit="step")
@@ -211,7 +211,7 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
             cycle_time["steps"] += stepped - started
             if within in per_cycle and k // cfg.steps_per_cycle >= cfg.burnin_cycles:
                 for name, shape, cols in blocks:
-                    s["samples"][name][s["kept"]] = s["q"][:, cols].reshape(c, *shape)
+                    samples[name][s["kept"]] = s["q"][:, cols].reshape(c, *shape)
                 for name, value in (on_draw(s["q"]) if on_draw else {}).items():
                     s["stats"].setdefault(name, torch.full((c, n_draws), math.nan, dtype=torch.float64))
                     s["stats"][name][:, s["kept"]] = value.double().cpu()
@@ -231,7 +231,7 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
                 cycle_time = dict.fromkeys(cycle_time, 0.0)
     finally:
         bar.close()
-    return {"samples": s["samples"], "stats": s["stats"], "time_s": s["elapsed"]}
+    return {"samples": samples, "stats": s["stats"], "time_s": s["elapsed"]}
 
 
 # --------------------------------------------------------------------------------------------------
