@@ -353,6 +353,37 @@ def test_predictive_summary_skips_constant_points():
     assert out["pred_rhat_max"] == pytest.approx(split_gelman_rubin(keep, 0, 1).max().item())
 
 
+def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path):
+    """A real SIGINT inside a leapfrog gradient, no checkpoint due: the iteration finishes and is saved, then
+    KeyboardInterrupt; resuming gives the uninterrupted draws."""
+    import os
+    import signal
+
+    x, y, _, _ = moons(40)
+    spec = fc_spec(4)
+    kw = dict(n_samples=20, warmup=20, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet)
+    full = run_hmc(spec, x, y, **kw)
+    real = hmc_kernel.step
+    calls = {"n": 0}
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 27:  # during sampling, before the step runs: the step must still complete
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    hmc_kernel.step = step_with_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_hmc(spec, x, y, checkpoint=tmp_path, **kw)
+    finally:
+        hmc_kernel.step = real
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert load_checkpoint(tmp_path)["state"]["it"] == 27  # the iteration in which Ctrl-C came, completed
+    resumed = run_hmc(spec, x, y, checkpoint=tmp_path, resume=True, **kw)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+
+
 @pytest.mark.parametrize("adapt_length, kill_at", [(False, 4), (True, 2)])
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, adapt_length, kill_at):
     """Killed mid-sampling (fixed length) or mid-warm-up (ChEES, whose Adam state and running average of

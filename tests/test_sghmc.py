@@ -191,6 +191,42 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("checkpoint*"))
 
 
+def test_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
+    """A real SIGINT in the middle of a step (inside the gradient), with no checkpoint due for 5 minutes: the
+    step finishes, its state is saved, KeyboardInterrupt follows, and resuming gives the uninterrupted draws."""
+    import os
+    import signal
+
+    import robustbnn.inference.sghmc as sghmc_module
+
+    data, arch = moons(200)
+    kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
+              seed=3, log=lambda *_: None)
+    full = run_sghmc(arch, data.x_train, data.y_train, **kw)
+    original, calls = sghmc_module.bnn_minibatch_grad, {"n": 0}
+
+    def grad_with_ctrl_c(*args, **kwargs):
+        grad = original(*args, **kwargs)
+
+        def g(q, idx):
+            calls["n"] += 1
+            if calls["n"] == 14:
+                os.kill(os.getpid(), signal.SIGINT)
+            return grad(q, idx)
+        return g
+
+    sghmc_module.bnn_minibatch_grad = grad_with_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sghmc(arch, data.x_train, data.y_train, checkpoint=tmp_path, **kw)
+    finally:
+        sghmc_module.bnn_minibatch_grad = original
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert load_checkpoint(tmp_path)["state"]["it"] == 14  # the step in which Ctrl-C came, completed
+    resumed = run_sghmc(arch, data.x_train, data.y_train, checkpoint=tmp_path, resume=True, **kw)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+
+
 def test_bad_settings_are_one_line_errors():
     data, arch = moons(100)
     with pytest.raises(UserError, match="batch_size"):

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,6 +111,30 @@ def clear_checkpoint(folder) -> None:
     for path in [folder / CHECKPOINT_FILE, folder / LEGACY_FILE, *folder.glob(f"{PART_PREFIX}*.safetensors")]:
         if path.exists():
             path.unlink()
+
+
+@contextmanager
+def interrupt_between_steps():
+    """Within the block a first Ctrl-C (SIGINT) only raises a flag, read by calling the yielded function, so that
+    a sampler can finish its step, save a checkpoint there and stop (`raise KeyboardInterrupt`): between two
+    5-minute checkpoints nothing is lost, and a state cut in the middle of an in-place step is never saved. A
+    second Ctrl-C interrupts at once. Outside the main thread, where Python delivers no signals, the flag never
+    rises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hit = []
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def tensor_digest(t: torch.Tensor) -> str:

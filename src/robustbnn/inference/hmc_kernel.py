@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
+from robustbnn.inference.checkpoint import interrupt_between_steps, load_checkpoint, save_checkpoint, tensor_digest
 
 MAX_ENERGY_ERROR = 1000.0  # as Pyro and Stan
 MAX_CONSECUTIVE_DIVERGENCES = 50
@@ -589,7 +589,7 @@ def run_sampler(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, *, seed:
     windows = adaptation_windows(cfg.warmup)
     bar = tqdm(total=cfg.iterations, initial=state.it, disable=not progress, desc="hmc", unit="it")
     last_save = time.perf_counter()
-    try:
+    with interrupt_between_steps() as interrupted, bar:
         while state.it < cfg.iterations:
             started = time.perf_counter()
             state = step(state, value_and_grad, cfg, windows, gen)
@@ -613,15 +613,18 @@ def run_sampler(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, *, seed:
                                 L=f"{trace.num_steps[lo:t].double().mean().item():.1f}")
             due = (t % checkpoint_every == 0) if checkpoint_every else (time.perf_counter() - last_save
                                                                        > CHECKPOINT_SECONDS)
-            if t == cfg.warmup or t == cfg.iterations or due:
+            stop = interrupted()  # Ctrl-C: save this iteration's state, then stop
+            if t == cfg.warmup or t == cfg.iterations or due or stop:
                 save(complete=t == cfg.iterations)
                 last_save = time.perf_counter()
+                if stop:
+                    log(f"hmc: interrupted at iteration {t} of {cfg.iterations}"
+                        + (f"; checkpoint saved in {checkpoint}" if checkpoint is not None else ""))
+                    raise KeyboardInterrupt
                 if t == cfg.warmup and cfg.warmup > 0:
                     log(f"hmc: warm-up done in {trace.elapsed:.1f}s, step size(s) "
                         + ", ".join(f"{e:.3g}" for e in state.log_eps.exp().tolist())
                         + (f", trajectory length {math.exp(state.log_T):.3g} (ChEES)" if cfg.adapt_length else ""))
-    finally:
-        bar.close()
     return state, trace
 
 

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest
+from robustbnn.inference.checkpoint import (interrupt_between_steps, load_checkpoint, load_part, save_checkpoint,
+                                            save_part, tensor_digest)
 from robustbnn.inference.hmc import check_data, data_chunk, neg_log_lik
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
@@ -193,7 +194,7 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     bar = tqdm(total=cfg.steps, initial=s["it"], disable=not progress, desc="sghmc", unit="step")
     last_save = time.perf_counter()
     cycle_time = dict(steps=0.0, draws=0.0, checkpoints=0.0)  # this cycle's seconds, for its log line
-    try:
+    with interrupt_between_steps() as interrupted, bar:
         while s["it"] < cfg.steps:
             started = time.perf_counter()
             if s["perm"] is None or s["pos"] >= batches:  # a new epoch: every chain its own permutation
@@ -218,19 +219,22 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
                 s["kept"] += 1
                 cycle_time["draws"] += time.perf_counter() - stepped
             bar.update(1)
-            if time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+            stop = interrupted()  # Ctrl-C: save this step's state, then stop
+            if stop or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
                 saving = time.perf_counter()
                 save()
                 last_save = time.perf_counter()
                 cycle_time["checkpoints"] += last_save - saving
             s["elapsed"] += time.perf_counter() - started
+            if stop:
+                log(f"sghmc: interrupted at step {s['it']} of {cfg.steps}"
+                    + (f"; checkpoint saved in {checkpoint}" if checkpoint is not None else ""))
+                raise KeyboardInterrupt
             if within == cfg.steps_per_cycle - 1:
                 parts = ", ".join(f"{name} {t:.1f}s" for name, t in cycle_time.items() if t > 0)
                 log(f"sghmc: cycle {k // cfg.steps_per_cycle + 1} of {cfg.cycles} done in "
                     f"{sum(cycle_time.values()):.1f}s ({parts}), {s['kept']} draws per chain, {s['elapsed']:.0f}s in all")
                 cycle_time = dict.fromkeys(cycle_time, 0.0)
-    finally:
-        bar.close()
     return {"samples": samples, "stats": s["stats"], "time_s": s["elapsed"]}
 
 
