@@ -39,9 +39,9 @@ from _common import SPEC, emit, random_inputs, setup, timed
 import robustbnn.inference.sghmc as sghmc
 from robustbnn.inference.checkpoint import save_checkpoint, save_part
 from robustbnn.nets import init_params
-from robustbnn.posterior import flatten, param_layout
 
 CHAINS = 4
+D = sum(p.numel() for p in init_params(SPEC, 0).values())  # numbers per draw of one chain
 
 
 def run(draws: int, folder: str | None, resume: bool, every: float) -> dict:
@@ -54,16 +54,14 @@ def run(draws: int, folder: str | None, resume: bool, every: float) -> dict:
     t = time.perf_counter()
     post = sghmc.run_sghmc(SPEC, x, y, **kw)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    d = flatten(init_params(SPEC, 0), param_layout(init_params(SPEC, 0))).numel()
     assert post.n_samples == draws * CHAINS
-    return dict(increase_mb=peak - before, draws_mb=draws * CHAINS * d * 4 / 2**20, time_s=time.perf_counter() - t)
+    return dict(increase_mb=peak - before, draws_mb=draws * CHAINS * D * 4 / 2**20, time_s=time.perf_counter() - t)
 
 
 def checkpoint_write(draws: int) -> tuple[float, float, float]:
     """Seconds of a checkpoint with parts and of one rewriting all draws, and the draws' MiB."""
-    d = flatten(init_params(SPEC, 0), param_layout(init_params(SPEC, 0))).numel()
-    blocks = {"q": torch.randn(draws, CHAINS, d)}
-    state = dict(q=torch.randn(CHAINS, d), v=torch.randn(CHAINS, d), it=draws, kept=draws)
+    blocks = {"q": torch.randn(draws, CHAINS, D)}
+    state = dict(q=torch.randn(CHAINS, D), v=torch.randn(CHAINS, D), it=draws, kept=draws)
     new = draws - int(0.15 * draws)
     with tempfile.TemporaryDirectory() as folder:
         parts = timed(lambda: (save_part(folder, f"draws_{new}", {k: t[new:] for k, t in blocks.items()}),

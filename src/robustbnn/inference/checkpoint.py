@@ -89,7 +89,7 @@ def load_checkpoint(folder, fingerprint: dict | None = None) -> dict | None:
 
 def save_part(folder, name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write the tensors {key: tensor} to folder/checkpoint_part_NAME.safetensors atomically (see the module
-    docstring); tensors that are leading slices of larger ones are written without a copy."""
+    docstring); a slice along the first axis of a contiguous tensor is written without a copy."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(Path(folder) / f"{PART_PREFIX}{name}.safetensors") as tmp:
         save_file(tensors, str(tmp))

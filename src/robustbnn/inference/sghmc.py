@@ -153,14 +153,11 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     fingerprint = dict(fingerprint or {}, sghmc=asdict(cfg), seed=seed, init=tensor_digest(q0))
     per_cycle = cfg.sample_steps
     n_draws = (cfg.cycles - cfg.burnin_cycles) * len(per_cycle)
-    layout = [(name, tuple(shape)) for name, shape in (layout or [("q", (d,))])]
-    blocks, start = [], 0  # (name, shape, columns of q)
-    for name, shape in layout:
-        blocks.append((name, shape, slice(start, start + math.prod(shape))))
-        start += math.prod(shape)
-    if start != d:
-        raise ValueError(f"the layout covers {start} numbers, q has {d}")
-    samples = {name: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device) for name, shape, _ in blocks}
+    layout = layout or [("q", (d,))]
+    covered = sum(math.prod(shape) for _, shape in layout)
+    if covered != d:
+        raise ValueError(f"the layout covers {covered} numbers, q has {d}")
+    samples = {name: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device) for name, shape in layout}
     # the draws live outside the state: each checkpoint writes those kept since the last as a part [start, end)
     s = dict(q=q0.detach().clone(), v=torch.zeros_like(q0), it=0, perm=None, pos=0, kept=0, elapsed=0.0, stats={},
              parts=[])
@@ -171,8 +168,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
             old = state.pop("samples", None)  # an earlier version kept all draws in the state, as (C, draws, D)
             s = dict(state, q=state["q"].to(q0.device), v=state["v"].to(q0.device), parts=state.get("parts", []))
             if old is not None:
-                for name, shape, cols in blocks:
-                    samples[name][:old.shape[1]] = old[:, :, cols].transpose(0, 1).reshape(-1, c, *shape)
+                for name, t in unflatten(old.transpose(0, 1).reshape(-1, d), layout).items():
+                    samples[name][:old.shape[1]] = t.reshape(-1, c, *t.shape[1:])
             for start, end in s["parts"]:
                 part = load_part(checkpoint, f"draws_{start}")
                 for name in samples:
@@ -211,8 +208,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
             stepped = time.perf_counter()
             cycle_time["steps"] += stepped - started
             if within in per_cycle and k // cfg.steps_per_cycle >= cfg.burnin_cycles:
-                for name, shape, cols in blocks:
-                    samples[name][s["kept"]] = s["q"][:, cols].reshape(c, *shape)
+                for name, t in unflatten(s["q"], layout).items():
+                    samples[name][s["kept"]] = t
                 for name, value in (on_draw(s["q"]) if on_draw else {}).items():
                     s["stats"].setdefault(name, torch.full((c, n_draws), math.nan, dtype=torch.float64))
                     s["stats"][name][:, s["kept"]] = value.double().cpu()
@@ -309,9 +306,9 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     from the last draw of each of the `num_chains` chains of `init` (an SGHMC or HMC posterior of the same
     architecture, draws interleaved; the momentum starts at 0, as it nearly is at a cycle's end; the random
     numbers come from `seed` mixed with a digest of those draws, so that they differ from the earlier run's
-    even with the same seed); each runs
-    `cycles` cycles of `epochs_per_cycle` epochs of minibatches of `batch_size`, keeping `samples_per_cycle` draws per cycle after the first
-    `burnin_cycles` (see the module docstring for the schedule); `grad_dtype` "bfloat16" runs the
+    even with the same seed); each runs `cycles` cycles of `epochs_per_cycle` epochs of minibatches of
+    `batch_size`, keeping `samples_per_cycle` draws per cycle after the first `burnin_cycles` (see the
+    module docstring for the schedule); `grad_dtype` "bfloat16" runs the
     gradients' matrix products in bfloat16 (`bnn_minibatch_grad`). The Posterior holds all
     (cycles - burnin_cycles) * samples_per_cycle * num_chains draws, interleaved across chains (draw 0 of
     every chain first, so any prefix spans every chain). The defaults are the MNIST study's settings.
