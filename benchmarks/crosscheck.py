@@ -1,5 +1,6 @@
-"""Cross-check: our APGD-CE, APGD-DLR and Square against torchattacks' APGD (CE), APGD (DLR) and Square
-with matched settings, and our battery against torchattacks' AutoAttack('rand') on a BNN.
+"""Cross-check: our APGD-CE, APGD-DLR, APGD-T and Square against torchattacks' APGD (CE), APGD (DLR), APGDT
+(9 target classes) and Square (5000 queries) with matched settings, and our battery against torchattacks'
+AutoAttack('rand') on a BNN.
 
 Needs the MNIST data (`robustbnn fetch-data mnist`) and torchattacks (a test/benchmark-only extra,
 installed by `make test`). Trains, with fixed seeds, a deterministic fc2-512 network (Adam lr 0.001,
@@ -20,7 +21,7 @@ from robustbnn import train_nets, train_vi
 from robustbnn.attacks import apgd, square
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.evaluate import Settings, evaluate
+from robustbnn.evaluate import Settings, evaluate, run_attack
 
 SPEC = dict(architecture="fc2", input_shape=[1, 28, 28], num_classes=10, hidden_size=512, activation="leaky")
 
@@ -51,8 +52,10 @@ def main():
                         torchattacks.APGD(module, eps=eps, steps=100, loss="ce", n_restarts=1, seed=0)(x, y)),
             "apgd-dlr": (apgd(net, x, y, eps, loss="dlr", iterations=100),
                          torchattacks.APGD(module, eps=eps, steps=100, loss="dlr", n_restarts=1, seed=0)(x, y)),
-            "square": (square(net, x, y, eps, queries=1000),
-                       torchattacks.Square(module, eps=eps, n_queries=1000, n_restarts=1, seed=0)(x, y)),
+            "apgd-t": (run_attack("apgd-t", net, x, y, eps, Settings(), (0.0, 1.0))[0],
+                       torchattacks.APGDT(module, eps=eps, steps=100, n_restarts=1, n_classes=10, seed=0)(x, y)),
+            "square": (square(net, x, y, eps, queries=5000),
+                       torchattacks.Square(module, eps=eps, n_queries=5000, n_restarts=1, seed=0)(x, y)),
         }
         for name, (ours, theirs) in pairs.items():
             a, b = robust(net, ours, y), robust(net, theirs, y)
@@ -63,8 +66,7 @@ def main():
     bnn = guide.draw(20, seed=0)
     emit("crosscheck", "bnn_clean_accuracy", round(robust(bnn, x, y), 2), "%")
     for eps in (0.1, 0.3):
-        ours = evaluate(bnn, x, y, [eps], Settings(square_queries=1000, effort_rounds=0), legacy=False,
-                        flags=False)
+        ours = evaluate(bnn, x, y, [eps], Settings(effort_rounds=0), legacy=False, flags=False)
         aa = torchattacks.AutoAttack(bnn.as_module(), norm="Linf", eps=eps, version="rand", n_classes=10, seed=0)
         for atk in aa._autoattack.attacks:
             atk.steps = 100

@@ -13,6 +13,12 @@ predictive, 100 units, so ours runs steps x 20 / 100 iterations per attack for t
 Lines: matmul_peak; battery_time (ours) with AutoAttack('rand')'s time as baseline (ratio = theirs /
 ours); the single-sample gradient evaluations of each; ours as GFLOP/s against the matmul peak;
 robust accuracy of each, judged by the full 100-sample predictive.
+
+Then the default battery (APGD-CE, APGD-margin, APGD-T over 9 classes, Square 5000; no effort rounds) against
+the earlier default (APGD-CE, APGD-DLR, Square 1000) on the same posterior cut to 20 samples, 200 inputs
+(`--quick`: 50): default_battery_time (baseline: the earlier one; ratio = earlier / default),
+default_battery_gradients (posterior gradient passes per input), default_battery_queries (Square queries per
+input) and the robust accuracy each leaves.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from torch import nn
 from torch.func import functional_call
 
 from _common import MATMUL_FLOPS, emit, matmul_peak, random_inputs, random_posterior, setup, timed
-from robustbnn.evaluate import Settings, battery
+from robustbnn.evaluate import Settings, accuracies, battery
+
+EARLIER = Settings(attacks=("apgd-ce", "apgd-dlr", "square"), square_queries=1000, effort_rounds=0)
 
 
 class OneSamplePerForward(nn.Module):
@@ -87,6 +95,30 @@ def main():
          round(flops / t_ours / 1e9 / peak, 3))
     emit(name, "robust_accuracy", round(robust_ours, 1), "% (100-sample predictive)", round(robust_theirs, 1),
          None)
+    default_against_earlier(post.take(20), 50 if args.quick else 200, eps)
+
+
+def default_against_earlier(post, n_inputs: int, eps: float):
+    """The default battery's cost and result beside the earlier default's, on the same inputs."""
+    x, _ = random_inputs(n_inputs, seed=1)
+    y = post.log_predictive(x).argmax(-1)
+    runs = {}
+    for label, settings in (("default", Settings(effort_rounds=0)), ("earlier", EARLIER)):
+        out = {}
+        t = timed(lambda: out.update(frame=battery(post, x, y, eps, settings)[0]), warmup=False)
+        frame = out["frame"]
+        apgd = frame.attack.str.startswith("apgd")
+        runs[label] = dict(time=t, gradients=float(frame[apgd].cost.sum()) / n_inputs,
+                           queries=float(frame[frame.attack == "square"].cost.sum()) / n_inputs,
+                           robust=accuracies(frame, settings.for_model(post).attacks)["robust_acc"])
+    new, old = runs["default"], runs["earlier"]
+    emit("evaluate", "default_battery_time", round(new["time"], 2), "s", round(old["time"], 2),
+         round(old["time"] / new["time"], 2))
+    emit("evaluate", "default_battery_gradients", round(new["gradients"], 1), "posterior gradients per input",
+         round(old["gradients"], 1), round(old["gradients"] / max(new["gradients"], 1e-9), 2))
+    emit("evaluate", "default_battery_queries", round(new["queries"], 1), "Square queries per input",
+         round(old["queries"], 1), round(old["queries"] / max(new["queries"], 1e-9), 2))
+    emit("evaluate", "default_battery_robust_accuracy", round(new["robust"], 1), "%", round(old["robust"], 1), None)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import struct
 
 import pytest
@@ -12,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import (CHECKPOINT_FILE, LEGACY_FILE, clear_checkpoint, load_checkpoint,
-                                            load_part, save_checkpoint, save_part)
+from robustbnn.inference.checkpoint import (CHECKPOINT_FILE, LEGACY_FILE, checkpoint_seconds, clear_checkpoint,
+                                            interrupt_between_steps, interrupt_exit_code, interrupt_signal,
+                                            load_checkpoint, load_part, save_checkpoint, save_part)
 
 
 def assert_same(a, b, path="state"):
@@ -158,3 +161,44 @@ def test_unsupported_values_are_refused(tmp_path):
     with pytest.raises(TypeError, match="keys must be str or int"):
         save_checkpoint(tmp_path, {"a": {1.5: 2}})
     assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_checkpoint_seconds_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("ROBUSTBNN_CHECKPOINT_SECONDS", raising=False)
+    assert checkpoint_seconds() == 300.0
+    monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", " 12.5 ")
+    assert checkpoint_seconds() == 12.5
+    assert checkpoint_seconds(0) == 0.0  # the argument wins over the environment
+    monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", "")
+    assert checkpoint_seconds() == 300.0
+    for bad in ("five", "-1", "nan", "inf"):
+        monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", bad)
+        with pytest.raises(UserError, match=r"^\$ROBUSTBNN_CHECKPOINT_SECONDS must be a number of seconds") as info:
+            checkpoint_seconds()
+        assert "\n" not in str(info.value) and repr(bad) in str(info.value)
+    with pytest.raises(UserError, match="^checkpoint_seconds must be"):
+        checkpoint_seconds(-0.5)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_first_sigint_or_sigterm_raises_the_flag_and_a_second_interrupts(sig, code, capsys):
+    """Slurm's SIGTERM is handled as Ctrl-C: a flag first, KeyboardInterrupt on a second signal; the handlers are
+    put back on leaving, and the CLI's exit status tells which signal stopped the run (128 + its number)."""
+    from robustbnn.experiments.common import exit_interrupted
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with interrupt_between_steps() as interrupted:
+        assert not interrupted()
+        os.kill(os.getpid(), sig)
+        assert interrupted() and interrupt_signal() == sig
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT if sig == signal.SIGTERM else signal.SIGTERM)
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert interrupt_signal() == sig and interrupt_exit_code() == code  # the first signal decides
+    with pytest.raises(SystemExit) as info:
+        exit_interrupted("train")
+    assert info.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and ("SIGTERM" in err) == (sig == signal.SIGTERM)
+    with interrupt_between_steps() as interrupted:  # a new block starts with no signal
+        assert interrupt_signal() is None and interrupt_exit_code() == 130

@@ -14,7 +14,8 @@ from tests.conftest import REPO_ROOT, run_cli
 
 TINY = ["--dataset", "half_moons", "--architecture", "fc2", "--hidden_size", "8", "--epochs", "2",
         "--n_inputs", "300"]
-NAME = "half_moons_nn_hid=8_act=leaky_arch=fc2_ep=2_lr=0.01"
+# trained on 300 points, not the default 60000: the folder name says so
+NAME = "half_moons_nn_hid=8_act=leaky_arch=fc2_ep=2_lr=0.01_inp=300"
 
 
 def one_line_error(code, err):
@@ -47,7 +48,7 @@ def test_train_nn_saves_reproducible_model_and_summary(tmp_path, capsys):
 def test_seed_changes_weights(tmp_path, capsys):
     run_cli(["train-nn", *TINY, "--savedir", tmp_path / "a"], capsys)
     run_cli(["train-nn", *TINY, "--savedir", tmp_path / "b", "--seed", "1"], capsys)
-    a, b = Posterior.load(tmp_path / "a" / NAME), Posterior.load(tmp_path / "b" / NAME)
+    a, b = Posterior.load(tmp_path / "a" / NAME), Posterior.load(tmp_path / "b" / f"{NAME}_seed=1")
     assert not torch.equal(a.params["1.weight"], b.params["1.weight"])
 
 
@@ -142,7 +143,7 @@ def test_own_architecture_is_trained_and_attacked(user_module, tmp_path, capsys)
     assert code == 0, err
     name = json.loads((tmp_path / "t.json").read_text())["model"]
     assert "mynets.tiny" in name and "hid=" not in name, "the folder names the factory, not a built-in"
-    post = Posterior.load(tmp_path / "r" / name)
+    post = Posterior.load(tmp_path / "r" / name, arch="mynets:tiny")  # a user's factory loads only when named
     assert post.arch.factory == "mynets:tiny" and post.params["0.weight"].shape == (1, 6, 2)
     code, _, err = run_cli(["attack", *arch, "--epochs", "1", "--train_inputs", "300", "--n_inputs", "50",
                             "--savedir", tmp_path / "r", "--summary_json", tmp_path / "a.json"], capsys)

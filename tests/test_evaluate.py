@@ -37,7 +37,8 @@ def robust(post, x_adv, y):
 
 def test_checkpoints_follow_the_paper():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
-    assert checkpoints(100) == [22, 41, 58, 70, 80, 87, 93, 99]
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack: ceil(0.57 * 100) = 57
+    assert checkpoints(1000) == [220, 410, 570, 700, 800, 870, 930, 990]
 
 
 def test_dlr_hand_values_and_invariance():
@@ -149,14 +150,14 @@ def test_battery_is_the_worst_case_and_monotone():
     s = out["summary"]
     assert s.robust_acc.iloc[0] == 100.0  # eps 0 moves nothing
     assert list(s.robust_acc) == sorted(s.robust_acc, reverse=True)
-    for col in ("acc_after_apgd-ce", "acc_after_apgd-dlr", "acc_after_square"):
+    for col in ("acc_after_apgd-ce", "acc_after_apgd-margin", "acc_after_apgd-t", "acc_after_square"):
         assert (s[col] >= s.robust_acc).all()
     per = out["per_input"]
     assert set(per.columns) >= {"eps", "attack", "input", "broken", "margin", "cost"}
     # each attack runs only on what the attacks before it left robust
     at = per[per.eps == 0.05]
     broken_by_ce = set(at[(at.attack == "apgd-ce") & at.broken].input)
-    assert not broken_by_ce & set(at[at.attack == "apgd-dlr"].input)
+    assert not broken_by_ce & set(at[at.attack == "apgd-margin"].input)
     assert "not_zero_at_box" not in flagged(out)
 
 
@@ -173,12 +174,12 @@ def test_more_effort_check_reattacks_at_the_eps_that_left_the_most_robust_inputs
 
 
 def test_effort_rounds_lower_a_weak_battery_and_stop_when_more_effort_stops_paying():
-    """Round k re-runs APGD-CE and APGD-DLR with 2^k times the iterations and k more restarts on what is still
+    """Round k re-runs the battery's APGD attacks with 2^k times the iterations and k more restarts on what is still
     robust; the rounds stop after one that breaks at most 1% of the inputs, and the more-effort flag reads the
     last round instead of attacking again."""
     post = conv_ensemble()
     x, y = data(post, 100)
-    weak = Settings(attacks=("apgd-ce",), iterations=2)
+    weak = Settings(attacks=("apgd-ce",), iterations=1)
     plain = evaluate(post, x, y, [0.1], Settings(**{**weak.__dict__, "effort_rounds": 0}), legacy=False, flags=False)
     out = evaluate(post, x, y, [0.1], Settings(**{**weak.__dict__, "effort_rounds": 3}), legacy=False)
     per, s = out["per_input"], out["summary"]
@@ -189,7 +190,7 @@ def test_effort_rounds_lower_a_weak_battery_and_stop_when_more_effort_stops_payi
     survivors = set(per[(per.attack == "apgd-ce") & ~per.broken].input)
     assert set(per[per.attack == "apgd-ce-effort1"].input) == survivors  # only what the battery left robust
     # cost per input: (iterations + 1) per restart
-    assert per[per.attack == "apgd-ce-effort1"].cost.max() == (2 * 2 + 1) * 2
+    assert per[per.attack == "apgd-ce-effort1"].cost.max() == (1 * 2 + 1) * 2
     for r in range(1, k + 1):
         broke = per[per.attack.str.endswith(f"-effort{r}")].broken.sum()
         if r < k:  # a round that ran on means the one before it still paid
@@ -271,3 +272,21 @@ def test_apgd_matches_torchattacks_on_a_real_mnist_slice(real_data_root):
         ours = robust(net, apgd(net, x, y, 0.1, loss=loss, iterations=50), y)
         theirs = robust(net, torchattacks.APGD(net.as_module(), eps=0.1, steps=50, loss=loss, seed=0)(x, y), y)
         assert abs(ours - theirs) <= 1.0, (loss, ours, theirs)
+
+
+def test_square_flag_tells_masking_from_the_slack_of_the_first_pass():
+    """Inputs that Square broke count towards the flag only if the battery's APGD attacks, re-run at effort round 1
+    from the clean input, cannot break them: on a smooth model they can (slack: no flag), on a quantised one
+    they cannot (masking: flag)."""
+    from robustbnn.evaluate import battery, square_only
+
+    s = Settings(iterations=10, effort_rounds=0)
+    torch.manual_seed(0)
+    for post, masked in ((conv_ensemble(), False), (Posterior.from_module(Quantised()), True)):
+        x, y = data(post, 40)
+        frame, _ = battery(post, x, y, 0.3, Settings(attacks=("square",), square_queries=300, effort_rounds=0))
+        frame = frame.assign(eps=0.3)
+        assert frame[frame.attack == "square"].broken.sum() >= 4  # Square alone broke several inputs
+        share, detail = square_only(post, x, y, frame, s, (0.0, 1.0))
+        assert (share > 5.0) == masked, detail
+        assert "apgd-ce, apgd-margin, apgd-t at 20 iterations and 2 restarts" in detail

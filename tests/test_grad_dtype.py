@@ -94,9 +94,9 @@ def test_grad_dtype_names_the_model_folder_and_older_records_are_reused(tmp_path
         model_settings("bnn", dict(flags, inference="hmc"), n_inputs=60000)
     old = {k: v for k, v in s32.items() if k not in ("grad_dtype", "init_from")}  # written before these flags
     path = tmp_path / "step.json"
-    path.write_text(json.dumps({"settings": {"model": old, "seed": 0}, "result": 1, "time_s": 0.0}))
+    path.write_text(json.dumps({"settings": {"model": old, "seed": 0}, "result": {"v": 1}, "time_s": 0.0}))
     steps = study.Steps(1, "mnist", log=lambda *_: None)
-    record, reused = steps.run(path, {"model": s32, "seed": 0}, "train", "mcmc", compute=lambda: 2)
-    assert reused and record["result"] == 1
+    record, reused = steps.run(path, {"model": s32, "seed": 0}, "train", "mcmc", compute=lambda: {"v": 2})
+    assert reused and record["result"] == {"v": 1}
     record, reused = steps.run(path, {"model": s16, "seed": 0}, "train", "mcmc", compute=lambda: 2)
     assert not reused and record["result"] == 2

@@ -5,6 +5,11 @@ diagnostics, checkpoints and the paper's legacy mode. Every reference is compute
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyro
@@ -13,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import MCMC, NUTS
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+from safetensors.torch import save_file
 from sklearn.datasets import make_moons
 
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc, hmc_diagnostics, hmc_kernel
-from robustbnn.inference.checkpoint import load_checkpoint
+from robustbnn.inference.checkpoint import CHECKPOINT_FILE, interrupt_exit_code, interrupt_signal, load_checkpoint
 from robustbnn.inference.hmc import bnn_potential, bnn_value_and_grad, run_hmc
 from robustbnn.inference.hmc_kernel import SamplerSettings, adaptation_windows, hmc_sample, run_sampler
 from robustbnn.nets import init_params
 from robustbnn.posterior import flatten, param_layout
+from tests.conftest import REPO_ROOT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
@@ -353,12 +360,12 @@ def test_predictive_summary_skips_constant_points():
     assert out["pred_rhat_max"] == pytest.approx(split_gelman_rubin(keep, 0, 1).max().item())
 
 
-def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path):
-    """A real SIGINT inside a leapfrog gradient, no checkpoint due: the iteration finishes and is saved, then
-    KeyboardInterrupt; resuming gives the uninterrupted draws."""
-    import os
-    import signal
-
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path, sig):
+    """A real SIGINT (Ctrl-C), or SIGTERM (what Slurm sends at the time limit or on scancel), inside a leapfrog
+    gradient, no checkpoint due: the iteration finishes and is saved, then KeyboardInterrupt; resuming gives the
+    uninterrupted draws."""
+    sig = getattr(signal, sig)
     x, y, _, _ = moons(40)
     spec = fc_spec(4)
     kw = dict(n_samples=20, warmup=20, step_size=0.01, num_steps=4, num_chains=2, seed=5, log=quiet)
@@ -366,22 +373,91 @@ def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path):
     real = hmc_kernel.step
     calls = {"n": 0}
 
-    def step_with_ctrl_c(*args, **kwargs):
+    def step_with_signal(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 27:  # during sampling, before the step runs: the step must still complete
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    hmc_kernel.step = step_with_ctrl_c
+    before = signal.getsignal(sig)
+    hmc_kernel.step = step_with_signal
     try:
         with pytest.raises(KeyboardInterrupt):
             run_hmc(spec, x, y, checkpoint=tmp_path, **kw)
     finally:
         hmc_kernel.step = real
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert load_checkpoint(tmp_path)["state"]["it"] == 27  # the iteration in which Ctrl-C came, completed
+    assert signal.getsignal(sig) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert interrupt_signal() == sig and interrupt_exit_code() == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    assert load_checkpoint(tmp_path)["state"]["it"] == 27  # the iteration in which the signal came, completed
     resumed = run_hmc(spec, x, y, checkpoint=tmp_path, resume=True, **kw)
     assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+
+
+def kill_after_checkpoint(child: str, folder, done, timeout: float = 60.0) -> dict:
+    """Run the Python code `child` in a fresh process with ROBUSTBNN_CHECKPOINT_SECONDS=0 (a checkpoint after every
+    step), SIGKILL it (no handler runs: as the kernel's OOM killer or a node failure) as soon as its checkpoint in
+    `folder` satisfies `done(state)`, and return the checkpoint as the kill left it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ROBUSTBNN_CHECKPOINT_SECONDS="0")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed, deadline = False, time.monotonic() + timeout
+    try:
+        while not killed and proc.poll() is None and time.monotonic() < deadline:
+            if (folder / CHECKPOINT_FILE).exists():
+                try:
+                    killed = done(load_checkpoint(folder))
+                except UserError:  # metadata and tensors read from two successive files: read again
+                    pass
+            if killed:
+                proc.kill()
+            else:
+                time.sleep(0.005)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert killed and proc.returncode == -signal.SIGKILL, f"not killed after a checkpoint ({proc.returncode}):\n{err}"
+    return load_checkpoint(folder)
+
+
+HMC_CHILD = """
+import json, time
+import torch
+from safetensors.torch import load_file
+from robustbnn.inference import hmc_kernel
+from robustbnn.inference.hmc import run_hmc
+
+torch.set_num_threads({threads})  # as the parent's run, for the same rounding
+data = load_file({data!r})
+real = hmc_kernel.step
+
+def slow_step(*args, **kwargs):  # slow enough to be killed mid-run; the draws are those of an unslowed run
+    time.sleep(0.02)
+    return real(*args, **kwargs)
+
+hmc_kernel.step = slow_step
+run_hmc({spec!r}, data["x"], data["y"], checkpoint={folder!r}, log=lambda *_: None, **json.loads({kw!r}))
+"""
+
+
+def test_killed_after_a_checkpoint_resumes_exactly(tmp_path):
+    """SIGKILL (no chance to save) in the middle of sampling, with a checkpoint after every iteration
+    (ROBUSTBNN_CHECKPOINT_SECONDS=0): resuming from what was on disk gives the uninterrupted run's draws."""
+    import json
+
+    x, y, _, _ = moons(40)
+    spec = fc_spec(4)
+    kw = dict(n_samples=60, warmup=20, step_size=0.01, num_steps=4, num_chains=2, seed=5)  # 50 iterations
+    save_file({"x": x, "y": y}, str(tmp_path / "data.safetensors"))
+    child = HMC_CHILD.format(threads=torch.get_num_threads(), data=str(tmp_path / "data.safetensors"), spec=spec,
+                             folder=str(tmp_path / "ck"), kw=json.dumps(kw))
+    saved = kill_after_checkpoint(child, tmp_path / "ck", lambda ck: ck["state"]["it"] >= 30)
+    assert 30 <= saved["state"]["it"] < 50 and not saved["complete"]
+    full = run_hmc(spec, x, y, log=quiet, **kw)
+    lines = []
+    resumed = run_hmc(spec, x, y, checkpoint=tmp_path / "ck", resume=True, log=lines.append, **kw)
+    assert any(f"resuming from {tmp_path / 'ck'} at iteration {saved['state']['it']} of 50" in line for line in lines)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+    assert resumed.meta["diagnostics"]["loglik_mean"] == full.meta["diagnostics"]["loglik_mean"]
 
 
 @pytest.mark.parametrize("adapt_length, kill_at", [(False, 4), (True, 2)])
@@ -481,6 +557,29 @@ def test_bad_settings_are_user_errors():
         run_hmc(spec, x, y, **dict(kw, step_size=-1.0))
     with pytest.raises(UserError, match="resume needs"):
         run_hmc(spec, x, y, resume=True, **kw)
+    with pytest.raises(UserError, match="checkpoint_seconds must be"):
+        run_hmc(spec, x, y, checkpoint_seconds=-1, **kw)
+
+
+def test_checkpoint_seconds_from_the_environment(tmp_path, monkeypatch):
+    """ROBUSTBNN_CHECKPOINT_SECONDS sets the time between checkpoints (0: every iteration); a bad value is a
+    one-line error before any work."""
+    x, y, _, _ = moons(20)
+    kw = dict(n_samples=6, warmup=4, step_size=0.01, num_steps=2, checkpoint=tmp_path, log=quiet)
+    saves = []
+    real_save = hmc_kernel.save_checkpoint
+    monkeypatch.setattr(hmc_kernel, "save_checkpoint", lambda folder, state: saves.append(state["state"]["it"])
+                        or real_save(folder, state))
+    monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", "0")
+    run_hmc(fc_spec(4), x, y, **kw)
+    assert saves == list(range(1, 11))
+    saves.clear()
+    run_hmc(fc_spec(4), x, y, checkpoint_seconds=3600, **kw)  # the argument wins: end of warm-up and the end only
+    assert saves == [4, 10]
+    monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", "5min")
+    with pytest.raises(UserError, match=r"ROBUSTBNN_CHECKPOINT_SECONDS must be .* got '5min'") as info:
+        run_hmc(fc_spec(4), x, y, **kw)
+    assert "\n" not in str(info.value)
 
 
 def test_rhat_and_ess_in_passes_equal_one_pass(monkeypatch):

@@ -243,3 +243,30 @@ def test_convergence_warnings_with_missing_numbers():
     lines = hmc_diagnostics.convergence_warnings(diag, "use more --cycles")
     assert len(lines) == 3 and all("\n" not in line for line in lines)
     assert "n/a" in hmc_diagnostics.summary_line("hmc", diag)
+
+
+def test_chains_stuck_at_different_saturated_values_count_as_not_converged():
+    """A (test point, class) pair predicted 1.0 by every draw of one chain and 0.0 by every draw of the other
+    varies, but has no variance within any chain: its R-hat is infinite. It must show as R-hat inf (not
+    vanish from the maximum, as when non-finite R-hats were dropped), count as not converged, and warn."""
+    import json
+
+    from robustbnn.inference import hmc_diagnostics
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 40, 5, generator=gen, dtype=torch.float64)
+    probs[0, :, 3], probs[1, :, 3] = 1.0, 0.0  # stuck at different saturated values
+    probs[:, :, 4] = 1.0  # the same value in every draw: nothing to mix, left out as before
+    out = hmc_diagnostics.summarise(torch.randn(2, 40, generator=gen), probs)
+    assert out["pred_rhat_max"] == math.inf
+    others = hmc_diagnostics.rhat_ess(probs[..., :3])[0]
+    assert out["pred_rhat_median"] == sorted([*others.tolist(), math.inf])[1]  # torch's lower median, inf counted
+    assert out["pred_ess_min"] is not None and math.isfinite(out["pred_ess_min"])
+    below = int((others < 1.1).sum()) + 1  # the constant pair counts as converged, the stuck one does not
+    assert out["pred_rhat_below_1.1"] == below / 5 and out["pred_points_constant"] == 1
+    lines = hmc_diagnostics.convergence_warnings(out, "use more --cycles")
+    assert any("predictive R-hat" in line and "max inf" in line for line in lines)
+    assert "predictive R-hat max inf" in hmc_diagnostics.summary_line("sghmc", out)
+    assert json.loads(json.dumps(out))["pred_rhat_max"] == math.inf  # Python's JSON keeps it (Infinity)
+    # an ESS that cannot be computed (a non-finite trace) counts as 0, not as missing
+    probs[0, 7, 0] = math.nan
+    assert hmc_diagnostics.summarise(torch.randn(2, 40, generator=gen), probs)["pred_ess_min"] == 0.0

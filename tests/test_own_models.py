@@ -64,7 +64,9 @@ def test_custom_factory_saves_and_loads_without_pickle(tmp_path):
                                       arch="tests.factories:small_conv", arch_kwargs={"channels": 2},
                                       input_shape=(1, 8, 8), meta={"note": "mine"})
     post.save(tmp_path / "m")
-    back = load(tmp_path / "m")
+    with pytest.raises(UserError, match="not robustbnn's"):  # a file alone builds only robustbnn's own nets
+        load(tmp_path / "m")
+    back = load(tmp_path / "m", arch="tests.factories:small_conv")  # the user names the factory they trust
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(back.logits(x), post.logits(x))
     assert back.arch == post.arch and back.meta == {"note": "mine"} and back.input_shape == (1, 8, 8)
@@ -187,6 +189,6 @@ def test_inference_runs_on_an_importable_architecture(tmp_path):
     assert (ens.kind, guide.kind, mcmc.kind) == ("ensemble", "vi", "mcmc")
     for i, model in enumerate((ens, guide, mcmc)):
         model.save(tmp_path / str(i))
-        back = load(tmp_path / str(i)).samples(2, seed=1)
+        back = load(tmp_path / str(i), arch=arch).samples(2, seed=1)
         assert back.arch == arch
         assert back.accuracy(moons.x_test, moons.y_test) > 60

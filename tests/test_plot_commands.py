@@ -187,13 +187,14 @@ def test_attack_files_record_their_settings(models, capsys):
     cli.main(["attack", *vi, "--avg_posterior", "True", "--summary_json", str(models / "avg.json")])
     assert json.loads((models / "avg.json").read_text())["folder"].endswith("_avgPosterior")
     capsys.readouterr()
-    ens = ARCH + ["--savedir", str(models), "--model_type", "ensemble", "--ensemble_size", "6", "--n_inputs", "20"]
+    ens = ARCH + ["--savedir", str(models), "--model_type", "ensemble", "--ensemble_size", "6", "--n_inputs", "20",
+                  "--train_inputs", "400"]
     one_line_error(capsys, ["attack", *ens, "--avg_posterior", "True"], "VI", "meaningless")
     one_line_error(capsys, ["attack", *ens, "--fresh_samples", "True"], "VI")
 
 
 def test_avg_ensemble_attacks_each_member(models, capsys):
-    ens = ARCH + ["--savedir", str(models), "--ensemble_size", "6", "--n_inputs", "15"]
+    ens = ARCH + ["--savedir", str(models), "--ensemble_size", "6", "--n_inputs", "15", "--train_inputs", "400"]
     cli.main(["attack", *ens, "--model_type", "avg_ensemble", "--summary_json", str(models / "m.json")])
     out = Path(json.loads((models / "m.json").read_text())["folder"])
     table = pd.read_csv(out / "results.csv")

@@ -1,15 +1,22 @@
 """Cyclical SGHMC: exact answers on a conjugate model, the full-batch HMC predictive on a small BNN, resume."""
 
+import json
+import os
+import signal
+
 import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
+from safetensors.torch import save_file
 
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import clear_checkpoint, load_checkpoint, load_part, save_checkpoint
+from robustbnn.inference.checkpoint import (clear_checkpoint, interrupt_exit_code, interrupt_signal, load_checkpoint,
+                                            load_part, save_checkpoint)
 from robustbnn.inference.fidelity import chain_halves, validate_against_hmc
 from robustbnn.inference.hmc import run_hmc
 from robustbnn.inference.sghmc import SGHMCSettings, run_sghmc, run_sgmcmc
+from tests.test_hmc import kill_after_checkpoint
 
 
 def linear_regression(n=200, d=2, noise=0.5, prior=1.0, seed=0):
@@ -141,13 +148,12 @@ def test_run_sghmc_posterior_and_diagnostics():
     assert even.n_samples == 16 and odd.n_samples == 8
 
 
-def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
+def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
     import robustbnn.inference.sghmc as sghmc_module
 
-    monkeypatch.setattr(sghmc_module, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every step
     data, arch = moons(200)
     kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
-              log=lambda *_: None)
+              checkpoint_seconds=0, log=lambda *_: None)  # a checkpoint after every step
     a = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
     b = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
@@ -191,44 +197,95 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("checkpoint*"))
 
 
-def test_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
-    """A real SIGINT in the middle of a step (inside the gradient), with no checkpoint due for 5 minutes: the
-    step finishes, its state is saved, KeyboardInterrupt follows, and resuming gives the uninterrupted draws."""
-    import os
-    import signal
-
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path, sig):
+    """A real SIGINT (Ctrl-C), or SIGTERM (Slurm's time limit, scancel), in the middle of a step (inside the
+    gradient), with no checkpoint due for 5 minutes: the step finishes, its state is saved, KeyboardInterrupt
+    follows, and resuming gives the uninterrupted draws."""
     import robustbnn.inference.sghmc as sghmc_module
 
+    sig = getattr(signal, sig)
     data, arch = moons(200)
     kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
               seed=3, log=lambda *_: None)
     full = run_sghmc(arch, data.x_train, data.y_train, **kw)
     original, calls = sghmc_module.bnn_minibatch_grad, {"n": 0}
 
-    def grad_with_ctrl_c(*args, **kwargs):
+    def grad_with_signal(*args, **kwargs):
         grad = original(*args, **kwargs)
 
         def g(q, idx):
             calls["n"] += 1
             if calls["n"] == 14:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return grad(q, idx)
         return g
 
-    sghmc_module.bnn_minibatch_grad = grad_with_ctrl_c
+    before = signal.getsignal(sig)
+    sghmc_module.bnn_minibatch_grad = grad_with_signal
     try:
         with pytest.raises(KeyboardInterrupt):
             run_sghmc(arch, data.x_train, data.y_train, checkpoint=tmp_path, **kw)
     finally:
         sghmc_module.bnn_minibatch_grad = original
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
-    assert load_checkpoint(tmp_path)["state"]["it"] == 14  # the step in which Ctrl-C came, completed
+    assert signal.getsignal(sig) is before  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert interrupt_signal() == sig and interrupt_exit_code() == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    assert load_checkpoint(tmp_path)["state"]["it"] == 14  # the step in which the signal came, completed
     resumed = run_sghmc(arch, data.x_train, data.y_train, checkpoint=tmp_path, resume=True, **kw)
     assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
 
 
-def test_bad_settings_are_one_line_errors():
+SGHMC_CHILD = """
+import json, time
+import torch
+from safetensors.torch import load_file
+import robustbnn.inference.sghmc as sghmc_module
+
+torch.set_num_threads({threads})  # as the parent's run, for the same rounding
+data = load_file({data!r})
+real = sghmc_module.sghmc_step
+
+def slow_step(*args, **kwargs):  # slow enough to be killed mid-run; the draws are those of an unslowed run
+    time.sleep(0.02)
+    return real(*args, **kwargs)
+
+sghmc_module.sghmc_step = slow_step
+sghmc_module.run_sghmc({arch!r}, data["x"], data["y"], checkpoint={folder!r}, log=lambda *_: None,
+                       **json.loads({kw!r}))
+"""
+
+
+def test_killed_after_a_checkpoint_resumes_exactly(tmp_path):
+    """SIGKILL (no chance to save) mid-run, with a checkpoint after every step (ROBUSTBNN_CHECKPOINT_SECONDS=0),
+    each writing the draws kept since the last as a part: resuming from what was on disk gives the
+    uninterrupted run's draws."""
+    data, arch = moons(200)
+    kw = dict(cycles=6, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
+              seed=3)  # 60 steps, a draw every 10
+    save_file({"x": data.x_train.contiguous(), "y": data.y_train.contiguous()}, str(tmp_path / "data.safetensors"))
+    child = SGHMC_CHILD.format(threads=torch.get_num_threads(), data=str(tmp_path / "data.safetensors"), arch=arch,
+                               folder=str(tmp_path / "ck"), kw=json.dumps(kw))
+    saved = kill_after_checkpoint(child, tmp_path / "ck", lambda ck: ck["state"]["it"] >= 35)
+    assert 35 <= saved["state"]["it"] < 60 and saved["state"]["kept"] >= 3 and len(saved["state"]["parts"]) >= 3
+    full = run_sghmc(arch, data.x_train, data.y_train, log=lambda *_: None, **kw)
+    lines = []
+    resumed = run_sghmc(arch, data.x_train, data.y_train, checkpoint=tmp_path / "ck", resume=True, log=lines.append,
+                        **kw)
+    assert any(f"resuming from {tmp_path / 'ck'} at step {saved['state']['it']} of 60" in line for line in lines)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+    assert resumed.meta["diagnostics"]["loglik_per_draw"] == full.meta["diagnostics"]["loglik_per_draw"]
+
+
+def test_bad_settings_are_one_line_errors(monkeypatch):
     data, arch = moons(100)
+    with pytest.raises(UserError, match="checkpoint_seconds must be"):
+        run_sghmc(arch, data.x_train, data.y_train, checkpoint_seconds=float("nan"), log=lambda *_: None)
+    monkeypatch.setenv("ROBUSTBNN_CHECKPOINT_SECONDS", "-5")
+    with pytest.raises(UserError, match=r"ROBUSTBNN_CHECKPOINT_SECONDS must be .* got '-5'") as info:
+        run_sghmc(arch, data.x_train, data.y_train, log=lambda *_: None)
+    assert "\n" not in str(info.value)
+    monkeypatch.delenv("ROBUSTBNN_CHECKPOINT_SECONDS")
     with pytest.raises(UserError, match="batch_size"):
         run_sghmc(arch, data.x_train, data.y_train, batch_size=1000, log=lambda *_: None)
     with pytest.raises(UserError, match="burn-in"):

@@ -148,6 +148,26 @@ def test_a_model_with_other_settings_is_not_reused_silently(tmp_path, one_thread
         study.run_study(spec, tmp_path, "cpu", data=synthetic(), log=lambda _: None, seed=1)
 
 
+def test_corrupt_result_files_are_redone_or_one_line(tmp_path, one_thread):
+    """A step record that is not an object, or whose result is missing, runs again; a reused record whose result
+    has the wrong shape stops the table with one line naming the folder."""
+    spec = tiny_spec()
+    spec["models"] = {"nn": spec["models"]["nn"]}
+    run(spec, tmp_path)
+    results = tmp_path / "mnist_cpu" / "results" / "nn"
+    (results / "paper_eps=0.1.json").write_text("[1, 2]")
+    battery_file = results / "battery_eps=0.1.json"
+    record = json.loads(battery_file.read_text())
+    battery_file.write_text(json.dumps({"settings": record["settings"]}))
+    _, lines = run(spec, tmp_path)
+    assert lines[1].endswith("...") and lines[2].endswith("..."), lines  # both steps ran again
+    assert json.loads(battery_file.read_text())["result"]["robust_acc"] == record["result"]["robust_acc"]
+    battery_file.write_text(json.dumps(dict(record, result={"clean_acc": 1.0})))
+    with pytest.raises(study.UserError, match="malformed") as info:
+        run(spec, tmp_path)
+    assert "\n" not in str(info.value) and str(results) in str(info.value)
+
+
 def test_correct_evaluation_is_the_battery(one_thread):
     """The study's worst-case loop gives `evaluate.evaluate`'s robust accuracy, attack by attack."""
     from robustbnn import train_nets
@@ -159,9 +179,11 @@ def test_correct_evaluation_is_the_battery(one_thread):
     x, y, s = data.x_test[:60], data.y_test[:60], battery.Settings(iterations=5, square_queries=20)
     mine, frame = study.correct_evaluation(post, x, y, 0.1, s, (0.0, 1.0))
     theirs = battery.evaluate(post, x, y, [0.1], s, legacy=False, flags=False)["summary"].iloc[0]
+    s = s.for_model(post)
+    assert s.attacks == battery.DEFAULT_BATTERY
     for k in ("clean_acc", "robust_acc", "effort_rounds_run", *(f"acc_after_{a}" for a in s.attacks)):
         assert mine[k] == pytest.approx(theirs[k]), k
-    effort = {battery.effort_label(a, k) for a in ("apgd-ce", "apgd-dlr") for k in range(1, s.effort_rounds + 1)}
+    effort = {battery.effort_label(a, k) for a in battery.APGD_ATTACKS for k in range(1, s.effort_rounds + 1)}
     assert 0 <= mine["softmax_robustness"] <= 1 and set(frame.attack) <= {"clean", *s.attacks, *effort}
 
 

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,26 +19,75 @@ from robustbnn.errors import UserError
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    An interruption leaves the previous file (or nothing) in place, never a half-written one. A
-    target that cannot be written (a parent that is a file, no permission, a full disk) is a
-    one-line `UserError` naming the path.
+    The temporary file is flushed to disk (fsync) before the rename, so that a crash leaves the
+    previous file (or nothing) in place, never a half-written one; an interruption likewise. A
+    target that cannot be written (a parent that is a file, no permission, a full disk), as an
+    `OSError` or as the I/O error of a safetensors write, is a one-line `UserError` naming the path,
+    and the temporary file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {path}: {_reason(exc)}") from None
+    except Exception as exc:
+        reason = _io_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"cannot write {path}: {reason}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the filesystem allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError in words: "No space left on device"."""
+    if exc.strerror:
+        return exc.strerror
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def _io_reason(exc: Exception) -> str | None:
+    """The reason of a safetensors write that failed on I/O (a SafetensorError "Error while serializing: I/O
+    error: No space left on device (os error 28) at path ..."), else None (not the disk: let it propagate)."""
+    msg = str(exc)
+    if type(exc).__name__ != "SafetensorError" or not re.search(r"I/O error|IoError", msg):
+        return None
+    code = re.search(r"os error (\d+)", msg)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return re.split(r"I/O error:?|IoError", msg, maxsplit=1)[-1].split(" at path")[0].strip(" :") or msg
+
+
 def write_text(path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
     return Path(path)
 
 
@@ -77,34 +127,37 @@ def resolve_savedir(savedir: str) -> Path:
 def model_name(model_type: str, dataset: str, hidden_size, activation: str, architecture: str, *, epochs=None,
                lr=None, inference=None, n_inputs=None, n_samples=None, warmup=None, step_size=None, num_steps=None,
                ensemble_size=None, thin=1, arch_label: str | None = None, sghmc: dict | None = None,
-               grad_dtype: str = "float32") -> str:
+               grad_dtype: str = "float32", seed: int | None = None) -> str:
     """The seed's model names, which key every folder (original-behaviour.md section 1.6).
 
     Settings print as Python's str() (`lr=0.01`, `ep=None`), as the seed's names do. VI models keep
     the seed's `svi` in their names. A user's architecture (`arch_label`, from its factory name)
     replaces the built-in `hid=_act=_arch=` part, so the two never collide. SGHMC gradients in another dtype
-    than float32 add `_grad=<dtype>`: such a sampler's draws differ from the float32 one's.
+    than float32 add `_grad=<dtype>`: such a sampler's draws differ from the float32 one's. `n_inputs`
+    (given when it is part of the name) is `_inp=N`: after the architecture for BNNs, as the seed's
+    half-moons names have it, and at the end for networks and ensembles (not in the seed). A `seed`
+    other than 0 (None: not part of the name) ends every name as `_seed=S` (not in the seed).
     """
     grad = f"_grad={grad_dtype}" if grad_dtype != "float32" else ""
+    inp = f"_inp={n_inputs}" if n_inputs else ""
+    tail = f"_seed={seed}" if seed else ""
     base = f"hid={hidden_size}_act={activation}_arch={architecture}" if arch_label is None else f"arch={arch_label}"
     if model_type == "nn":
-        return f"{dataset}_nn_{base}_ep={epochs}_lr={lr}"
+        return f"{dataset}_nn_{base}_ep={epochs}_lr={lr}{inp}{tail}"
     if model_type == "ensemble":
-        return f"{dataset}_ensemble_{base}_size={ensemble_size}"
-    name = f"{dataset}_bnn_{'svi' if inference == 'vi' else inference}_{base}"
-    if n_inputs:
-        name += f"_inp={n_inputs}"
+        return f"{dataset}_ensemble_{base}_size={ensemble_size}{inp}{tail}"
+    name = f"{dataset}_bnn_{'svi' if inference == 'vi' else inference}_{base}{inp}"
     if inference == "hmc":
         name += f"_samp={n_samples}_warm={warmup}_stepsize={step_size}_numsteps={num_steps}"
-        return name + (f"_thin={thin}" if thin != 1 else "")
+        return name + (f"_thin={thin}" if thin != 1 else "") + tail
     if inference == "sghmc":  # not in the seed: its chains, cycles and schedule
         g = sghmc
         return name + (f"_chains={g['num_chains']}_cycles={g['cycles']}x{g['epochs_per_cycle']}ep"
                        f"_burnin={g['burnin_cycles']}"
                        f"_samp={g['samples_per_cycle']}_lr={lr}_T={g['temperature']}"
                        + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else "")
-                       + (f"_from={g['init_from']}" if g.get("init_from") else "") + grad)
-    return name + f"_ep={epochs}_lr={lr}"
+                       + (f"_from={g['init_from']}" if g.get("init_from") else "") + grad) + tail
+    return name + f"_ep={epochs}_lr={lr}" + tail
 
 
 def git_commit() -> str | None:

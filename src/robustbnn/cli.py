@@ -80,8 +80,9 @@ def main(argv=None) -> None:
         print(f"robustbnn {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"robustbnn {args.command}: interrupted; finished outputs and checkpoints are kept", file=sys.stderr)
-        sys.exit(130)
+        from robustbnn.experiments.common import exit_interrupted
+
+        exit_interrupted(args.command)  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 if __name__ == "__main__":

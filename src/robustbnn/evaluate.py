@@ -11,15 +11,19 @@ posterior predictive over its own samples, never one stochastic forward pass:
   samples (its prediction), and `fooled_share` reports the share of `fresh_draws` independent draws
   that an adversarial input fools.
 
-Default battery: APGD-CE, APGD-DLR (on log p(x)), then Square (gradient-free) on what is left, then up
-to `effort_rounds` effort rounds: round k re-runs APGD-CE and APGD-DLR on what is still robust with
-2^k times the iterations and k more restarts, and the rounds stop once one breaks at most
-MORE_EFFORT_DROP % of the inputs. A fixed budget is the usual weak point of a verdict on a BNN: on
-this project's MCMC posteriors, 100 APGD iterations left up to 3 points of accuracy that more
-iterations then took (README), so the verdict spends effort until more effort stops paying.
+Default battery for a fixed-sample posterior (AutoAttack's standard battery, made for posteriors):
+APGD-CE (on log(1 - p(x)_y), which does not round to 0 on a confident model), APGD on the logit margin
+of every draw averaged over the draws (which moves all draws, where log p(x) follows the one already
+most wrong), APGD-T (the draw-averaged margin towards each of the 9 most likely wrong classes) and
+Square with 5000 queries (gradient-free). A fresh-sample defence keeps the EOT battery: APGD-CE,
+APGD-DLR (on log p(x)) and Square. Then up to `effort_rounds` effort rounds: round k re-runs the
+battery's APGD attacks on what is still robust with 2^k times the iterations and k more restarts, and
+(with `until_flat`) the rounds stop once one breaks at most MORE_EFFORT_DROP % of the inputs, so that
+the verdict spends effort until more effort stops paying; robust accuracy after each round is reported
+against the budget (1x, 2x, 4x, 8x).
 Masking flags (Athalye, Carlini, Wagner, ICML 2018; Carlini et al. 2019, "On Evaluating Adversarial
-Robustness"; AutoAttack's checks), each with its numbers: Square breaks inputs the gradient attacks
-did not; accuracy does not reach 0 at eps = the whole input box; accuracy is not monotone in eps;
+Robustness"; AutoAttack's checks), each with its numbers: Square breaks inputs that even the strongest
+gradient attack run cannot; accuracy does not reach 0 at eps = the whole input box; accuracy is not monotone in eps;
 more iterations and a restart still lower accuracy; many exactly-zero input gradients; model
 outputs that are already probabilities; the paper's legacy evaluation overstates robustness.
 """
@@ -27,7 +31,8 @@ outputs that are already probabilities; the paper's legacy evaluation overstates
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
@@ -38,9 +43,11 @@ from robustbnn.attacks.losses import fixed_samples, legacy_out_of_logits
 from robustbnn.errors import UserError
 from robustbnn.posterior import FreshSamples, Posterior
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "pgd", "fgsm")
-GRADIENT_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "pgd", "fgsm")
-DEFAULT_BATTERY = ("apgd-ce", "apgd-dlr", "square")
+ATTACKS = ("apgd-ce", "apgd-margin", "apgd-t", "apgd-dlr", "square", "pgd", "fgsm")
+APGD_ATTACKS = ("apgd-ce", "apgd-margin", "apgd-t", "apgd-dlr")
+GRADIENT_ATTACKS = APGD_ATTACKS + ("pgd", "fgsm")
+DEFAULT_BATTERY = ("apgd-ce", "apgd-margin", "apgd-t", "square")  # fixed-sample posteriors
+EOT_BATTERY = ("apgd-ce", "apgd-dlr", "square")  # fresh-sample defences
 # Flag thresholds (percentage points or fractions), stated in the report.
 SQUARE_EXTRA_MAX = 0.5     # Square breaking more than this share (%) of the inputs at some eps: flag
 BOX_ACC_MAX = 1.0          # robust accuracy (%) at eps = the whole box above this: flag
@@ -51,22 +58,32 @@ LEGACY_GAP_MAX = 5.0       # legacy evaluation's accuracy above the correct one 
 
 @dataclass(frozen=True)
 class Settings:
-    """The battery's knobs (AutoAttack's standard: 100 APGD iterations, 1 restart, 5000 Square queries)."""
+    """The battery's knobs (AutoAttack's standard: 100 APGD iterations, 1 restart, APGD-T towards 9 classes,
+    5000 Square queries). `attacks` None is the default battery of the model attacked (`for_model`)."""
 
-    attacks: tuple = DEFAULT_BATTERY
+    attacks: tuple | None = None
     iterations: int = 100
     restarts: int = 1
-    square_queries: int = 1000
+    square_queries: int = 5000
     eot_iter: int = 20
     fresh_draws: int = 10
     seed: int = 0
-    effort_rounds: int = 2
+    effort_rounds: int = 3
+    targets: int = 9
+    until_flat: bool = True
+
+    def for_model(self, model) -> "Settings":
+        """These settings with `attacks` set: the default battery of a fixed-sample posterior or of a
+        fresh-sample defence when None."""
+        if self.attacks is not None:
+            return self
+        return replace(self, attacks=DEFAULT_BATTERY if isinstance(model, Posterior) else EOT_BATTERY)
 
     def check(self) -> "Settings":
-        unknown = [a for a in self.attacks if a not in ATTACKS]
-        if unknown or not self.attacks:
+        unknown = [a for a in (self.attacks or ()) if a not in ATTACKS]
+        if unknown or (self.attacks is not None and not self.attacks):
             raise UserError(f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}")
-        for name in ("iterations", "restarts", "square_queries", "eot_iter", "fresh_draws"):
+        for name in ("iterations", "restarts", "square_queries", "eot_iter", "fresh_draws", "targets"):
             v = getattr(self, name)
             if int(v) != v or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {v}")
@@ -76,10 +93,10 @@ class Settings:
 
 
 def effort_round(s: Settings, k: int) -> Settings:
-    """Effort round k >= 1: APGD-CE then APGD-DLR with 2^k times the battery's iterations and k more restarts
-    (and another seed, so that the restarts start elsewhere)."""
-    return Settings(("apgd-ce", "apgd-dlr"), iterations=s.iterations * 2**k, restarts=s.restarts + k,
-                    eot_iter=s.eot_iter, seed=s.seed + k, effort_rounds=0)
+    """Effort round k >= 1: the battery's APGD attacks with 2^k times its iterations and k more restarts (and
+    another seed, so that the restarts start elsewhere)."""
+    return replace(s, attacks=tuple(a for a in s.attacks if a in APGD_ATTACKS), iterations=s.iterations * 2**k,
+                   restarts=s.restarts + k, seed=s.seed + k, effort_rounds=0)
 
 
 def effort_label(name: str, k: int) -> str:
@@ -112,18 +129,13 @@ def has_gradients(post: Posterior, x, y) -> bool:
 def run_attack(name: str, model, x, y, eps: float, s: Settings, bounds) -> tuple[torch.Tensor, torch.Tensor]:
     """One attack of the battery on (x, y): (adversarial inputs, cost per input: gradient passes or queries)."""
     post = fixed_samples(model)
-    if name in ("apgd-ce", "apgd-dlr"):
-        out, info = apgd(model, x, y, eps, loss=name[5:], iterations=s.iterations, restarts=s.restarts,
-                         eot_iter=s.eot_iter if isinstance(model, FreshSamples) else 1, bounds=bounds, seed=s.seed,
-                         return_info=True)
+    kw = dict(iterations=s.iterations, restarts=s.restarts, eot_iter=s.eot_iter if isinstance(model, FreshSamples)
+              else 1, bounds=bounds, seed=s.seed, return_info=True)
+    if name in ("apgd-ce", "apgd-margin", "apgd-dlr"):
+        out, info = apgd(model, x, y, eps, loss=name[5:], **kw)
         return out, info["gradient_evals"]
-    if name == "apgd-t":  # targeted DLR against the runner-up class of the clean prediction
-        logp = post.log_predictive(x)
-        target = logp.scatter(-1, y.unsqueeze(-1), -math.inf).argmax(-1)
-        out, info = apgd(model, x, y, eps, loss="dlr", target=target, iterations=s.iterations, restarts=s.restarts,
-                         eot_iter=s.eot_iter if isinstance(model, FreshSamples) else 1, bounds=bounds, seed=s.seed,
-                         return_info=True)
-        return out, info["gradient_evals"]
+    if name == "apgd-t":
+        return _apgd_targeted(model, post, x, y, eps, s.targets, kw)
     if name == "square":
         out, info = square(model, x, y, eps, queries=s.square_queries, bounds=bounds, seed=s.seed, return_info=True)
         return out, info["queries"]
@@ -133,34 +145,57 @@ def run_attack(name: str, model, x, y, eps: float, s: Settings, bounds) -> tuple
     return fgsm(post, x, y, eps, bounds=bounds), torch.ones(len(x))
 
 
+def _apgd_targeted(model, post, x, y, eps, targets: int, kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD-T: APGD on the draw-averaged margin towards the t-th most likely wrong class of the clean predictive,
+    t = 1 .. `targets`, each on the inputs the targets before it did not break (AutoAttack's APGD-T, with the
+    per-draw margin in place of the targeted DLR; for one network, the targeted Carlini-Wagner margin)."""
+    out, cost = x.clone(), torch.zeros(len(x))
+    wrong = post.log_predictive(x).scatter(-1, y.unsqueeze(-1), -math.inf).argsort(-1, descending=True)
+    todo = torch.arange(len(x), device=x.device)
+    for t in range(min(int(targets), wrong.shape[-1] - 1)):
+        if not len(todo):
+            break
+        adv, info = apgd(model, x[todo], y[todo], eps, loss="margin", target=wrong[todo, t], **kw)
+        cost[todo.cpu()] += info["gradient_evals"]
+        hit = info["broken"].to(x.device)
+        out[todo[hit]] = adv[hit]
+        if t == 0:
+            out[todo[~hit]] = adv[~hit]
+        todo = todo[~hit]
+    return out, cost
+
+
 def battery(model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bounds=(0.0, 1.0),
             progress: bool = False) -> tuple[pd.DataFrame, torch.Tensor]:
-    """The battery at one eps, then its effort rounds: a tidy frame (attack, input, broken, margin, cost)
-    and each input's worst point (the one that broke it, else the lowest-margin point any attack reached).
+    """The battery at one eps, then its effort rounds: a tidy frame (attack, input, broken, margin, cost,
+    seconds: the attack's wall-clock time shared out over the inputs it ran on) and each input's worst point (the one that broke it, else the lowest-margin point any attack reached).
 
     Inputs misclassified before any attack are broken by `clean`; each attack then runs on what is
     still robust and `broken` says whether it broke the input (judged by the defender). Effort round k's
     attacks are named `<attack>-effort<k>` (`effort_round`); the rounds stop after one that breaks at most
-    MORE_EFFORT_DROP % of the inputs.
+    MORE_EFFORT_DROP % of the inputs (with `until_flat`; else all `effort_rounds` run).
     """
+    s = s.for_model(model)
     rows = []
     worst = x.clone()
     m_worst = _margins(model, x, y)
     robust = m_worst >= 0
     rows.append(pd.DataFrame({"attack": "clean", "input": range(len(x)), "broken": (~robust).cpu().numpy(),
-                              "margin": m_worst.cpu().numpy(), "cost": 0.0}))
+                              "margin": m_worst.cpu().numpy(), "cost": 0.0, "seconds": 0.0}))
 
     def attack(name, label, settings):
         idx = robust.nonzero().flatten()
         if not len(idx):
             return 0
+        started = time.perf_counter()
         x_adv, cost = run_attack(name, model, x[idx], y[idx], eps, settings, bounds)
         m = _margins(model, x_adv, y[idx])
+        seconds = (time.perf_counter() - started) / len(idx)
         lower = m < m_worst[idx]
         worst[idx[lower]], m_worst[idx[lower]] = x_adv[lower], m[lower]
         robust[idx[m < 0]] = False
         rows.append(pd.DataFrame({"attack": label, "input": idx.cpu().numpy(), "broken": (m < 0).cpu().numpy(),
-                                  "margin": m.cpu().numpy(), "cost": cost.cpu().numpy()}))
+                                  "margin": m.cpu().numpy(), "cost": cost.cpu().numpy(), "seconds": seconds}))
         return int((m < 0).sum())
 
     for name in tqdm(s.attacks, desc=f"battery eps={eps:g}", leave=False, disable=None if progress else True):
@@ -173,14 +208,15 @@ def battery(model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bo
                 break
             stronger = effort_round(s, k)
             broke = sum(attack(name, effort_label(name, k), stronger) for name in stronger.attacks)
-            if 100.0 * broke / len(x) <= MORE_EFFORT_DROP:
+            if s.until_flat and 100.0 * broke / len(x) <= MORE_EFFORT_DROP:
                 break
     return pd.concat(rows, ignore_index=True), worst
 
 
 def accuracies(frame: pd.DataFrame, attacks) -> dict:
     """From a `battery` frame: clean_acc, acc_after_<attack> (after it and the attacks before it), robust_acc
-    (after everything, effort rounds included) in %, and effort_rounds_run."""
+    (after everything, effort rounds included) in %, effort_rounds_run, and the accuracy against the attack
+    budget: robust_acc_1x after the battery, robust_acc_<2^k>x after effort round k; time_s, the attacks' time."""
     clean = frame[frame.attack == "clean"].sort_values("input")
     done = clean.broken.to_numpy().copy()
     row = {"clean_acc": 100.0 * (1 - done.mean())}
@@ -189,8 +225,19 @@ def accuracies(frame: pd.DataFrame, attacks) -> dict:
         done[part.input.to_numpy()[part.broken.to_numpy()]] = True
         row[f"acc_after_{name}"] = 100.0 * (1 - done.mean())
     row["robust_acc"] = 100.0 * (1 - frame.groupby("input").broken.any().mean())
-    row["effort_rounds_run"] = int(effort_of(frame.attack).max())
+    row["time_s"] = float(frame.seconds.sum()) if "seconds" in frame else None
+    rounds = effort_of(frame.attack)
+    row["effort_rounds_run"] = int(rounds.max())
+    for k in range(row["effort_rounds_run"] + 1):
+        row[f"robust_acc_{2**k}x"] = 100.0 * (1 - frame[rounds <= k].groupby("input").broken.any().mean())
     return row
+
+
+def budget_curve(row: dict) -> str:
+    """'16.6 / 15.1 / 14.8' from the robust_acc_<m>x of an `accuracies` row (1x, 2x, 4x, ...)."""
+    keys = sorted((int(k[len("robust_acc_"):-1]), k) for k in row  # NaN: a round that did not run (CSV rows)
+                  if k.startswith("robust_acc_") and k.endswith("x") and row[k] is not None and row[k] == row[k])
+    return " / ".join(f"{row[k]:.1f}" for _, k in keys)
 
 
 def fooled_share(model: FreshSamples, x_adv, y, draws: int) -> float:
@@ -220,11 +267,8 @@ def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input
         flags.append({"flag": name, "raised": bool(raised), "value": value, "detail": detail})
 
     lo, hi = bounds
-    sq = per_input[(per_input.attack == "square") & per_input.broken].groupby("eps").size()
-    share = float(100.0 * sq.max() / len(x)) if len(sq) else 0.0
-    flag("square_breaks_more", share > SQUARE_EXTRA_MAX, round(share, 2),
-         f"Square (gradient-free) broke up to {share:.1f}% of the inputs that the gradient attacks left robust "
-         f"({int(sq.sum()) if len(sq) else 0} input-eps pairs)")
+    share, detail = square_only(model, x, y, per_input, s, bounds)
+    flag("square_breaks_more", share > SQUARE_EXTRA_MAX, round(share, 2), detail)
     by_eps = summary.sort_values("eps")
     rises = int((by_eps.robust_acc.diff() > 0).sum())  # accuracy going up as the ball grows
     flag("not_monotone_in_eps", rises > 0, rises,
@@ -251,6 +295,28 @@ def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input
     return flags
 
 
+def square_only(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tuple[float, str]:
+    """The share (%) of inputs, at the worst eps, that Square broke and that the battery's APGD attacks cannot
+    break even at the effort of the last round run (at least round 1), re-attacked from the clean input:
+    (share, detail in words). Square runs before the effort rounds, so what it broke may only be slack of the
+    first pass; an input that a stronger gradient attack also breaks is not a sign of masking."""
+    s = s.for_model(model)
+    sq = per_input[(per_input.attack == "square") & per_input.broken]
+    stronger = effort_round(s, max(1, int(effort_of(per_input.attack).max())))
+    if not len(sq) or not stronger.attacks:
+        return 0.0, f"Square (gradient-free) broke {len(sq)} input-eps pairs that the gradient attacks left robust"
+    worst = (0.0, 0, 0, 0.0)
+    for e, part in sq.groupby("eps"):
+        idx = torch.tensor(part.input.values, dtype=torch.long, device=x.device)
+        frame, _ = battery(model, x[idx], y[idx], float(e), replace(stronger, effort_rounds=0), bounds)
+        only = len(idx) - int(frame[frame.attack != "clean"].groupby("input").broken.any().sum())
+        worst = max(worst, (100.0 * only / len(x), only, len(idx), float(e)))
+    share, only, broke, e = worst
+    return share, (f"Square (gradient-free) broke {broke} inputs at eps = {e:g} that the first gradient attacks left "
+                   f"robust; {only} of them resist {', '.join(stronger.attacks)} at {stronger.iterations} iterations "
+                   f"and {stronger.restarts} restarts ({share:.1f}% of the inputs)")
+
+
 def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tuple[float, str]:
     """How much (points of robust accuracy) more attack effort still takes: (drop, detail in words).
 
@@ -262,6 +328,7 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
     survived = ~per_input[per_input.eps > 0].groupby(["eps", "input"]).broken.any()
     robust = survived[survived].reset_index()  # (eps, input) left robust
     left = robust.groupby("eps").size()
+    s = s.for_model(model)
     if s.effort_rounds:
         rounds = per_input[effort_of(per_input.attack) > 0]
         if not len(rounds):
@@ -274,7 +341,7 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
             broke = int(part[rk == k].broken.sum())
             drop = 100.0 * broke / len(x) if left.get(e, 0) else 0.0
             r = effort_round(s, k)
-            text = (f"effort round {k} (APGD-CE and APGD-DLR, {r.iterations} iterations, {r.restarts} restarts) broke "
+            text = (f"effort round {k} ({', '.join(r.attacks)}, {r.iterations} iterations, {r.restarts} restarts) broke "
                     f"{broke} of {len(x)} inputs at eps = {e:g}, leaving {int(left.get(e, 0))} robust")
             worst = max(worst, (drop, text))
         return worst
@@ -286,18 +353,22 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
     frame, _ = battery(model, x[idx], y[idx], e, r, bounds)
     extra = int(frame[frame.attack != "clean"].broken.sum())
     return 100.0 * extra / max(len(x), 1), (
-        f"APGD-CE and APGD-DLR with twice the iterations and one more restart broke {extra} of the {len(idx)} "
+        f"{', '.join(r.attacks)} with twice the iterations and one more restart broke {extra} of the {len(idx)} "
         f"inputs left robust at eps = {e:g} (the eps that left the most)")
 
 
 def describe(s: dict) -> str:
     """The battery of settings `s` (`asdict(Settings)`) in words, for reports."""
-    words = (f"{', '.join(s['attacks'])} (APGD {s['iterations']} iterations, {s['restarts']} restart(s); Square "
-             f"{s['square_queries']} queries)")
+    attacks = s["attacks"] or DEFAULT_BATTERY
+    words = (f"{', '.join(attacks)} (APGD {s['iterations']} iterations, {s['restarts']} restart(s)"
+             + (f"; APGD-T towards the {s['targets']} most likely wrong classes" if "apgd-t" in attacks else "")
+             + f"; Square {s['square_queries']} queries)")
     if s.get("effort_rounds"):
-        words += (f", then up to {s['effort_rounds']} effort round(s) of APGD-CE and APGD-DLR on what was left robust "
-                  f"(round k: 2^k times the iterations, k more restarts), stopping once a round broke at most "
-                  f"{MORE_EFFORT_DROP:g}% of the inputs")
+        apgds = [a for a in attacks if a in APGD_ATTACKS]
+        words += (f", then up to {s['effort_rounds']} effort round(s) of {', '.join(apgds)} on what was left robust "
+                  f"(round k: 2^k times the iterations, k more restarts)"
+                  + (f", stopping once a round broke at most {MORE_EFFORT_DROP:g}% of the inputs"
+                     if s.get("until_flat", True) else ""))
     return words
 
 
@@ -317,7 +388,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settin
     per eps: clean_acc, robust_acc, each attack's accuracy after the attacks before it, the legacy
     evaluation, fooled_share for fresh-sample defences), "flags": [...], "settings": {...}, "note": str}.
     """
-    s = settings.check()
+    s = settings.check().for_model(model)
     post = fixed_samples(model)
     xd, yd = check_inputs(post, x, y)
     if not len(xd):

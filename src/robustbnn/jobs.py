@@ -5,10 +5,11 @@ the jobs that have not finished yet to a Dask cluster: by default a `LocalCluste
 processes on this machine (`workers` processes, cores // workers torch threads each, so the machine
 is not oversubscribed), or an existing cluster at `scheduler` (e.g. `dask scheduler`, dask-jobqueue's
 `SLURMCluster`, dask-kubernetes). Every job writes its folder's files atomically and ends by writing
-`row.json`, its row of the result table; the client rewrites the table after every finished job.
-So a rerun skips finished jobs, a failing job is reported with its error while the others go on,
-and an interrupt leaves every finished job intact. The folders must be on a filesystem that the
-workers and the client share.
+`row.json`, its row of the result table (a JSON object; anything else counts as unfinished); the client
+rewrites the table after every finished job, its columns in a fixed order (`table_columns`) whether a row
+was computed now or read back. So a rerun skips finished jobs, a failing job is reported with its error
+while the others go on, and an interrupt leaves every finished job intact. The folders must be on a
+filesystem that the workers and the client share.
 
 `workers=0` runs the same jobs one after the other in this process (for debugging and for the
 serial reference: with the same seeds and thread counts the table is bit for bit the same).
@@ -42,14 +43,29 @@ class Job:
 
 
 def finished_row(job: Job) -> dict | None:
-    """The row of a finished job (its folder holds row.json), else None."""
+    """The row of a finished job (its folder holds row.json, a JSON object), else None."""
     path = Path(job.folder) / ROW_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        row = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # an unreadable row: run the job again
+    return row if isinstance(row, dict) else None  # not a row (a list, a number): run the job again
+
+
+def table_columns(rows: list[dict], columns=()) -> list[str]:
+    """The table's columns: those of `columns` that some row has, in that order, then the others sorted, so that
+    the order does not depend on which rows were computed now and which were read back from row.json."""
+    keys = set().union(*rows) if rows else set()
+    return [c for c in columns if c in keys] + sorted(keys - set(columns))
+
+
+def write_table(path, rows: list[dict], columns=()) -> None:
+    """The rows as a CSV table with `table_columns` (written atomically)."""
+    import pandas as pd
+
+    write_csv(path, pd.DataFrame(rows, columns=table_columns(rows, columns)))
 
 
 def run_one(job: Job, threads: int | None = None) -> dict:
@@ -71,8 +87,9 @@ def _client(workers: int, threads: int, scheduler: str | None, log):
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
-        except OSError as exc:
-            raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        except (OSError, ValueError, TypeError, AssertionError) as exc:  # unreachable, or not an address
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot reach the Dask scheduler at {scheduler!r}: {detail}") from None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
@@ -81,10 +98,12 @@ def _client(workers: int, threads: int, scheduler: str | None, log):
 
 
 def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, threads: int | None = None,
-             scheduler: str | None = None, progress: bool = True, log=print) -> tuple[list[dict], list[dict]]:
+             scheduler: str | None = None, progress: bool = True, log=print,
+             columns=()) -> tuple[list[dict], list[dict]]:
     """Run every unfinished job; return (rows of the finished jobs in job order, failures {key, error}).
 
-    `table` (a CSV path) is rewritten after every finished job. `threads` is the torch threads per job
+    `table` (a CSV path) is rewritten after every finished job, with `columns` first in that order and any
+    other keys after them, sorted (`table_columns`). `threads` is the torch threads per job
     (default: this machine's cores // workers, at least 1; on an existing cluster, 1).
     """
     keys = [j.key for j in jobs]
@@ -107,7 +126,7 @@ def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, th
         if error is None:
             rows[job.key] = row
             if table is not None:
-                write_csv(table, [rows[j.key] for j in jobs if j.key in rows])
+                write_table(table, [rows[j.key] for j in jobs if j.key in rows], columns)
         else:
             msg = str(error).splitlines()[0] if str(error) else type(error).__name__
             failures.append({"key": job.key, "error": f"{type(error).__name__}: {msg}"})

@@ -5,7 +5,8 @@ weights, so these modules are only templates for `torch.func.functional_call`.
 
 An `Architecture` names a factory `package.module:function` and its keyword arguments; building it
 imports that one name and calls it. The paper's specs are `Architecture(BUILTIN, spec)`, so a saved
-model records how to rebuild its template without pickle.
+model records how to rebuild its template without pickle. A saved record is not trusted: `require_trusted`
+lets it build robustbnn's own architectures (BUILTIN) and otherwise only a factory the caller named.
 """
 
 from __future__ import annotations
@@ -84,13 +85,35 @@ def as_architecture(arch) -> "Architecture":
 BUILTIN = "robustbnn.nets:make_net"
 
 
+def require_trusted(arch: "Architecture", named=(), trust=(), what: str = "the model") -> None:
+    """Refuse, before anything is imported or called, an architecture that nobody vouched for.
+
+    A saved model's record says which factory rebuilds its template, and building it runs that code,
+    so a record alone may only build robustbnn's own architectures (BUILTIN). Any other factory is
+    allowed only when it is one of `named` (factory names the caller gave, e.g. `--arch`) or its
+    module is one of `trust` or inside one of them (module names such as "mypkg"; "mypkg" also
+    allows "mypkg.nets"). Anything else is a one-line `UserError` that says how to allow it.
+    """
+    factory = arch.factory
+    if factory == BUILTIN or factory in named:
+        return
+    module = factory.split(":")[0]
+    if any(module == t or module.startswith(t + ".") for t in trust):
+        return
+    top = module.split(".")[0]
+    raise UserError(f"{what} names the factory {factory!r}, which is not robustbnn's, and loading it would import "
+                    f"and run that code; pass --arch {factory} (or arch={factory!r} or trust=({top!r},) to load) "
+                    "if you trust it")
+
+
 @dataclass(frozen=True, eq=False)
 class Architecture:
     """An importable factory `package.module:function` and the keyword arguments it is called with.
 
     `build()` imports only that name, calls it with `kwargs` without consuming the global random
     state, and returns the module in eval mode with gradients off (a template: the weights live in
-    a `Posterior`). `kwargs` must be JSON values, since they are saved with the weights.
+    a `Posterior`). `kwargs` must be JSON values, since they are saved with the weights. `build()`
+    runs whatever the factory names: one read from a file goes through `require_trusted` first.
     """
 
     factory: str

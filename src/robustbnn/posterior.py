@@ -7,9 +7,12 @@ for all samples at once, chunked over samples and inputs to bound memory: networ
 layers and elementwise activations run as batched matrix products, any other module through
 `torch.func.functional_call` under `torch.func.vmap`.
 
-Saved models are one `.safetensors` file: the weights, and in its metadata a JSON record of the kind,
-the architecture (an importable factory `package.module:function` with keyword arguments) and
-everything else, so the two cannot tear apart and loading runs no pickle.
+Saved models are one `.safetensors` file: the weights (in the dtypes they had), and in its metadata a
+JSON record of the kind, the architecture (an importable factory `package.module:function` with
+keyword arguments) and everything else, so the two cannot tear apart and loading runs no pickle.
+A file is not trusted: loading builds robustbnn's own architectures, and a user's factory only when
+the caller names it (`load(path, arch=...)`, `trust=`, or `--arch`); its record and numbers are
+checked (types, format version, finite floating-point weights) with one-line errors.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from robustbnn.artifacts import atomic_path
 from robustbnn.errors import UserError
-from robustbnn.nets import BUILTIN, Architecture
+from robustbnn.nets import BUILTIN, Architecture, require_trusted
 
 WEIGHTS_FILE = "posterior.safetensors"
 METADATA_KEY = "robustbnn"
@@ -429,8 +432,40 @@ class Posterior:
         return self.with_params({k: v[:n_samples] for k, v in self.params.items()})
 
     def samples(self, n_samples: int | None, seed: int = 0) -> "Posterior":
-        """The posterior with `n_samples` weight samples: here the first n (a guide draws them)."""
-        return self.take(n_samples)
+        """The posterior with `n_samples` weight samples: MCMC draws evenly spaced over every chain (`spread`),
+        else the first n (networks, ensembles, a VI posterior's independent draws). A stored posterior holds
+        its samples in a fixed order, so `seed` has nothing to choose; a guide uses it to draw."""
+        return self.spread(n_samples) if self.kind == "mcmc" else self.take(n_samples)
+
+    @property
+    def num_chains(self) -> int:
+        """The chains an MCMC posterior's draws come from (stored interleaved: draw d of chain c at d * C + c)."""
+        c = int((self.meta.get("diagnostics") or {}).get("num_chains") or 1)
+        return c if 1 <= c <= self.n_samples else 1
+
+    def spread(self, n_samples: int | None) -> "Posterior":
+        """`n_samples` draws evenly spaced over every chain's kept draws, not the first (least mixed) ones.
+
+        With C chains of D draws each and k_c draws wanted from chain c (n split as evenly as possible), chain c
+        gives the draws at positions floor((2j + 1) D / (2 k_c)), j < k_c: the centres of k_c equal blocks. The
+        draws are ordered chain-interleaved, j in van der Corput order (0, 1/2, 1/4, 3/4, ... of the blocks), so
+        that every prefix (`take`) still spans every chain and its whole run. `meta["draws"]` records the
+        stored indices used. A posterior of one chain spreads over its draws; `None` keeps them all.
+        """
+        if n_samples is None:
+            return self
+        self.take(n_samples)  # the range check
+        chains = self.num_chains
+        per_chain = self.n_samples // chains
+        counts = [n_samples // chains + (c < n_samples % chains) for c in range(chains)]
+        picks = []
+        for c, k in enumerate(counts):
+            for j in range(k):
+                picks.append((_van_der_corput_rank(j, k), c, (2 * j + 1) * per_chain // (2 * k) * chains + c))
+        rows = [r for *_, r in sorted(picks)]
+        index = torch.tensor(rows, device=self.device)
+        return self.with_params({k: v.index_select(0, index) for k, v in self.params.items()},
+                                meta={"draws": rows})
 
     def member(self, k: int) -> "Posterior":
         """Sample k alone, as a deterministic network (kind nn)."""
@@ -501,9 +536,17 @@ class Posterior:
         return _save(folder, dict(self.params), "samples", self)
 
     @classmethod
-    def load(cls, path, device="cpu", arch: Architecture | dict | None = None) -> "Posterior | MeanFieldGuide":
+    def load(cls, path, device="cpu", arch: Architecture | dict | str | None = None,
+             trust=()) -> "Posterior | MeanFieldGuide":
         """What is stored: a `Posterior`, or a `MeanFieldGuide` for a VI model (see `load`)."""
-        return load(path, device=device, arch=arch)
+        return load(path, device=device, arch=arch, trust=trust)
+
+
+def _van_der_corput_rank(j: int, k: int) -> float:
+    """Where block j of k comes in the van der Corput order of the blocks: the base-2 radical inverse of j,
+    over the bits that k needs (0 -> 0, 1 -> 1/2, 2 -> 1/4, 3 -> 3/4 for k = 4)."""
+    bits = max(1, (k - 1).bit_length())
+    return int(format(j, f"0{bits}b")[::-1], 2) / 2**bits
 
 
 class PredictiveModule(nn.Module):
@@ -667,11 +710,50 @@ def _save(folder, tensors: dict, stored: str, obj) -> Path:
         metadata = {METADATA_KEY: json.dumps(record, default=str)}
     except (TypeError, ValueError) as exc:
         raise UserError(f"the posterior's meta cannot be written as JSON: {exc}") from None
-    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in tensors.items()}
+    # each tensor in its own dtype (float64, bfloat16... are stored as they are)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return folder
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The record's fields and the meta fields that code reads after loading: name -> (test, what it must be).
+_RECORD_FIELDS = {
+    "format": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "stored": (lambda v: v in ("samples", "guide"), "samples or guide"),
+    "kind": (lambda v: v in KINDS, " or ".join(KINDS)),
+    "arch": (lambda v: isinstance(v, dict), "an object"),
+    "meta": (lambda v: isinstance(v, dict), "an object"),
+    "input_shape": (lambda v: v is None or (isinstance(v, list) and all(_is_int(d) and d > 0 for d in v)),
+                    "a list of positive integers"),
+}
+_META_FIELDS = {
+    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+    "n_samples": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "train_time_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "history": (lambda v: isinstance(v, list), "a list"),
+    "diagnostics": (lambda v: isinstance(v, dict), "an object"),
+    "diagnostics.num_chains": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "hmc": (lambda v: isinstance(v, dict), "an object"),
+    "hmc.num_chains": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "sghmc": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _field(meta: dict, dotted: str):
+    """meta["a"]["b"] for "a.b", None where a level is missing or not an object."""
+    for key in dotted.split("."):
+        meta = meta.get(key) if isinstance(meta, dict) else None
+    return meta
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _record(path: Path, last: int | None = None) -> tuple[dict, dict]:
@@ -683,44 +765,88 @@ def _record(path: Path, last: int | None = None) -> tuple[dict, dict]:
             # `last`: only the last samples, read from the file without loading the rest
             tensors = {k: f.get_slice(k)[-last:] for k in f.keys()} if last else load_file(str(path), device="cpu")
         record = json.loads(metadata[METADATA_KEY])
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise UserError(f"corrupt or foreign saved model {path} ({exc.__class__.__name__}: {exc}); train it again") \
             from None
-    checks = {"stored": lambda v: v in ("samples", "guide"), "kind": lambda v: v in KINDS,
-              "arch": lambda v: isinstance(v, dict), "meta": lambda v: isinstance(v, dict),
-              "input_shape": lambda v: v is None or (isinstance(v, list) and all(isinstance(d, int) for d in v))}
     if not isinstance(record, dict):
         raise UserError(f"the metadata of {path} is not a JSON object")
-    bad = [k for k, ok in checks.items() if not ok(record.get(k))]
+    if _is_int(record.get("format")) and record["format"] > FORMAT:
+        raise UserError(f"{path} was written by a newer robustbnn (file format {record['format']}; this version "
+                        f"reads up to {FORMAT}): upgrade robustbnn to load it")
+    bad = [f"{k}={_short(record.get(k))} (must be {what})" for k, (ok, what) in _RECORD_FIELDS.items()
+           if not ok(record.get(k))]
+    if not bad:
+        meta = record["meta"]
+        bad = [f"meta.{k}={_short(_field(meta, k))} (must be {what})" for k, (ok, what) in _META_FIELDS.items()
+               if _field(meta, k) is not None and not ok(_field(meta, k))]
     if bad:
-        raise UserError(f"the metadata of {path} has missing or wrong-typed fields: "
-                        + ", ".join(f"{k}={record.get(k)!r}" for k in bad))
+        raise UserError(f"the metadata of {path} has missing or wrong-typed fields: " + ", ".join(bad))
     return record, tensors
 
 
-def load(path, device="cpu", arch: Architecture | dict | None = None,
-         last: int | None = None) -> "Posterior | MeanFieldGuide":
+def _check_numbers(file: Path, tensors: dict, net: nn.Module | None = None) -> None:
+    """One line unless every floating-point weight is finite; with the template `net`, also unless every
+    tensor is floating-point, bar the template's integer buffers (a batch norm's num_batches_tracked)."""
+    if net is not None:
+        ints = {k for k, v in net.named_buffers() if not v.is_floating_point()}
+        for k, v in tensors.items():
+            if not v.is_floating_point() and k.split("/", 1)[-1] not in ints:
+                raise UserError(f"{file} holds {k!r} as {str(v.dtype).removeprefix('torch.')}, not as "
+                                "floating-point weights: it is not a model robustbnn can use")
+        return
+    step = 1 << 24  # in pieces: a mask of a 9 GB file at once would take 2 GB more
+    for k, v in tensors.items():
+        if v.is_floating_point():
+            flat = v.reshape(-1)
+            try:
+                finite = all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+            except RuntimeError as exc:
+                raise UserError(f"{file} holds {k!r} as {v.dtype}, which cannot be checked here ({exc})") from None
+            if not finite:
+                raise UserError(f"{file} holds NaN or infinite weights in {k!r}; it cannot be used, train it again")
+
+
+def load(path, device="cpu", arch: Architecture | dict | str | None = None,
+         last: int | None = None, trust=()) -> "Posterior | MeanFieldGuide":
     """Load a saved model: a `Posterior` (samples), or a `MeanFieldGuide` for VI (draw samples from it).
 
-    `path` is the file or its folder. Loading imports only the architecture's factory. If `arch` (or
-    a built-in spec dict) is given, the saved architecture must equal it: a model that does not match
-    the requested preset or dataset is an error, not a silent reinterpretation. `last`: only the last
-    `last` samples of a posterior, read without loading the others (an MCMC run's file can hold 9 GB).
+    `path` is the file or its folder. The file is data, not code: by itself it may only build
+    robustbnn's own architectures (fc, fc2, conv). A model built from your own factory loads only if you
+    name it: `arch` is that factory ("package.module:function", its keyword arguments then come from
+    the file) or the whole `Architecture`, or `trust` lists modules whose factories you trust
+    (`trust=("mypkg",)` allows "mypkg.nets:f"). Any other factory is refused in one line before
+    anything is imported. If `arch` is an `Architecture` (or a built-in spec dict), the saved
+    architecture must equal it: a model that does not match the requested preset or dataset is an
+    error, not a silent reinterpretation. NaN or infinite weights, non-float weights, a record of a
+    newer format or with wrong-typed fields are one-line errors too. `last`: only the last `last`
+    samples of a posterior, read without loading the others (an MCMC run's file can hold 9 GB).
     """
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
     if not file.exists():
         raise UserError(f"no saved model at {file} (train it first, or point --savedir at its parent folder)")
+    trust = (trust,) if isinstance(trust, str) else tuple(trust or ())
+    if not all(isinstance(t, str) and t for t in trust):
+        raise UserError(f"trust lists module names such as 'mypkg', got {trust!r}")
+    if arch is not None and not isinstance(arch, (Architecture, dict, str)):
+        raise UserError(f"arch is a factory name 'package.module:function', an Architecture or a built-in spec "
+                        f"dict, got {type(arch).__name__}")
+    wanted = None if arch is None or isinstance(arch, str) else \
+        arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))
+    named = (arch,) if isinstance(arch, str) else () if wanted is None else (wanted.factory,)
     record, tensors = _record(file, last)
     if last and record["stored"] == "guide":
         raise UserError(f"{file} holds a VI guide, not samples: it has no last samples to read")
     saved = Architecture.from_json(record["arch"])
-    if arch is not None:
-        wanted = arch if isinstance(arch, Architecture) else Architecture(BUILTIN, dict(arch))
-        if wanted != saved:
-            raise UserError(f"the model in {file.parent} has architecture {saved.to_json()}, not the requested "
-                            f"{wanted.to_json()}")
+    require_trusted(saved, named, trust, what=f"the model at {file}")  # before anything is imported
+    if isinstance(arch, str) and saved.factory != arch:
+        raise UserError(f"the model in {file.parent} is built by {saved.factory}, not the requested {arch}")
+    if wanted is not None and wanted != saved:
+        raise UserError(f"the model in {file.parent} has architecture {saved.to_json()}, not the requested "
+                        f"{wanted.to_json()}")
+    _check_numbers(file, tensors)
     net = saved.build()
+    _check_numbers(file, tensors, net)
     tensors = {k: v.to(device) for k, v in tensors.items()}
     common = dict(meta=record["meta"], arch=saved, input_shape=record["input_shape"])
     try:

@@ -66,7 +66,7 @@ def preset(table: dict, idx: int, what: str) -> dict:
 # vi is the paper's VI preset (0, 2) at scale paper, and at scale cpu the MCMC architecture with the VI settings
 # of BNN preset 5 (conv VI on 60000 points is too slow on a CPU). `models` entries: the model kind (nn,
 # ensemble, bnn) and its settings (preset keys, plus the BNN / SGHMC flags of `runs`). `battery`: keyword
-# arguments of `evaluate.Settings` (empty: its defaults, 100 APGD iterations and 1000 Square queries).
+# arguments of `evaluate.Settings` (empty: its defaults, AutoAttack's 100 APGD iterations and 5000 Square queries).
 # Cyclical SGHMC at cpu scale: 1-epoch cycles, one draw at the end of each cycle after the burn-in (the training
 # fit improves for about 100 epochs from the initialisation, a trend split R-hat rightly calls non-convergence),
 # gradients in bfloat16 (AMX). MNIST: 100 burn-in and 300 kept cycles at eta_0 = 0.2, about 25 minutes here
@@ -97,8 +97,8 @@ _STUDY_NOTES = {
         "settings are used there), batch sizes 64 (network) and 100 (ensemble members), 10 members",
         "vi: the true ELBO (minibatch likelihood scaled by N / batch size), not the paper's unscaled minibatch "
         "term",
-        "evaluation: one fixed set of posterior samples both attacks and predicts (MCMC: the first draws, which "
-        "span every chain; VI: a seeded draw from the guide; ensemble: every member)",
+        "evaluation: one fixed set of posterior samples both attacks and predicts (MCMC: draws evenly spaced over "
+        "every chain's kept draws; VI: a seeded draw from the guide; ensemble: every member)",
     ],
     "cpu": [
         "vi: the MCMC BNN's fc2 architecture with BNN preset 5's VI settings (10 epochs, lr 0.01) instead of the "

@@ -5,9 +5,11 @@ Four models of one dataset (a deterministic network, an ensemble, a VI BNN, an M
 - the paper's evaluation (Carbone et al., NeurIPS 2020): FGSM and the paper's PGD (40 steps of
   2 / max(x), no random start, last iterate) on the legacy loss (cross-entropy on the model output: a
   second softmax for BNNs), adversarial accuracy of argmax p(x') and the legacy softmax robustness;
-- the correct evaluation: the battery of `robustbnn.evaluate` (APGD-CE, APGD-DLR, Square; each on what
-  the ones before left robust), worst case per input judged by the posterior predictive, the softmax
-  robustness 1 - max_k |p(x)_k - p(x')_k| at each input's worst point, and the gradient-masking flags.
+- the correct evaluation: the battery of `robustbnn.evaluate` (APGD-CE, APGD on the draw-averaged margin,
+  APGD-T, Square; each on what the ones before left robust; then its effort rounds), worst case per input
+  judged by the posterior predictive, robust accuracy against the attack budget, the softmax robustness
+  1 - max_k |p(x)_k - p(x')_k| at each input's worst point, and the gradient-masking flags.
+MCMC posteriors are evaluated on draws evenly spaced over every chain (`Posterior.spread`).
 
 Layout under `savedir`: `models/<the seed's model name>/` (shared by both scales: the same settings, the
 same model) and `<dataset>_<scale>/` with `results/<model>/*.json` (one file per step, holding its
@@ -105,11 +107,13 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None for a missing or unreadable file, or one that holds anything else."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def model_stamp(folder: Path) -> str:
@@ -135,7 +139,8 @@ def load_data(spec: dict, data_dir=None) -> Dataset:
 
 def _config_matches(folder: Path, settings: dict, seed: int) -> list[str]:
     """The settings that differ between `settings` (and seed) and the model folder's config.json."""
-    saved = _with_new_flags((_read_json(folder / "config.json") or {}).get("settings") or {})
+    saved = (_read_json(folder / "config.json") or {}).get("settings")
+    saved = _with_new_flags(saved if isinstance(saved, dict) else {})
     want = _plain(dict(settings, seed=seed))
     return sorted(k for k in want if saved.get(k) != want[k])
 
@@ -169,14 +174,19 @@ def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, se
 
 
 def defender(model, samples: int, seed: int) -> Posterior:
-    """The fixed samples that attack and predict: every member of a network or ensemble, the first
-    `samples` MCMC draws (interleaved across chains, so a prefix spans every chain), or `samples` seeded
-    draws of a VI guide."""
+    """The fixed samples that attack and predict: every member of a network or ensemble, `samples` MCMC
+    draws evenly spaced over every chain's kept draws (`Posterior.spread`), or `samples` seeded draws of a
+    VI guide."""
     if not isinstance(model, Posterior):
         return model.samples(samples, seed)
     if model.kind in ("nn", "ensemble"):
         return model
-    return model.take(min(samples, model.n_samples))
+    return model.spread(min(samples, model.n_samples))
+
+
+def battery_settings(spec: dict, seed: int) -> battery.Settings:
+    """The battery the study runs: the spec's settings, with the default battery of a fixed-sample posterior."""
+    return battery.Settings(**dict({"attacks": battery.DEFAULT_BATTERY}, **spec["battery"], seed=seed)).check()
 
 
 def describe(name: str, settings: dict) -> dict:
@@ -215,6 +225,7 @@ def correct_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: f
     frame of `evaluate.battery` with an eps column). The softmax robustness is averaged over the inputs that are
     classified correctly (the only ones the battery attacks).
     """
+    s = s.for_model(post)
     frame, worst = battery.battery(post, x, y, eps, s, bounds, progress)
     result = battery.accuracies(frame, s.attacks)
     correct = ~torch.tensor(frame[frame.attack == "clean"].sort_values("input").broken.to_numpy(), device=x.device)
@@ -249,6 +260,8 @@ class Steps:
         self.done += 1
         head = f"[{self.done}/{self.total}] {self.dataset} {model}: {what}"
         old = _read_json(path)
+        if old is not None and not (isinstance(old.get("settings"), dict) and isinstance(old.get("result"), (dict, list))):
+            old = None  # a malformed record: the step runs again
         if old and isinstance(old.get("settings", {}).get("model"), dict):
             old["settings"]["model"] = _with_new_flags(old["settings"]["model"])
         if old and old.get("settings") == _plain(settings) and all(Path(f).exists() for f in files):
@@ -300,8 +313,9 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
     if stamp is None:  # trained just now: store the new file's stamp, so that the next run reuses this step
         record["settings"]["stamp"] = model_stamp(folder)
         write_json(results / "train.json", record)
-    ev = dict(model=settings, seed=seed, stamp=model_stamp(folder), n_test=spec["n_test"], samples=spec["samples"])
-    s = battery.Settings(**dict(spec["battery"], seed=seed)).check()
+    ev = dict(model=settings, seed=seed, stamp=model_stamp(folder), n_test=spec["n_test"], samples=spec["samples"],
+              draws="evenly spaced")
+    s = battery_settings(spec, seed)
     cache = {}
 
     def inputs():
@@ -317,7 +331,8 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
     for eps in spec["eps"]:
         def run_paper():
             post, x, y = inputs()
-            return dict(paper_evaluation(post, x, y, eps, data.bounds), n_samples=post.n_samples)
+            return dict(paper_evaluation(post, x, y, eps, data.bounds), n_samples=post.n_samples,
+                        draws=post.meta.get("draws"))
 
         rec, _ = steps.run(results / f"paper_{_eps_label(eps)}.json", dict(ev, eps=eps, attacks=PAPER_ATTACKS),
                            f"paper's evaluation {_eps_label(eps)}", name, run_paper)
@@ -328,7 +343,7 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
             post, x, y = inputs()
             result, frame = correct_evaluation(post, x, y, eps, s, data.bounds, progress)
             write_csv(per_input, frame)
-            return dict(result, n_samples=post.n_samples)
+            return dict(result, n_samples=post.n_samples, draws=post.meta.get("draws"))
 
         rec, _ = steps.run(results / f"battery_{_eps_label(eps)}.json", dict(ev, eps=eps, battery=asdict(s)),
                            f"battery {_eps_label(eps)}", name, run_battery, files=[per_input])
@@ -348,7 +363,16 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
 
 
 def table_row(name: str, spec: dict, results: Path) -> dict | None:
-    """One model's row from its result files (blank cells for steps not done yet); None before training."""
+    """One model's row from its result files (blank cells for steps not done yet); None before training. A result
+    file of the wrong shape is a one-line error naming the folder."""
+    try:
+        return _table_row(name, spec, results)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise UserError(f"a result file in {results} is malformed ({exc.__class__.__name__}: {exc}); delete it and "
+                        "run the study again to redo that step") from None
+
+
+def _table_row(name: str, spec: dict, results: Path) -> dict | None:
     train = _read_json(results / "train.json")
     if train is None:
         return None
@@ -366,6 +390,7 @@ def table_row(name: str, spec: dict, results: Path) -> dict | None:
     for e in eps_list:
         c = correct[e]["result"] if correct[e] else None
         row[f"robust_acc_{_eps_label(e)}"] = c["robust_acc"] if c else None
+        row[f"budget_curve_{_eps_label(e)}"] = battery.budget_curve(c) if c else None
         row[f"softmax_rob_{_eps_label(e)}"] = c["softmax_robustness"] if c else None
     diag = train["result"]["diagnostics"]
     below = diag.get("pred_rhat_below_1.1")
@@ -421,6 +446,9 @@ def markdown(table: pd.DataFrame, spec: dict, settings: dict) -> str:
              f"{battery.describe(s)}, each attack on what the ones before left robust, success judged by "
              "p(x); robust accuracy (%), and 1 - max_k |p(x)_k - p(x')_k| at each correctly classified input's "
              "worst point (the one that broke it, else the lowest-margin point reached).",
+             "- budget_curve: robust accuracy (%) after the battery (1x) and after each effort round run (2x, 4x, "
+             "8x the iterations, with 1, 2, 3 more restarts): a curve that has flattened is a verdict that more "
+             "effort no longer lowers.",
              "- loglik_rhat, weight_norm_rhat_max, pred_rhat_max, pred_rhat_below_1_1_pct: MCMC convergence "
              "(split R-hat across chains of the training log-likelihood; the largest of the R-hats of each "
              "parameter tensor's squared norm, which sees weights still drifting where the data do not "
@@ -464,7 +492,7 @@ def run_study(spec: dict, savedir, device="cpu", *, seed: int = 0, retrain: bool
     out = study_folder(savedir, spec)
     settings = dict(dataset=spec["dataset"], scale=spec["scale"], seed=seed, device=str(device), retrain=retrain,
                     n_train=spec["n_train"], n_test=spec["n_test"], samples=spec["samples"], eps=spec["eps"],
-                    battery=asdict(battery.Settings(**dict(spec["battery"], seed=seed))),
+                    battery=asdict(battery_settings(spec, seed)),
                     paper_attacks=PAPER_ATTACKS, models=list(spec["models"]))
     steps = Steps(len(spec["models"]) * (2 + 2 * len(spec["eps"])), spec["dataset"], log)
     paths = {"rows": []}

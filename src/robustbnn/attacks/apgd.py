@@ -1,8 +1,8 @@
 """APGD (Croce and Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
-parameter-free attacks", ICML 2020), L-inf, on the log posterior predictive of any `Posterior`.
+parameter-free attacks", ICML 2020), L-inf, on any `Posterior`.
 
-Per input, with f the objective (CE or DLR of log p(x)), P the projection onto the eps-ball within the
-input box, eta the step size (2 eps at first) and alpha = 0.75:
+Per input, with f the objective, P the projection onto the eps-ball within the input box, eta the step
+size (2 eps at first) and alpha = 0.75:
 
     z_{k+1} = P(x_k + eta sign(grad f(x_k)))
     x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) + (1 - alpha)(x_k - x_{k-1}))      (x_1 uses alpha = 1)
@@ -12,34 +12,46 @@ eta is halved and the iterate reset to the best point so far when (1) fewer than
 steps since the last checkpoint increased f, or (2) neither eta nor the best f changed since then.
 The best point per input is kept (the first misclassified iterate, else the highest objective), never
 the last. Restarts begin from random points of the ball and run on the inputs not yet broken.
+
+Objectives (`loss`), each keeping its resolution when p(x)_y rounds to 1 in float32, so that the schedule,
+which reads f, sees progress on a confident model:
+- "ce": log(1 - p(x)_y) (`losses.log_wrong_mass`), an increasing function of the predictive cross-entropy;
+- "dlr": the difference of logits ratio of log p(x) (targeted with `target`);
+- "margin": the logit margin of each draw averaged over the draws (`losses.draw_margin`; targeted with
+  `target`), which moves every draw of a posterior at once; for one network, Carlini and Wagner's margin.
+Success is always judged on the posterior predictive.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import torch
 
-from robustbnn.attacks.losses import (GRAD_BUDGET, ce_loss, check_bounds, check_eps, check_inputs, dlr_loss,
-                                      fixed_samples, margin, objective_grad)
+from robustbnn.attacks.losses import (GRAD_BUDGET, Objective, check_bounds, check_eps, check_inputs, dlr_loss,
+                                      draw_margin, fixed_samples, log_wrong_mass, margin, objective_grad)
 from robustbnn.errors import UserError
 
-LOSS_FUNCTIONS = {"ce": ce_loss, "dlr": dlr_loss}
+LOSS_FUNCTIONS = {"ce": Objective(log_wrong_mass), "dlr": Objective(dlr_loss),
+                  "margin": Objective(draw_margin, per_draw=True)}
+TARGETED = ("dlr", "margin")
 RHO, ALPHA = 0.75, 0.75
 
 
 def checkpoints(iterations: int) -> list[int]:
-    """The iterations w_j at which the step size may be halved."""
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * iterations) for q in p[1:] if q <= 1})
+    """The iterations w_j = ceil(p_j N) at which the step size may be halved, in integer arithmetic (p_j in
+    hundredths), so that no rounding error lifts an exact product above an integer."""
+    p = [0, 22]
+    while p[-1] < 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({-(-q * int(iterations) // 100) for q in p[1:] if q <= 100})
 
 
 def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce", iterations: int = 100,
          restarts: int = 1, target: torch.Tensor | None = None, eot_iter: int = 1, bounds=(0.0, 1.0),
          seed: int = 0, budget: int = GRAD_BUDGET, return_info: bool = False):
-    """APGD with `loss` "ce" (-log p(x)[y]) or "dlr" (DLR of log p(x); with `target`, the targeted DLR).
+    """APGD maximising `loss` ("ce", "dlr" or "margin", see the module docstring; "dlr" and "margin" targeted
+    at one class per input with `target`).
 
     `model` is a `Posterior` (fixed samples: the log predictive is exact, no EOT) or a
     `posterior.FreshSamples` defence (each gradient averages `eot_iter` fresh draws). Returns the
@@ -59,8 +71,8 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce
         target = target.to(yd.device).long()
         if target.shape != yd.shape or (target == yd).any():
             raise UserError("APGD targets must be one class per input, different from the label")
-        if loss != "dlr":
-            raise UserError("targeted APGD uses the targeted DLR loss: pass loss='dlr'")
+        if loss not in TARGETED:
+            raise UserError(f"targeted APGD needs a targeted loss: pass loss='dlr' or 'margin', not {loss!r}")
     best = xd.clone()
     broken = torch.zeros(len(xd), dtype=torch.bool, device=xd.device)
     evals = torch.zeros(len(xd))
@@ -73,15 +85,16 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce
         xs, ys = xd[todo], yd[todo]
         lower, upper = (xs - eps).clamp(min=lo), (xs + eps).clamp(max=hi)
         tg = None if target is None else target[todo]
-        fn = LOSS_FUNCTIONS[loss] if tg is None else (lambda logp, yy: dlr_loss(logp, yy, tg))  # noqa: E731
+        base = LOSS_FUNCTIONS[loss]
+        objective = replace(base, target=tg)
         project = lambda z: torch.minimum(torch.maximum(z, lower), upper)  # noqa: E731
 
         def value_grad(z):
             nonlocal draw
-            logp, g = objective_grad(model, z, ys, fn, eot_iter=eot_iter, draw=draw, budget=budget)
+            logp, f, g = objective_grad(model, z, ys, objective, eot_iter=eot_iter, draw=draw, budget=budget)
             draw += eot_iter
             evals[todo.cpu()] += eot_iter
-            return logp, fn(logp, ys).detach(), g
+            return logp, f, g
 
         gen = torch.Generator().manual_seed(int(seed) + r)
         t = (2 * torch.rand(xs.shape, generator=gen) - 1).to(xs.device)

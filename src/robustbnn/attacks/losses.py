@@ -27,6 +27,8 @@ when the caller evaluates with the same `Posterior`, for the clean and the adver
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -229,12 +231,24 @@ def input_gradient(post: Posterior, x: torch.Tensor, y: torch.Tensor, loss: str 
 
 
 # ---------------------------------------------------------------------------------------------
-# any objective of the log predictive (APGD's CE and DLR, margins), with EOT for fresh-sample defences
+# attack objectives: of the log predictive (CE, DLR) or of each draw's logits (margins), with EOT for
+# fresh-sample defences. Every one keeps its resolution when p(x)_y rounds to 1 in float32.
 
 
 def ce_loss(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """-log p(x)[y] per input: the predictive cross-entropy."""
+    """-log p(x)[y] per input: the predictive cross-entropy (0 in float32 once p(x)_y > 1 - 6e-8)."""
     return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def log_wrong_mass(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log(1 - p(x)_y) = logsumexp_{k != y} log p(x)_k per input, to be maximised.
+
+    An increasing function of the cross-entropy -log p(x)_y that keeps its resolution as p(x)_y -> 1: it
+    sums the other classes' probabilities instead of subtracting a rounded 1 - p_y, so where the CE is
+    exactly 0 in float32 (margins above about 17) its value and gradient still move. Its gradient is a
+    convex combination of the wrong classes' log-probability gradients, weighted by their share of 1 - p_y.
+    """
+    return logp.scatter(-1, y.unsqueeze(-1), -math.inf).logsumexp(-1)
 
 
 def margin(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -243,8 +257,13 @@ def margin(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) - other
 
 
+def _label(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (B,) as an index into the class axis of z (..., B, C)."""
+    return y.expand(z.shape[:-1]).unsqueeze(-1)
+
+
 def dlr_loss(logp: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Difference of logits ratio (Croce and Hein, ICML 2020) on z = log p(x), to be maximised:
+    """Difference of logits ratio (Croce and Hein, ICML 2020) of scores z (..., B, C), to be maximised:
 
     DLR = -(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3), pi the classes sorted by z (descending);
     targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2). It is invariant to shifts and scalings of
@@ -253,20 +272,52 @@ def dlr_loss(logp: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = 
     """
     z = logp.clamp_min(-1e4)  # log p can be -inf where a class has probability 0 in float32
     srt = z.sort(-1, descending=True).values
-    zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    zy = z.gather(-1, _label(z, y)).squeeze(-1)
     if target is None:
-        num = zy - z.scatter(-1, y.unsqueeze(-1), -math.inf).amax(-1)
-        den = srt[:, 0] - srt[:, 2] if z.shape[-1] >= 3 else torch.ones_like(zy)
+        num = zy - z.scatter(-1, _label(z, y), -math.inf).amax(-1)
+        den = srt[..., 0] - srt[..., 2] if z.shape[-1] >= 3 else torch.ones_like(zy)
     else:
-        num = zy - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        den = srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) if z.shape[-1] >= 4 else torch.ones_like(zy)
+        num = zy - z.gather(-1, _label(z, target)).squeeze(-1)
+        den = srt[..., 0] - 0.5 * (srt[..., 2] + srt[..., 3]) if z.shape[-1] >= 4 else torch.ones_like(zy)
     return -num / (den + 1e-12)
+
+
+def draw_margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """The logit margin of each draw, to be maximised: max_{j != y} f_j - f_y, or f_t - f_y for a target t.
+
+    For logits f (S, B, C) it is (S, B); averaged over the draws it is the attack objective that pushes every
+    draw at once (Carlini and Wagner's margin for a single network). The log predictive log p(x)_c is a
+    logsumexp over draws, so its gradient follows the one draw already most wrong and a predictive flip,
+    which needs many draws to move, comes slowly; the averaged margin moves all of them. It never saturates.
+    """
+    fy = logits.gather(-1, _label(logits, y)).squeeze(-1)
+    if target is None:
+        return logits.scatter(-1, _label(logits, y), -math.inf).amax(-1) - fy
+    return logits.gather(-1, _label(logits, target)).squeeze(-1) - fy
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An attack objective to maximise, per input: `fn(log p(x) (B, C), y)` (`per_draw` False) or the mean over
+    draws of `fn(f(x; w_s) (S, B, C), y)` (`per_draw` True); with a `target` class per input, `fn(z, y, target)`.
+    """
+
+    fn: Callable
+    per_draw: bool = False
+    target: torch.Tensor | None = None
+
+    def on(self, idx) -> Callable:
+        """fn(z, y) for the inputs `idx` (a slice or index tensor) of the batch the target belongs to."""
+        if self.target is None:
+            return self.fn
+        t = self.target[idx]
+        return lambda z, y: self.fn(z, y, t)
 
 
 def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objective,
                         budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x) (B, C), grad_x sum_i objective(log p(x_i), y_i)) for any differentiable objective of the
-    log posterior predictive, on validated tensors.
+    log posterior predictive (a function, or an `Objective` with a target per input), on validated tensors.
 
     d log p_c / dx = sum_s pi_sc d log softmax(f(x; w_s))_c / dx with pi_sc = p_sc / (S p_c). A first
     pass (no graph) gives log p and v = d objective / d log p (B, C); a second pass accumulates, over
@@ -283,45 +334,78 @@ def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objec
     log_s = math.log(post.n_samples)
     for b0 in range(0, len(x), b_chunk):
         xb, yb = x[b0:b0 + b_chunk], y[b0:b0 + b_chunk]
+        objective_b = objective.on(slice(b0, b0 + b_chunk)) if isinstance(objective, Objective) else objective
         if s_chunk == post.n_samples:
             def log_pred(lg):
                 return torch.logsumexp(lg.log_softmax(-1), 0) - log_s
 
-            logits, g = _through_logits(post, post.params, xb, lambda lg: objective(log_pred(lg), yb).sum())
+            logits, g = _through_logits(post, post.params, xb, lambda lg: objective_b(log_pred(lg), yb).sum())
             logp = log_pred(logits)
-            if logp_out.shape[1] == 0:
-                logp_out = torch.empty(len(x), logp.shape[-1], device=x.device)
-            logp_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = logp, g
-            continue
-        with torch.no_grad():
-            logp = torch.logsumexp(torch.cat([stacked_logits(post.net, p, xb).log_softmax(-1)
-                                              for p in post.sample_chunks(s_chunk)]), 0) - log_s
-        with torch.enable_grad():
-            lp = logp.clone().requires_grad_(True)
-            (v,) = torch.autograd.grad(objective(lp, yb).sum(), lp)
-        g, buffers = torch.zeros_like(xb), {}
-        for p in post.sample_chunks(s_chunk):
-            # d/dlogits sum_c w_c log softmax(f)_c with w = v pi held fixed: w - softmax(f) sum_c w_c
-            logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
-            ls = logits.log_softmax(-1)
-            w = v * (ls - logp - log_s).exp()
-            g += back(w - ls.exp() * w.sum(-1, keepdim=True))
+        else:
+            with torch.no_grad():
+                logp = torch.logsumexp(torch.cat([stacked_logits(post.net, p, xb).log_softmax(-1)
+                                                  for p in post.sample_chunks(s_chunk)]), 0) - log_s
+            with torch.enable_grad():
+                lp = logp.clone().requires_grad_(True)
+                (v,) = torch.autograd.grad(objective_b(lp, yb).sum(), lp)
+            g, buffers = torch.zeros_like(xb), {}
+            for p in post.sample_chunks(s_chunk):
+                # d/dlogits sum_c w_c log softmax(f)_c with w = v pi held fixed: w - softmax(f) sum_c w_c
+                logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
+                ls = logits.log_softmax(-1)
+                w = v * (ls - logp - log_s).exp()
+                g += back(w - ls.exp() * w.sum(-1, keepdim=True))
         if logp_out.shape[1] == 0:
             logp_out = torch.empty(len(x), logp.shape[-1], device=x.device)
         logp_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = logp, g
     return logp_out, grad_out
 
 
-def objective_grad(model, x: torch.Tensor, y: torch.Tensor, objective, *, eot_iter: int = 1, draw: int = 0,
-                   budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logp_objective_grad` for a fixed posterior; for a defence that draws fresh weights at every
-    prediction (`posterior.FreshSamples`), the expectation over transformations (EOT, Athalye et al.,
-    ICML 2018): log p and the gradient averaged over `eot_iter` draws, numbered from `draw`.
+def draws_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, per_draw,
+                         budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(x) (B, C), J(x) (B,), grad_x sum_i J(x_i)) for J(x) = (1/S) sum_s per_draw(f(x; w_s), y) (a
+    function, or an `Objective` with a target per input), on validated tensors: one pass over sample chunks, autograd on each chunk's logits (S_c, B, C) alone, then the
+    input backward of `posterior.stacked_logits_vjp`; log p is merged over the chunks by logsumexp."""
+    s_chunk, b_chunk = post.chunks(x, budget)
+    s_chunk = -(-post.n_samples // -(-post.n_samples // s_chunk))  # balanced chunks, as `_input_gradient`
+    logp_out, value_out, grad_out = None, torch.empty(len(x), device=x.device), torch.empty_like(x)
+    for b0 in range(0, len(x), b_chunk):
+        xb, yb = x[b0:b0 + b_chunk], y[b0:b0 + b_chunk]
+        fn = per_draw.on(slice(b0, b0 + b_chunk)) if isinstance(per_draw, Objective) else per_draw
+        g, value, parts, buffers = torch.zeros_like(xb), torch.zeros(len(xb), device=x.device), [], {}
+        for p in post.sample_chunks(s_chunk):
+            logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
+            with torch.enable_grad():
+                lg = logits.detach().requires_grad_(True)
+                j = fn(lg, yb)
+                (gl,) = torch.autograd.grad(j.sum(), lg)
+            g += back(gl)
+            value += j.detach().sum(0)
+            parts.append(torch.logsumexp(logits.log_softmax(-1), 0))
+        if logp_out is None:
+            logp_out = torch.empty(len(x), parts[0].shape[-1], device=x.device)
+        logp_out[b0:b0 + b_chunk] = torch.logsumexp(torch.stack(parts), 0) - math.log(post.n_samples)
+        value_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = value / post.n_samples, g / post.n_samples
+    return logp_out, value_out, grad_out
+
+
+def _objective_grad(post: Posterior, x, y, objective: Objective, budget):
+    if objective.per_draw:
+        return draws_objective_grad(post, x, y, objective, budget)
+    logp, g = logp_objective_grad(post, x, y, objective, budget)
+    return logp, objective.on(slice(None))(logp, y).detach(), g
+
+
+def objective_grad(model, x: torch.Tensor, y: torch.Tensor, objective: Objective, *, eot_iter: int = 1,
+                   draw: int = 0, budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(x) (B, C), the objective (B,), its input gradient) for a fixed posterior; for a defence that draws
+    fresh weights at every prediction (`posterior.FreshSamples`), the expectation over transformations (EOT,
+    Athalye et al., ICML 2018): all three averaged over `eot_iter` draws, numbered from `draw`.
     """
     if isinstance(model, Posterior):
-        return logp_objective_grad(model, x, y, objective, budget)
-    logps, grads = zip(*(logp_objective_grad(model.draw(draw + j), x, y, objective, budget) for j in range(eot_iter)))
-    return torch.stack(logps).mean(0), torch.stack(grads).mean(0)
+        return _objective_grad(model, x, y, objective, budget)
+    outs = [_objective_grad(model.draw(draw + j), x, y, objective, budget) for j in range(eot_iter)]
+    return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
 
 
 def fixed_samples(model) -> Posterior:

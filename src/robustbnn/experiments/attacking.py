@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from robustbnn import attacks, measures
@@ -102,9 +102,14 @@ def load_adversarial(folder: Path, x: torch.Tensor, s: dict) -> torch.Tensor:
     path = Path(folder) / ADVERSARIAL_FILE
     if not path.exists():
         raise UserError(f"no saved attack at {path}; compute it with --attack=True")
-    with safe_open(str(path), "pt") as f:
-        saved = json.loads((f.metadata() or {}).get("attack", "{}"))
-        x_adv = f.get_tensor("x_adv")
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("attack", "{}"))
+            x_adv = f.get_tensor("x_adv")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"the saved attack in {path} is corrupt ({exc}); recompute it with --attack=True") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"the saved attack in {path} has no record of its settings; recompute it with --attack=True")
     wanted = json.loads(json.dumps(s))  # as stored: tuples become lists
     differ = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if saved.get(k) != v]
     if differ:

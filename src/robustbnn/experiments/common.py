@@ -6,13 +6,17 @@ import argparse
 import json
 import math
 import os
+import re
+import signal
 import sys
+from typing import NoReturn
 
 import pyro
 import torch
 
 from robustbnn.artifacts import write_json
 from robustbnn.device import resolve_device
+from robustbnn.inference.checkpoint import interrupt_exit_code, interrupt_signal
 
 # Progress bars only when a person watches: a terminal, and not a CI log. (The library takes a bool,
 # so tqdm's own `disable=None` detection cannot be handed through.)
@@ -58,14 +62,32 @@ def positive_float(value) -> float:
     return _number(value, float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
 
 
+def _list(value, item, expected: str) -> list:
+    values = [item(v) for v in str(value).split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {expected}, got {value!r}")
+    return values
+
+
 def int_list(value) -> list[int]:
-    """`1,10,100` -> [1, 10, 100] (each positive)."""
-    return [positive_int(v) for v in str(value).split(",") if v.strip()]
+    """`1,10,100` -> [1, 10, 100] (each positive; at least one)."""
+    return _list(value, positive_int, "positive integers")
 
 
 def float_list(value) -> list[float]:
-    """`0.1,0.2` -> [0.1, 0.2] (each finite and non-negative)."""
-    return [nonneg_float(v) for v in str(value).split(",") if v.strip()]
+    """`0.1,0.2` -> [0.1, 0.2] (each finite and non-negative; at least one)."""
+    return _list(value, nonneg_float, "finite non-negative numbers")
+
+
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}")
+
+
+def scheduler_address(value) -> str:
+    """A Dask scheduler address, `[protocol://]host:port` (tcp://10.0.0.5:8786, localhost:8786)."""
+    v = str(value).strip()
+    if not _ADDRESS.fullmatch(v):
+        raise argparse.ArgumentTypeError(f"expected a Dask scheduler address such as tcp://host:8786, got {value!r}")
+    return v
 
 
 def json_object(value) -> dict:
@@ -132,3 +154,14 @@ def finish(args, summary: dict | None) -> None:
         print(f"{k}: {v}")
     if getattr(args, "summary_json", None):
         write_json(args.summary_json, summary)
+
+
+def exit_interrupted(command: str) -> NoReturn:
+    """End a command stopped by KeyboardInterrupt: a sampler that a first Ctrl-C (SIGINT) or SIGTERM (Slurm's time
+    limit, `scancel`, preemption) stopped after its step and checkpoint (`checkpoint.interrupt_between_steps`), or
+    Ctrl-C anywhere else. One line on stderr, then exit status 143 after SIGTERM and 130 otherwise (128 + the
+    signal's number, what a shell reports for a process the signal killed), so that a job script can tell a
+    cancelled run from a failed one (exit 2 or 1) and resume it with --resume."""
+    how = " by SIGTERM" if interrupt_signal() == signal.SIGTERM else ""
+    print(f"robustbnn {command}: interrupted{how}; finished outputs and checkpoints are kept", file=sys.stderr)
+    sys.exit(interrupt_exit_code())

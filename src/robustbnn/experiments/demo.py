@@ -32,7 +32,7 @@ from robustbnn.inference.vi import train_vi
 # process with 2 threads (small networks gain little from a second thread).
 GRID = dict(widths=[8, 32, 128], sizes=[500, 2000, 8000], warmup=200, samples=100, test_points=100, workers=2)
 MASKING_EPS = [0.05, 0.1, 0.2, 0.3, 0.5]  # and the whole input box
-# The verdict: the evaluation battery (APGD-CE, APGD-DLR, Square) at reduced effort on 200 test points.
+# The verdict: the evaluation battery (APGD-CE, APGD-margin, APGD-T, Square) at reduced effort on 200 test points.
 VERDICT = dict(points=200, eps=[0.1, 0.2], settings=battery.Settings(iterations=50, square_queries=300))
 
 

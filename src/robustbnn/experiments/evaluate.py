@@ -6,26 +6,33 @@ repeatable). Each is evaluated on the first `--n_inputs` test points at every `-
 accuracy, worst case per input over `--attacks`, the paper's legacy evaluation beside it, and the
 gradient-masking flags. Writes into `--out`: `per_input.csv` (model, eps, attack, input, broken,
 margin, cost), `summary.csv`, `evaluate.json`, `robust_accuracy.png` and `report.md`. Each (model,
-eps) is saved as it finishes under `parts/` and reused by a rerun with the same settings.
+eps) is saved as it finishes under `parts/` and reused by a rerun with the same settings, the same model
+file (its SHA-256), the same test inputs and the same defender samples (digests of their values), so a
+model retrained or replaced at the same path is evaluated again. A model is named by its folder (whole:
+`..._lr=0.05` keeps its dots) or its file name without `.safetensors`; models that would share a name get
+their parent folder in front (`parent/name`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from robustbnn import evaluate as battery
 from robustbnn import plots
-from robustbnn.artifacts import read_csv, resolve_savedir, write_csv, write_json, write_text
+from robustbnn.artifacts import resolve_savedir, write_csv, write_json, write_text
 from robustbnn.attacks.losses import fixed_samples
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, float_list, nonneg_int, positive_int, setup, str2bool
 from robustbnn.experiments.demo_report import markdown_table
 from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
-from robustbnn.posterior import Posterior, load
+from robustbnn.posterior import WEIGHTS_FILE, Posterior, load
 
 
 def add_arguments(parser) -> None:
@@ -35,15 +42,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="a saved model folder or .safetensors file (repeatable)")
     parser.add_argument("--eps", type=float_list, default=[0.1, 0.3], help="comma-separated L-inf radii")
-    parser.add_argument("--attacks", default=",".join(battery.DEFAULT_BATTERY),
-                        help=f"comma-separated battery, run in this order; from {', '.join(battery.ATTACKS)}")
+    parser.add_argument("--attacks", default=None,
+                        help=f"comma-separated battery, run in this order; from {', '.join(battery.ATTACKS)} (default: "
+                             f"{','.join(battery.DEFAULT_BATTERY)} for fixed samples, {','.join(battery.EOT_BATTERY)} "
+                             "with --fresh_samples)")
     parser.add_argument("--iterations", type=positive_int, default=100, help="APGD / PGD iterations")
     parser.add_argument("--restarts", type=positive_int, default=1, help="APGD / PGD restarts")
-    parser.add_argument("--square_queries", type=positive_int, default=1000, help="Square queries per input")
-    parser.add_argument("--effort_rounds", type=nonneg_int, default=2,
-                        help="after the battery, up to this many rounds of APGD-CE and APGD-DLR with 2^k times the "
-                             "iterations and k more restarts on what is still robust, stopping once a round breaks "
-                             "at most 1%% of the inputs (0: the battery alone)")
+    parser.add_argument("--targets", type=positive_int, default=9,
+                        help="APGD-T: the most likely wrong classes attacked, one after the other")
+    parser.add_argument("--square_queries", type=positive_int, default=5000, help="Square queries per input")
+    parser.add_argument("--effort_rounds", type=nonneg_int, default=3,
+                        help="after the battery, up to this many rounds of its APGD attacks with 2^k times the "
+                             "iterations and k more restarts on what is still robust (robust accuracy is reported "
+                             "after each: 1x, 2x, 4x, 8x), stopping once a round breaks at most 1%% of the inputs "
+                             "unless --until_flat False (0: the battery alone)")
+    parser.add_argument("--until_flat", type=str2bool, default=True,
+                        help="stop the effort rounds once one breaks at most 1%% of the inputs")
     parser.add_argument("--samples", type=positive_int, default=None,
                         help="the defender's weight samples (default: all stored; VI: the number kept at training)")
     parser.add_argument("--fresh_samples", type=str2bool, default=False,
@@ -58,24 +72,77 @@ def add_arguments(parser) -> None:
 
 
 def models(args, device) -> dict:
-    """name -> (stored model, dataset name) for every model asked for."""
-    out = {}
+    """name -> (stored model, dataset name, its weights file) for every model asked for (names: `model_names`)."""
+    out, given = {}, []
     for kind in [k for k in (args.model_type or "").split(",") if k]:
         if kind not in ("nn", "ensemble", "bnn"):
             raise UserError(f"unknown --model_type {kind!r}; choose from nn, ensemble, bnn")
         settings = model_settings(kind, vars(args), n_inputs=args.train_inputs)
         data = load_dataset(settings["dataset"], None, args.data_dir, splits=("test",))
-        out[model_folder(args.savedir, settings).name] = (load_model(settings, data, args.savedir, device),
-                                                          settings["dataset"])
+        folder = model_folder(args.savedir, settings)
+        out[folder.name] = (load_model(settings, data, args.savedir, device), settings["dataset"],
+                            folder / WEIGHTS_FILE)
     for path in args.model:
-        model = load(path, device=device)
+        # a model of the user's own architecture loads only if --arch names its factory (no code from a file)
+        model = load(path, device=device, arch=args.arch)
         dataset = model.meta.get("dataset")
         if dataset is None:
             raise UserError(f"the model at {path} does not record its dataset (meta['dataset']); save it with one")
-        out[Path(path).stem if Path(path).suffix else Path(path).name] = (model, dataset)
+        given.append((model, dataset, weights_file(path)))
+    for name, (model, dataset, file) in zip(model_names(list(out), [g[2] for g in given]), given):
+        out[name] = (model, dataset, file)
     if not out:
         raise UserError("nothing to evaluate: give --model_type (presets) or --model PATH")
     return out
+
+
+def weights_file(path) -> Path:
+    """The file `posterior.load(path)` reads: path/posterior.safetensors for a folder, else the file itself
+    (absolute, with `..` resolved but links kept, so that the names below come from the path as given)."""
+    path = Path(os.path.abspath(path))
+    return path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+
+
+def model_names(taken: list[str], files: list[Path]) -> list[str]:
+    """A unique name for each --model file, beside the preset models' names `taken`.
+
+    A model's name is its folder's name, whole (`..._lr=0.05` and `..._lr=0.02` stay apart), for a
+    folder's posterior.safetensors, else the file's name without `.safetensors`. Models whose names
+    would clash (with each other or with `taken`) get their parent folder in front (`parent/name`); the
+    same file given twice, or names that still clash, are a one-line error."""
+    seen = {}
+    for f in files:
+        if f in seen:
+            raise UserError(f"--model {f} is given twice")
+        seen[f] = True
+    owners = [f.parent if f.name == WEIGHTS_FILE else f for f in files]
+    bases = [o.name if f.name == WEIGHTS_FILE else f.name.removesuffix(".safetensors") for o, f in zip(owners, files)]
+    names = [f"{o.parent.name}/{b}" if bases.count(b) > 1 or b in taken else b for o, b in zip(owners, bases)]
+    for i, n in enumerate(names):
+        if n in taken or n in names[:i]:
+            other = files[names.index(n)] if n in names[:i] else "a --model_type model"
+            raise UserError(f"--model {files[i]} and {other} would both be named {n!r} in the tables; move or "
+                            "rename one of them")
+    return names
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (a model file can hold gigabytes)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of tensors' shapes, dtypes and values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def defence(model, args):
@@ -89,30 +156,40 @@ def defence(model, args):
 
 def run(args) -> dict:
     device = setup(args)
-    attacks = tuple(a for a in args.attacks.split(",") if a)
+    attacks = None if args.attacks is None else tuple(a for a in args.attacks.split(",") if a)
     settings = battery.Settings(attacks, args.iterations, args.restarts, args.square_queries, args.eot_iter,
-                                args.fresh_draws, args.seed, args.effort_rounds).check()
+                                args.fresh_draws, args.seed, args.effort_rounds, args.targets,
+                                args.until_flat).check()
+    if not args.eps:
+        raise UserError("give at least one --eps")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), n_inputs=args.n_inputs, fresh_samples=args.fresh_samples, samples=args.samples,
-                  legacy=args.legacy, attacks=list(attacks))
+                  legacy=args.legacy, attacks=None if attacks is None else list(attacks))
     summaries, per_inputs, flags, notes = [], [], [], {}
-    for name, (model, dataset) in models(args, device).items():
+    for name, (model, dataset, file) in models(args, device).items():
         data = load_dataset(dataset, None, args.data_dir, splits=("test",))
         x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
         defender = defence(model, args)
         notes[name] = battery.note(defender, settings)
+        if fixed_samples(defender).meta.get("draws") is not None:
+            notes[name] += f"; stored draws used: {fixed_samples(defender).meta['draws']}"
+        # what a part was computed from: the settings, the model file, the inputs and the defender's samples
+        key = dict(record, model_file=file_digest(file), inputs=tensors_digest(x, y),
+                   defender=tensors_digest(*(v for _, v in sorted(fixed_samples(defender).params.items()))))
         for eps in args.eps:
             part = out / "parts" / name / f"eps={eps:g}"
-            if _settings_match(part, record):
-                summaries.append(read_csv(part / "summary.csv", "robustbnn evaluate"))
-                per_inputs.append(read_csv(part / "per_input.csv", "robustbnn evaluate"))
+            cached = _cached_part(part, key)
+            if cached is not None:
+                summaries.append(cached[0])
+                per_inputs.append(cached[1])
                 continue
-            print(f"\n=== {name}: eps = {eps:g} ({', '.join(attacks)})")
+            (part / "settings.json").unlink(missing_ok=True)  # the part's files change: no longer marked done
+            print(f"\n=== {name}: eps = {eps:g} ({', '.join(settings.for_model(defender).attacks)})")
             res = battery.evaluate(defender, x, y, [eps], settings, bounds=data.bounds, legacy=args.legacy,
                                    flags=False, progress=True)
             write_csv(part / "per_input.csv", res["per_input"].assign(model=name))
             write_csv(part / "summary.csv", res["summary"].assign(model=name, kind=model.kind))
-            write_json(part / "settings.json", record)
+            write_json(part / "settings.json", key)  # last: it marks the part done
             summaries.append(res["summary"].assign(model=name, kind=model.kind))
             per_inputs.append(res["per_input"].assign(model=name))
         if args.flags:
@@ -136,17 +213,27 @@ def run(args) -> dict:
                                             for r in summary.itertuples()}, "flags_raised": raised}
 
 
-def _settings_match(part: Path, record: dict) -> bool:
-    path = part / "settings.json"
+def _cached_part(part: Path, key: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(summary, per_input) of a part computed from `key` (settings, model file, inputs, samples), else None:
+    a part of other settings or another model, or one whose files are missing, unreadable or not the tables
+    written here, is computed again."""
     try:
-        return json.loads(path.read_text()) == json.loads(json.dumps(record))
-    except (OSError, ValueError):
-        return False
+        if json.loads((part / "settings.json").read_text()) != json.loads(json.dumps(key)):
+            return None
+        summary, per_input = pd.read_csv(part / "summary.csv"), pd.read_csv(part / "per_input.csv")
+    except (OSError, ValueError):  # pandas' parser errors are ValueErrors
+        return None
+    if not ({"model", "eps", "clean_acc", "robust_acc"} <= set(summary) and len(summary) == 1
+            and {"model", "eps", "attack", "input", "broken"} <= set(per_input)):
+        return None
+    return summary, per_input
 
 
 def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) -> str:
     """report.md: robust accuracy against eps per model, the paper's evaluation beside it, and the flags."""
-    cols = ["model", "kind", "eps", "clean_acc", "robust_acc"] + [c for c in summary if c.startswith("acc_after_")]
+    summary = summary.assign(budget_curve=[battery.budget_curve(r) for r in summary.to_dict("records")])
+    cols = (["model", "kind", "eps", "clean_acc", "robust_acc"] + [c for c in summary if c.startswith("acc_after_")]
+            + ["budget_curve"])
     legacy = [c for c in ("legacy_fgsm_acc", "legacy_pgd_acc", "legacy_softmax_robustness", "fooled_share")
               if c in summary]
     parts = ["# Robustness verdict\n",
@@ -154,6 +241,8 @@ def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) 
              f"{record['n_inputs']} test points. An input is robust only if it is classified correctly and every "
              "attack fails, judged by the defender's full posterior predictive.\n",
              "![robust accuracy](robust_accuracy.png)\n", "## Robust accuracy (%)\n",
+             "budget_curve: robust accuracy after the battery (1x) and after each effort round (2x, 4x, 8x the "
+             "iterations, 1, 2, 3 more restarts); a flat curve is a verdict that more effort no longer lowers.\n",
              markdown_table(summary[cols]), ""]
     if legacy:
         parts += ["## The paper's evaluation on the same models\n",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from robustbnn import measures
@@ -60,16 +60,19 @@ def saved_gradients(folder: Path, counts, x, legacy: bool, kind: str, seed: int,
     saturated shares are those of the file's floor; {} when it recorded another floor than `floor`.
     """
     for path in sorted((Path(folder) / "gradients").glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get("gradients", "null"))
-            if not info or info["n_inputs"] != len(x) or info["legacy"] != legacy \
-                    or not set(counts) <= set(info["sample_counts"]) or (kind == "vi" and info["seed"] != seed):
-                continue
-            grads = f.get_tensor("grads")
-        have = info["sample_counts"]
+        try:  # a file that is not one of ours, or whose record has other fields, is skipped, not trusted
+            with safe_open(str(path), "pt") as f:
+                info = json.loads((f.metadata() or {}).get("gradients", "null"))
+                if not isinstance(info, dict) or info["n_inputs"] != len(x) or info["legacy"] != legacy \
+                        or not set(counts) <= set(info["sample_counts"]) or (kind == "vi" and info["seed"] != seed):
+                    continue
+                grads = f.get_tensor("grads")
+            have = list(info["sample_counts"])
+            shares = dict(zip(have, info.get("saturated_share", [])))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            continue
         if grads.shape != (len(have), *x.shape):
             continue
-        shares = dict(zip(have, info.get("saturated_share", [])))
         same_floor = floor is None or info.get("floor") == floor
         return grads[[have.index(s) for s in counts]], path, ({s: shares[s] for s in counts} if same_floor else {})
     return None

@@ -15,7 +15,7 @@ import sys
 import time
 
 from robustbnn.experiments.common import (add_common, int_list, nonneg_float, nonneg_int, positive_float,
-                                          positive_int, setup, str2bool)
+                                          positive_int, scheduler_address, setup, str2bool)
 from robustbnn.experiments.half_moons import grid_settings, run_grid
 from robustbnn.nets import ACTIVATIONS
 from robustbnn.presets import HALF_MOONS_GRID, HALF_MOONS_HMC
@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=nonneg_int, default=1,
                         help="Dask worker processes on this machine (each gets cores / workers torch threads); "
                              "0 runs the models one after the other in this process")
-    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+    parser.add_argument("--scheduler", type=scheduler_address, default=None, metavar="ADDRESS",
                         help="send the models to an existing Dask cluster instead (e.g. tcp://host:8786); the "
                              "--savedir must be on a filesystem the workers share")
     add_common(parser)

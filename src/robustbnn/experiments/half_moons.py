@@ -18,11 +18,16 @@ from robustbnn import attacks, measures, posterior
 from robustbnn.artifacts import resolve_savedir, write_csv
 from robustbnn.data import load_dataset
 from robustbnn.device import resolve_device
-from robustbnn.jobs import Job, finished_row, run_jobs
+from robustbnn.errors import UserError
+from robustbnn.jobs import Job, finished_row, run_jobs, write_table
 from robustbnn.experiments.gradients import compute_gradients, gradients_path, saved_gradients
 from robustbnn.experiments.runs import load_model, model_folder, model_settings, train_model
 
 GRID_BASE = dict(dataset="half_moons", architecture="fc2", inference="hmc", activation="leaky")
+# The columns of a grid job's row (`grid_job`), in the tables' order.
+GRID_COLUMNS = ("hidden_size", "n_inputs", "warmup", "n_samples", "posterior_samples", "test_acc", "acceptance",
+                "divergences", "saturated_pairs", "mean_grad_l2", "attack", "epsilon", "clean_acc", "adv_acc",
+                "softmax_robustness", "train_time_s", "job_time_s", "trained_now")
 
 
 def grid_settings(flags: dict, hidden_sizes, warmups, n_inputs_list) -> list[dict]:
@@ -54,7 +59,7 @@ def run_grid(grid: list[dict], savedir: str, device, *, test_points: int, poster
     before = {j.key for j in jobs if finished_row(j) is not None}
     try:
         rows, failures = run_jobs(jobs, table=table_path(savedir, test_points, "models"), workers=workers,
-                                  scheduler=scheduler)
+                                  scheduler=scheduler, columns=GRID_COLUMNS)
     finally:  # the per-input tables of every finished model, also after an interrupt
         out = _gather(jobs, savedir, test_points)
     ran = [r for j, r in zip([j for j in jobs if finished_row(j) is not None], rows) if j.key not in before]
@@ -110,13 +115,25 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
 def _gather(jobs, savedir: str, test_points: int) -> dict:
     """Concatenate the finished models' per-input gradient tables (in grid order) and their attack rows."""
     out = {}
-    parts = [pd.read_csv(j.folder / "lossGrads.csv") for j in jobs if (j.folder / "lossGrads.csv").exists()]
+    parts = [_read_part(j.folder / "lossGrads.csv") for j in jobs if (j.folder / "lossGrads.csv").exists()]
     if parts:
         out["table"] = str(write_csv(table_path(savedir, test_points), pd.concat(parts, ignore_index=True)))
     rows = [r for r in map(finished_row, jobs) if r is not None and "adv_acc" in r]
     if rows:
-        out["attacks_table"] = str(write_csv(table_path(savedir, test_points, "attacks"), rows))
+        path = table_path(savedir, test_points, "attacks")
+        write_table(path, rows, GRID_COLUMNS)
+        out["attacks_table"] = str(path)
     return out
+
+
+def _read_part(path: Path) -> pd.DataFrame:
+    """One finished model's per-input gradient table; an unreadable one is a one-line error naming it."""
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # pandas' parser errors are ValueErrors
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read {path} ({detail}); delete its folder {path.parent} to compute it "
+                        "again") from None
 
 
 def norm_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,13 @@
 
 A model's settings are a plain dict (the preset `--model_idx`, every explicitly given flag on top);
 its folder is `<savedir>/<the seed's name for those settings>`, holding `posterior.safetensors`,
-`config.json`, and `history.csv` (networks, VI) or `diagnostics.json` (HMC).
+`config.json`, and `history.csv` (networks, VI) or `diagnostics.json` (HMC). The seed's names leave out
+the training size and the seed; a model trained on another --n_inputs than the default 60000 or with
+another --seed than 0 adds `_inp=N` / `_seed=S`, so that such runs never share (and overwrite) a folder,
+while the paper's default runs keep the seed's names.
+
+A training run checks everything it can before it writes anything (`check_run`: the architecture on one
+training input, the sampler's settings, --init_from), so a refused run leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -14,23 +20,27 @@ import time
 from pathlib import Path
 
 from robustbnn import posterior
+from robustbnn.posterior import param_layout
 from robustbnn.artifacts import model_name, resolve_savedir, write_config, write_csv, write_json
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import (PROGRESS, json_object, nonneg_float, nonneg_int, positive_float,
                                           positive_int, str2bool)
 from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.inference.hmc import run_hmc
+from robustbnn.inference.hmc_kernel import SamplerSettings
 from robustbnn.inference.mlp_grad import GRAD_DTYPES
-from robustbnn.inference.sgd import train_nets
+from robustbnn.inference.sgd import check_net, train_nets
 from robustbnn.inference.vi import train_vi
-from robustbnn.nets import ACTIVATIONS, ARCHITECTURES, Architecture
+from robustbnn.nets import ACTIVATIONS, ARCHITECTURES, Architecture, as_architecture, init_params
 from robustbnn.plots import training_curves
 from robustbnn.inference.hmc_diagnostics import convergence_warnings
-from robustbnn.inference.sghmc import run_sghmc
+from robustbnn.inference.sghmc import SGHMCSettings, last_draws, run_sghmc
 from robustbnn.presets import (BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, SGHMC_DEFAULTS,
                                preset)
 
 DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10", "half_moons")
+# The seed's --n_inputs default: a model trained on another number of points says so in its folder name.
+DEFAULT_N_INPUTS = 60000
 TRAIN_COMMANDS = {"nn": "train-nn", "ensemble": "train-ensemble", "bnn": "train-bnn"}
 
 
@@ -98,8 +108,9 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
                     user_arch: bool = False) -> None:
     """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn, or any).
 
-    `test_points`: the command uses the model on test points; then --n_inputs counts the test points
-    and --train_inputs is the n_inputs the model was trained with (half-moons BNN names hold it).
+    `test_points`: the command uses the model on test points; then --n_inputs counts the test points,
+    --train_inputs is the n_inputs the model was trained with and --train_seed its --seed (both pick its
+    folder; --seed is the command's own).
     `user_arch`: also --arch / --arch_kwargs, a user's own architecture.
     """
     g = parser.add_argument_group("model")
@@ -108,17 +119,23 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
     if test_points:
         g.add_argument("--n_inputs", type=positive_int, default=1000,
                        help="number of test points used (the first n); the model's own n_inputs is --train_inputs")
-        g.add_argument("--train_inputs", type=positive_int, default=60000,
-                       help="the --n_inputs the model was trained with (half-moons BNN names include it)")
+        g.add_argument("--train_inputs", type=positive_int, default=DEFAULT_N_INPUTS,
+                       help="the --n_inputs the model was trained with (part of its folder name unless "
+                            f"{DEFAULT_N_INPUTS}; half-moons BNN names always hold it)")
+        g.add_argument("--train_seed", type=int, default=0,
+                       help="the --seed the model was trained with, or is with --train=True (part of its folder "
+                            "name unless 0); --seed seeds this command's own random choices")
     else:
-        g.add_argument("--n_inputs", type=positive_int, default=60000,
+        g.add_argument("--n_inputs", type=positive_int, default=DEFAULT_N_INPUTS,
                        help="first n training points and first n test points (the seed's semantics)")
     for name, kw in (OVERRIDES | (BNN_OVERRIDES if kind in ("bnn", "any") else {})).items():
         g.add_argument(f"--{name}", default=None, **{"help": "override the preset", **kw})
     if user_arch:
         g.add_argument("--arch", default=None, metavar="PACKAGE.MODULE:FUNCTION",
                        help="your own architecture: a function returning a torch nn.Module (logits); replaces "
-                            "--architecture, --hidden_size and --activation (the dataset still comes from the preset)")
+                            "--architecture, --hidden_size and --activation (the dataset still comes from the preset). "
+                            "Also the factory of a model you trust, needed to load a model built from your own "
+                            "architecture: a saved model builds no factory but robustbnn's own unless you name it")
         g.add_argument("--arch_kwargs", type=json_object, default=None, metavar="JSON",
                        help="keyword arguments of --arch, as a JSON object")
     if kind in ("ensemble", "any"):
@@ -138,7 +155,9 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
     """The settings of a model of `kind` (nn, ensemble, bnn) trained on the first `n_inputs` points.
 
     `base` (default: the preset `flags["model_idx"]`), then every override in `flags` (the command's
-    flags as a dict, `vars(args)`) that is not None, then `fixed`.
+    flags as a dict, `vars(args)`) that is not None, then `fixed`. The training seed, which names the
+    folder, is `flags["train_seed"]` (commands that use a trained model), else `flags["seed"]` (training
+    commands); without either (the study passes its seed to `train_model`) the settings hold no seed.
     """
     if base is None:
         table, what = (BNN_PRESETS, "BNNs") if kind == "bnn" else (NN_PRESETS, "deterministic networks")
@@ -185,7 +204,11 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
         s.setdefault("batch_size", BATCH_SIZE[kind])
     if kind == "ensemble":
         s["ensemble_size"] = flags["ensemble_size"]
-    return s | {"model_type": kind, "n_inputs": n_inputs}
+    s |= {"model_type": kind, "n_inputs": n_inputs}
+    seed = flags.get("train_seed", flags.get("seed"))
+    if seed is not None:
+        s["seed"] = int(seed)
+    return s
 
 
 def arch_of(settings: dict, data):
@@ -220,17 +243,23 @@ def init_folder(init_from, folder: Path) -> Path:
 
 
 def model_folder(savedir: str, settings: dict) -> Path:
-    """<savedir>/<the seed's name for this model>."""
+    """<savedir>/<the seed's name for this model>, plus `_inp=N` for a training size other than the default
+    (half-moons BNNs: always, as the seed named them) and `_seed=S` for a seed other than 0.
+
+    The one place that names model folders: every command and the study find models through it."""
     s = settings
+    n = s.get("n_inputs")
+    n = n if n is not None and (n != DEFAULT_N_INPUTS or (s["model_type"] == "bnn" and s["dataset"] == "half_moons")) \
+        else None
     common = dict(dataset=s["dataset"], hidden_size=s["hidden_size"], activation=s["activation"],
-                  architecture=s["architecture"], arch_label=arch_label(s["arch"]) if s.get("arch") else None)
+                  architecture=s["architecture"], arch_label=arch_label(s["arch"]) if s.get("arch") else None,
+                  n_inputs=n, seed=s.get("seed"))
     if s["model_type"] == "nn":
         name = model_name("nn", **common, epochs=s["epochs"], lr=s["lr"])
     elif s["model_type"] == "ensemble":
         name = model_name("ensemble", **common, ensemble_size=s["ensemble_size"])
     else:
         name = model_name("bnn", **common, inference=s["inference"], epochs=s.get("epochs"), lr=s.get("lr"),
-                          n_inputs=s["n_inputs"] if s["dataset"] == "half_moons" else None,
                           n_samples=s.get("n_samples"), warmup=s.get("warmup"), step_size=s.get("step_size"),
                           num_steps=s.get("num_steps"), thin=s.get("thin", 1),
                           sghmc=dict({k: s.get(k) for k in ("num_chains", "prior_scale", *SGHMC_FLAGS)},
@@ -239,17 +268,100 @@ def model_folder(savedir: str, settings: dict) -> Path:
     return resolve_savedir(savedir) / name
 
 
-def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume: bool = False, data_dir=None):
+def train_model(settings: dict, data, savedir: str, device, *, seed: int | None = None, resume: bool = False,
+                data_dir=None):
     """Run the inference for `settings` on `data` and save the model, its config and history; return it.
+
+    `seed`: the training seed (default: `settings["seed"]`, which it must equal when both are given).
+    Everything that can be checked is checked before the first file is written (`check_run`); a run
+    refused later, before it saved any progress, removes the folder it created.
 
     Returns what the inference returns: a `Posterior` (networks, ensembles, HMC) or a
     `MeanFieldGuide` (VI); both draw evaluation samples with `.samples(n, seed)`.
     """
     s, folder = settings, model_folder(savedir, settings)
+    if seed is None:
+        seed = s.get("seed", 0)
+    elif s.get("seed") is not None and s["seed"] != seed:
+        raise ValueError(f"train_model: seed={seed} but the settings (which name the folder) say {s['seed']}")
+    init = check_run(s, data, folder, device, seed)
+    fresh = not folder.exists()
     write_config(folder, dict(s, seed=seed, data_dir=data_dir, device=str(device)))
+    t0 = time.perf_counter()
+    try:
+        model = _infer(s, data, folder, device, seed, resume, init)
+    except UserError:
+        if fresh:
+            _remove_if_only_config(folder)
+        raise
+    model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
+                      train_time_s=time.perf_counter() - t0)
+    model.save(folder)
+    if model.meta.get("history"):
+        write_csv(folder / "history.csv", model.meta["history"])
+        training_curves(model.meta["history"], folder / "training")
+    if model.meta.get("diagnostics"):  # also in the model file; here for reading without robustbnn
+        write_json(folder / "diagnostics.json", model.meta["diagnostics"])
+    clear_checkpoint(folder)
+    return model
+
+
+def _remove_if_only_config(folder: Path) -> None:
+    """Remove a folder that this run created and that holds nothing but its config.json (no progress saved)."""
+    try:
+        if {p.name for p in folder.iterdir()} == {"config.json"}:
+            (folder / "config.json").unlink()
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+def check_run(s: dict, data, folder: Path, device, seed: int):
+    """Refuse, in one line and before anything is written, a run that would fail: an architecture that has no
+    parameters, fails on one training input or does not output (1, classes) logits for it (`check_net`), HMC or
+    SGHMC settings the samplers refuse, a minibatch larger than the data (SGHMC, legacy HMC), an --init_from
+    that cannot be extended. Returns the posterior --init_from names (SGHMC), else None."""
+    arch, x = arch_of(s, data), data.x_train
+    check_net(arch, x, data.num_classes)
+    n = len(x)
+    if s["model_type"] != "bnn" or s["inference"] == "vi":
+        return None
+    if s["inference"] == "hmc":
+        SamplerSettings(1, int(s["warmup"]), float(s["step_size"]), int(s["num_steps"]), int(s["thin"]),
+                        float(s["target_accept"]), float(s["jitter"]), bool(s["adapt_length"]))
+        if s["adapt_length"] and int(s["num_chains"]) < 2:
+            raise UserError("--adapt_length (ChEES) needs --num_chains 2 or more: its criterion centres on the mean "
+                            "across chains")
+        if s["hmc_mode"] == "legacy":
+            if int(s["num_chains"]) != 1:
+                raise UserError("the legacy HMC mode runs a single chain; use --num_chains 1")
+            if not 1 <= int(s["batch_size"]) <= n:
+                raise UserError(f"the legacy HMC mode needs --batch_size between 1 and the number of training "
+                                f"points ({n}), got {s['batch_size']}")
+        return None
+    batch = int(s["batch_size"])
+    if not 1 <= batch <= n:
+        raise UserError(f"--batch_size must lie between 1 and the number of training points ({n}), got {batch}")
+    SGHMCSettings(int(s["cycles"]), int(s["epochs_per_cycle"]) * (n // batch), int(s["samples_per_cycle"]),
+                  float(s["lr"]), float(s["friction"]), float(s["temperature"]), float(s["explore_fraction"]), n,
+                  batch, int(s["burnin_cycles"]))
+    if not s.get("init_from"):
+        return None
+    source = init_folder(s["init_from"], folder)
+    # the model extended is built by this run's own architecture: --arch names a user's factory
+    init = posterior.load(source, device=device, last=int(s["num_chains"]),
+                          arch=s["arch"]["factory"] if s.get("arch") else None)
+    try:
+        last_draws(init, param_layout(init_params(as_architecture(arch), seed)), int(s["num_chains"]))
+    except UserError as exc:
+        raise UserError(f"--init_from {s['init_from']}: {exc}") from None
+    return init
+
+
+def _infer(s: dict, data, folder: Path, device, seed: int, resume: bool, init):
+    """The inference of `s` on `data`, checkpointing into `folder`: a `Posterior` or a VI `MeanFieldGuide`."""
     arch, x, y = arch_of(s, data), data.x_train, data.y_train
     common = dict(device=device, checkpoint=folder, resume=resume, progress=PROGRESS)
-    t0 = time.perf_counter()
     if s["model_type"] in ("nn", "ensemble"):
         seeds = [seed] if s["model_type"] == "nn" else [seed + k for k in range(s["ensemble_size"])]
         model = train_nets(arch, x, y, seeds=seeds, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
@@ -267,21 +379,10 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int, resume
                         x_eval=data.x_test[:1000], **common)
         warn(model.meta["diagnostics"], "use more --n_samples or --thin, a longer --warmup, or more --num_chains")
     else:
-        init = (posterior.load(init_folder(s["init_from"], folder), device=device, last=s["num_chains"])
-                if s.get("init_from") else None)
         model = run_sghmc(arch, x, y, **{k: s[k] for k in SGHMC_ARGS}, seed=seed, x_eval=data.x_test, init=init,
                           **common)
         warn(model.meta["diagnostics"], "use more --cycles, longer cycles (--epochs_per_cycle) or more "
                                         "--num_chains, or extend this run with --init_from")
-    model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
-                      train_time_s=time.perf_counter() - t0)
-    model.save(folder)
-    if model.meta.get("history"):
-        write_csv(folder / "history.csv", model.meta["history"])
-        training_curves(model.meta["history"], folder / "training")
-    if model.meta.get("diagnostics"):  # also in the model file; here for reading without robustbnn
-        write_json(folder / "diagnostics.json", model.meta["diagnostics"])
-    clear_checkpoint(folder)
     return model
 
 
@@ -300,21 +401,38 @@ def load_model(settings: dict, data, savedir: str, device):
     if not (folder / posterior.WEIGHTS_FILE).exists():
         cmd = TRAIN_COMMANDS[settings["model_type"]]
         cmd += f" --model_idx {settings['model_idx']}" * ("model_idx" in settings)
+        if settings.get("n_inputs") not in (None, DEFAULT_N_INPUTS):
+            cmd += f" --n_inputs {settings['n_inputs']}"
+        cmd += f" --seed {settings['seed']}" * bool(settings.get("seed"))
         raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} "
-                        "--train=True` (or fix --savedir)")
+                        "--train=True` (or fix --savedir, --train_inputs or --train_seed)")
     return posterior.load(folder, device=device, arch=arch_of(settings, data))
 
 
 def train_or_load(settings: dict, data, args, device):
     """--train=True trains (and saves) the model, --train=False loads it."""
-    if args.train:
-        return train_model(settings, data, args.savedir, device, seed=args.seed, resume=args.resume,
-                           data_dir=args.data_dir)
+    if args.train:  # the seed that names the folder (--train_seed where the command has it, else --seed)
+        return train_model(settings, data, args.savedir, device, seed=settings.get("seed", args.seed),
+                           resume=args.resume, data_dir=args.data_dir)
     return load_model(settings, data, args.savedir, device)
+
+
+def read_metrics(folder: Path) -> dict:
+    """The model folder's metrics.json ({} if there is none); one that is not a JSON object is a one-line error."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "delete it, the next run writes it again") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path} holds a JSON {type(old).__name__}, not an object of metrics; delete it, the next "
+                        "run writes it again")
+    return old
 
 
 def record_metrics(folder: Path, metrics: dict) -> None:
     """Merge `metrics` into the model folder's metrics.json."""
-    path = Path(folder) / "metrics.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, old | metrics)
+    write_json(Path(folder) / "metrics.json", read_metrics(folder) | metrics)

@@ -15,7 +15,7 @@ from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, nonneg_int, setup, str2bool
 from robustbnn.experiments.runs import (SGHMC_ARGS, add_model_flags, arch_of, model_folder, model_settings,
-                                        record_metrics, train_or_load)
+                                        read_metrics, record_metrics, train_or_load)
 from robustbnn.inference.fidelity import validate_on_subset
 from robustbnn.posterior import log_mean_softmax
 
@@ -46,9 +46,19 @@ def run(args) -> dict:
         os.environ[COMPILE_ENV] = "1" if args.compile else "0"
     settings = model_settings(args.model_kind, vars(args), n_inputs=args.n_inputs)
     data = load_dataset(settings["dataset"], args.n_inputs, args.data_dir)
+    folder = model_folder(args.savedir, settings)
+    # what would fail after training fails now, before anything is trained or written
+    n_check = getattr(args, "validate_against_hmc", 0)
+    if n_check:
+        if settings["inference"] != "sghmc":
+            raise UserError("--validate_against_hmc compares SGHMC with HMC; use it with --inference sghmc")
+        if n_check > len(data.x_train):
+            raise UserError(f"--validate_against_hmc needs between 1 and {len(data.x_train)} training points (the "
+                            f"model's), got {n_check}")
+    if args.test or n_check:
+        read_metrics(folder)  # a corrupt metrics.json is refused before the training, not after it
     model = train_or_load(settings, data, args, device)
     post = model.samples(None, args.seed)  # a VI guide draws the number of samples kept at training
-    folder = model_folder(args.savedir, settings)
     summary = {"model": folder.name, "folder": str(folder), "kind": post.kind, "samples": post.n_samples}
     if args.train:
         summary["train_time_s"] = model.meta["train_time_s"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -113,28 +115,75 @@ def clear_checkpoint(folder) -> None:
             path.unlink()
 
 
+CHECKPOINT_SECONDS_ENV = "ROBUSTBNN_CHECKPOINT_SECONDS"
+DEFAULT_CHECKPOINT_SECONDS = 300.0
+
+
+def checkpoint_seconds(value: float | str | None = None) -> float:
+    """Seconds between two periodic checkpoints of a sampler: `value` if given, else $ROBUSTBNN_CHECKPOINT_SECONDS,
+    else 300 (5 minutes). 0 saves after every step. Anything but a finite number >= 0 is a one-line `UserError`
+    naming where it came from."""
+    source = "checkpoint_seconds"
+    if value is None:
+        value = os.environ.get(CHECKPOINT_SECONDS_ENV, "").strip()
+        if not value:
+            return DEFAULT_CHECKPOINT_SECONDS
+        source = f"${CHECKPOINT_SECONDS_ENV}"
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UserError(f"{source} must be a number of seconds >= 0 between checkpoints (0: after every step), "
+                        f"got {value!r}")
+    return seconds
+
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as a shell reports
+_stopped_by: list[int] = []  # the signal that last made a sampler stop at a step's end
+
+
+def interrupt_signal() -> int | None:
+    """The signal (SIGINT or SIGTERM) that made the last sampler stop with KeyboardInterrupt, or None."""
+    return _stopped_by[-1] if _stopped_by else None
+
+
+def interrupt_exit_code() -> int:
+    """The exit status for a run stopped by KeyboardInterrupt: 143 after SIGTERM (Slurm's scancel and time limit),
+    else 130 (Ctrl-C, SIGINT)."""
+    return INTERRUPT_EXIT_CODES.get(interrupt_signal(), 130)
+
+
 @contextmanager
 def interrupt_between_steps():
-    """Within the block a first Ctrl-C (SIGINT) only raises a flag, read by calling the yielded function, so that
-    a sampler can finish its step, save a checkpoint there and stop (`raise KeyboardInterrupt`): between two
-    5-minute checkpoints nothing is lost, and a state cut in the middle of an in-place step is never saved. A
-    second Ctrl-C interrupts at once. Outside the main thread, where Python delivers no signals, the flag never
-    rises."""
+    """Within the block a first Ctrl-C (SIGINT) or SIGTERM (which Slurm sends before it kills a job: at the time
+    limit, `scancel`, preemption) only raises a flag, read by calling the yielded function, so that a sampler can
+    finish its step, save a checkpoint there and stop (`raise KeyboardInterrupt`): between two periodic
+    checkpoints nothing is lost, and a state cut in the middle of an in-place step is never saved. A second
+    signal of either kind interrupts at once (KeyboardInterrupt). `interrupt_signal()` then tells which signal
+    it was (the CLI exits 130 after SIGINT, 143 after SIGTERM: `interrupt_exit_code()`). The previous handlers
+    are put back on leaving. Outside the main thread, where Python delivers no signals, the flag never rises."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     hit = []
+    _stopped_by.clear()
 
     def handler(signum, frame):
         if hit:
             raise KeyboardInterrupt
         hit.append(signum)
+        _stopped_by.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
     try:
         yield lambda: bool(hit)
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for sig, before in previous.items():
+            if before is None:  # a handler installed outside Python: the closest Python can restore
+                before = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, before)
 
 
 def tensor_digest(t: torch.Tensor) -> str:

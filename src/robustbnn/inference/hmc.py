@@ -38,6 +38,7 @@ from robustbnn.compile import COMPILE_HMC, compile_enabled, maybe_compile
 from robustbnn.data import validate_xy
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
+from robustbnn.inference.checkpoint import checkpoint_seconds as resolve_checkpoint_seconds
 from robustbnn.inference.checkpoint import tensor_digest
 from robustbnn.inference.hmc_kernel import (SamplerSettings, autograd_value_and_grad, run_sampler,
                                             sampler_diagnostics)
@@ -225,8 +226,8 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
             device="cpu", target_accept: float = 0.8, jitter: float = 0.2, adapt_length: bool = False,
             mode: str = "full_batch", batch_size: int | None = None, x_eval: torch.Tensor | None = None,
             y_eval: torch.Tensor | None = None, checkpoint=None, resume: bool = False,
-            checkpoint_every: int | None = None, progress: bool = False, compile: bool | None = None,
-            log=print) -> Posterior:
+            checkpoint_every: int | None = None, checkpoint_seconds: float | None = None, progress: bool = False,
+            compile: bool | None = None, log=print) -> Posterior:
     """Sample the BNN posterior of `arch` (a built-in spec dict or an `Architecture`) on (x, y) with HMC;
     return a `Posterior` of kind mcmc.
 
@@ -249,6 +250,11 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     from step size * num_steps, and then runs ceil(u T / step size) leapfrog steps with u in (0, 1)
     (van der Corput jitter), so the cost per iteration varies (counted exactly in gradient_evaluations).
 
+    With `checkpoint` (a folder) the run is saved there every `checkpoint_every` iterations, else every
+    `checkpoint_seconds` (default $ROBUSTBNN_CHECKPOINT_SECONDS, else 300; 0: every iteration), at the end of
+    warm-up and at the end, and when a first Ctrl-C or SIGTERM stops it (after finishing the iteration, with
+    KeyboardInterrupt); `resume` continues it with the same draws as an uninterrupted run.
+
     `post.meta` holds "inference": "hmc", the settings ("hmc") and the diagnostics ("diagnostics"):
     acceptance_rate (accepted fraction after warm-up) and mean_accept_prob per chain, divergences
     after and during warm-up, adapted step_size per chain, num_steps (leapfrog steps setting), jitter,
@@ -270,6 +276,7 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         raise UserError(f"prior_scale must be a positive number, got {prior_scale}")
     if checkpoint is None and resume:
         raise UserError("resume needs a checkpoint folder")
+    checkpoint_seconds = resolve_checkpoint_seconds(checkpoint_seconds)  # a bad setting fails before any work
     device = resolve_device(device)
     arch = as_architecture(arch)
     x, y = check_data(arch, x, y, device)
@@ -292,9 +299,10 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     steps = f"ChEES-adapted trajectories from {num_steps}" if cfg.adapt_length else f"{num_steps}"
     log(f"hmc ({mode}): {num_chains} chain(s) x ({warmup} warm-up + {draws * cfg.thin} iterations) x {steps} "
         f"leapfrog steps (step-size jitter {cfg.jitter:g}), {q0.shape[1]} parameters, {len(x)} training points")
-    state, trace = run_sampler(bnn_value_and_grad(arch, x, y, prior_scale, compile=compile), q0, cfg, seed=seed,
-                               checkpoint=checkpoint, resume=resume, fingerprint=fingerprint,
-                               checkpoint_every=checkpoint_every, progress=progress, log=log)
+    state, trace = run_sampler(bnn_value_and_grad(arch, x, y, prior_scale, compile=compile), q0, cfg,
+                               seed=seed, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint,
+                               checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                               progress=progress, log=log)
     diag = dict(mode=mode, n_samples=n_samples, draws_per_chain=draws, warmup=int(warmup), thin=int(thin),
                 **sampler_diagnostics(state, trace, cfg))
     samples, loglik = trace.samples, trace.sample_loglik  # (C, draws, D), (C, draws)

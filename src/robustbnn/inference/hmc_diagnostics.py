@@ -6,8 +6,11 @@ probabilities on test inputs and the squared norm of each parameter tensor are i
 symmetries, so they are what we summarise. The norms see what the other two cannot: weights that
 still drift in directions the data do not constrain (towards the prior's scale, slowly for SG-MCMC's
 small steps) leave the fit and the test predictive almost unchanged. Split R-hat (Gelman et al., BDA3
-section 11.4) and effective sample size (Geyer 1992, the initial-positive-sequence estimator as in
-Stan) come from `pyro.ops.stats`.
+section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
+sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's `effective_sample_size` to float
+rounding but in memory linear in the draws: Pyro's takes the cumulative minimum of the N/2 autocorrelation
+pair sums through an (N/2) x (N/2) matrix per series (`pyro.ops.stats._cummin`): 4.7 GB peak for one chain of
+1000 draws of 2000 (test point, class) pairs (0.4 GB here), an estimated 28 GB at 3000 draws (0.5 GB here).
 """
 
 from __future__ import annotations
@@ -15,25 +18,74 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+from pyro.ops.stats import split_gelman_rubin
+
+# Float64 trace values per pass of `rhat_ess` (8 MB): the FFT of the autocovariance holds a few copies of its
+# input padded to twice the draws, so a pass peaks at ~80 bytes per value (~100 MB), whatever the number of draws.
+RHAT_FLOATS_PER_PASS = 2**20
 
 
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    return t[torch.isfinite(t)]
+def _fft_len(n: int) -> int:
+    """The smallest m >= n whose prime factors are 2, 3 and 5 (a fast FFT length; Pyro's `next_fast_len`)."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
-# Float64 trace values per pass of `rhat_ess` (32 MB): Pyro's FFT-based ESS holds several padded complex copies of
-# its input, and 4 chains x 300 draws x 100,000 (test point, class) pairs in one pass took a 24 GB machine out of
-# memory.
-RHAT_FLOATS_PER_PASS = 2**22
+def effective_sample_size(traces: torch.Tensor) -> torch.Tensor:
+    """ESS of each series of `traces` (C chains, N draws, S series), float64 (S,): Pyro's
+    `effective_sample_size(traces, chain_dim=0, sample_dim=1)` (Stan's reference manual, Geyer's initial
+    monotone sequence) with the same formulas, but in memory linear in N (a cumulative minimum, `torch.cummin`,
+    where Pyro builds an N/2 x N/2 matrix per series) and with a constant or non-finite series giving NaN for
+    itself only (in Pyro one NaN turns every series of the call into NaN).
+
+    Autocovariance by FFT with zero padding to 2 * (a fast length >= N), so that it is the linear, not the
+    circular, autocorrelation: gamma_k = sum_t x_t x_{t+k} / (N - k) for the centred trace x of each chain.
+    """
+    c, n = traces.shape[:2]
+    x = traces.double().permute(2, 0, 1)  # (S, C, N): the FFT runs along the draws
+    var_chain = x.var(-1)  # unbiased, (S, C)
+    var_within = var_chain.mean(-1, keepdim=True)  # (S, 1)
+    var_estimator = (n - 1) / n * var_within
+    if c > 1:
+        var_estimator = var_estimator + x.mean(-1).var(-1, keepdim=True)
+    else:  # as Pyro: rho_k is then the chain's autocorrelation
+        var_within = var_estimator
+    m2 = 2 * _fft_len(n)
+    spectrum = torch.fft.rfft(x - x.mean(-1, keepdim=True), n=m2)
+    power = spectrum.real.square() + spectrum.imag.square()
+    del spectrum
+    acov = torch.fft.irfft(power, n=m2)[..., :n]
+    del power
+    acov = acov / torch.arange(n, 0, -1, dtype=acov.dtype)  # the lag-k sums over N - k pairs
+    variance = acov[..., :1]
+    autocorr = acov / variance.clamp(min=torch.finfo(acov.dtype).tiny)
+    del acov
+    autocorr.masked_fill_(variance == 0, 1.0)  # a constant chain: autocorrelation 1, as Pyro
+    gamma = autocorr.mul_(x.var(-1, unbiased=False, keepdim=True))  # autocovariance per chain, (S, C, N)
+    rho = (var_estimator - var_within + gamma.mean(1)) / var_estimator  # (S, N)
+    del gamma, autocorr
+    rho[:, 0] = 1.0
+    pairs = rho[:, :n - n % 2].reshape(len(rho), n // 2, 2).sum(-1)  # Geyer's Gamma_m = rho_2m + rho_2m+1
+    tau = -1 + 2 * pairs[:, 0]
+    if pairs.shape[1] > 1:  # truncated at the first negative pair sum, made monotone (Geyer 1992, 1.18-1.19)
+        tau = tau + 2 * torch.cummin(pairs[:, 1:].clamp(min=0), dim=1).values.sum(1)
+    return c * n / tau
 
 
 def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Split R-hat and ESS of `traces` (C chains, N draws, *batch): each of shape `batch`, computed over the batch
-    in passes of at most RHAT_FLOATS_PER_PASS values (each entry depends only on its own traces).
+    in passes of at most RHAT_FLOATS_PER_PASS values (each entry depends only on its own traces), so that the
+    memory is bounded whatever the batch and linear in the draws.
 
     Split R-hat and ESS need N >= 4 draws per chain (fewer give meaningless values); otherwise that entry is
-    None. A constant trace has no variance and gives NaN (and, through Pyro's ESS, NaN for its whole pass).
+    None. A constant trace has no variance and gives NaN for itself.
     """
     c, n, batch = traces.shape[0], traces.shape[1], traces.shape[2:]
     if n < 4:
@@ -44,7 +96,7 @@ def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | 
     for lo in range(0, flat.shape[-1], step):
         part = flat[..., lo:lo + step].double()
         rhat.append(split_gelman_rubin(part, chain_dim=0, sample_dim=1))
-        ess.append(effective_sample_size(part, chain_dim=0, sample_dim=1))
+        ess.append(effective_sample_size(part))
     return torch.cat(rhat).reshape(batch), torch.cat(ess).reshape(batch)
 
 
@@ -84,7 +136,8 @@ def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None,
     "pred_rhat_max", "pred_ess_min", "pred_ess_median", "pred_rhat_below_1.1", "pred_points_constant",
     "pred_points"} (entries that cannot be computed are None). A pair whose probability is the same in every
     draw has nothing to mix: it is left out of the medians and extremes and counted as converged in
-    "pred_rhat_below_1.1", the fraction of pairs with split R-hat below 1.1.
+    "pred_rhat_below_1.1", the fraction of pairs with split R-hat below 1.1. A pair that varies but whose R-hat
+    is not finite (each chain constant at its own value) counts as R-hat inf: "pred_rhat_max" is then inf.
     """
     out: dict = {"num_chains": int(loglik.shape[0]), "draws_per_chain": int(loglik.shape[1])}
     rhat, ess = rhat_ess(loglik)
@@ -96,15 +149,18 @@ def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None,
         return out
     eval_probs = eval_probs.reshape(*eval_probs.shape[:2], -1)
     flat = eval_probs.reshape(-1, eval_probs.shape[-1])
-    varies = flat.max(0).values > flat.min(0).values
-    # constant traces are skipped first: one NaN poisons Pyro's ESS of every other point
+    varies = ~(flat.max(0).values == flat.min(0).values)  # a trace with a NaN is not constant
+    # constant traces are skipped: nothing to mix (their R-hat and ESS would be NaN)
     rhat, ess = rhat_ess(eval_probs[..., varies]) if varies.any() else (None, None)
-    r = None if rhat is None else _finite(rhat)
-    e = None if ess is None else _finite(ess)
-    out["pred_rhat_median"] = _num(r.median()) if r is not None and r.numel() else None
-    out["pred_rhat_max"] = _num(r.max()) if r is not None and r.numel() else None
-    out["pred_ess_min"] = _num(e.min()) if e is not None and e.numel() else None
-    out["pred_ess_median"] = _num(e.median()) if e is not None and e.numel() else None
+    # a pair that varies but has no finite R-hat (chains stuck at different saturated values: no variance within
+    # any chain, R-hat infinite) has not converged: it counts as R-hat inf, never left out; an ESS that cannot be
+    # computed (NaN) counts as 0
+    r = None if rhat is None else torch.where(torch.isfinite(rhat), rhat, math.inf)
+    e = None if ess is None else torch.where(torch.isnan(ess), 0.0, ess)
+    out["pred_rhat_median"] = float(r.median()) if r is not None and r.numel() else None
+    out["pred_rhat_max"] = float(r.max()) if r is not None and r.numel() else None
+    out["pred_ess_min"] = float(e.min()) if e is not None and e.numel() else None
+    out["pred_ess_median"] = float(e.median()) if e is not None and e.numel() else None
     if rhat is not None or not varies.any():
         below = int((~varies).sum()) + (int((rhat < RHAT_LIMIT).sum()) if rhat is not None else 0)
         out["pred_rhat_below_1.1"] = below / eval_probs.shape[-1]

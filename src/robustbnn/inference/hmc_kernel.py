@@ -71,14 +71,14 @@ from tqdm.auto import tqdm
 
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import interrupt_between_steps, load_checkpoint, save_checkpoint, tensor_digest
+from robustbnn.inference.checkpoint import (checkpoint_seconds as resolve_checkpoint_seconds, interrupt_between_steps,
+                                            load_checkpoint, save_checkpoint, tensor_digest)
 
 MAX_ENERGY_ERROR = 1000.0  # as Pyro and Stan
 MAX_CONSECUTIVE_DIVERGENCES = 50
 DA_T0, DA_KAPPA, DA_GAMMA = 10, 0.75, 0.05  # dual averaging, Hoffman & Gelman (2014); Pyro's defaults
 STEP_SEARCH_LOG_ACCEPT = math.log(0.8)  # Stan's threshold for the step-size search
 MIN_STEP, MAX_STEP = 1e-10, 1e10
-CHECKPOINT_SECONDS = 300.0
 DEFAULT_JITTER = 0.2  # step-size jitter half-width: eps * U(0.8, 1.2)
 # ChEES (Hoffman, Radul & Sountsov 2021): Adam on log T with learning rate 0.025, no momentum (beta1 = 0: the
 # optimum moves as the step size and mass adapt) and beta2 = 0.95, at most 1000 leapfrog steps: the defaults of
@@ -554,16 +554,19 @@ class Trace:
 
 def run_sampler(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, *, seed: int = 0, checkpoint=None,
                 resume: bool = False, fingerprint: dict | None = None, checkpoint_every: int | None = None,
-                progress: bool = False, log=print) -> tuple[HMCState, Trace]:
+                checkpoint_seconds: float | None = None, progress: bool = False,
+                log=print) -> tuple[HMCState, Trace]:
     """Run HMC chains from q0 (C, D) for cfg.iterations iterations; return the final state and the trace.
 
     `value_and_grad(q)` maps positions (C', D) to (U (C',) float64, grad U (C', D)[, loglik (C',)]) for any
     subset of chains. One generator seeded with `seed` drives every random draw, so a seed fixes the run.
     With `checkpoint` (a folder) the state, trace and generator are saved atomically every
-    `checkpoint_every` iterations (default: every 5 minutes), at the end of warm-up and at the end;
+    `checkpoint_every` iterations (default: every `checkpoint_seconds`, itself by default
+    $ROBUSTBNN_CHECKPOINT_SECONDS or 5 minutes: `checkpoint.checkpoint_seconds`), at the end of warm-up and at the end;
     `resume` continues a saved run made with the same `fingerprint` (settings, plus the sampler settings,
     seed and initial point added here) and gives the same draws as an uninterrupted run.
     """
+    every = resolve_checkpoint_seconds(checkpoint_seconds)
     gen = torch.Generator().manual_seed(seed)
     fingerprint = dict(fingerprint or {}, sampler=asdict(cfg), seed=seed, init=tensor_digest(q0))
     state = trace = None
@@ -612,7 +615,7 @@ def run_sampler(value_and_grad, q0: torch.Tensor, cfg: SamplerSettings, *, seed:
                                 acc=f"{trace.accept_prob[:, lo:t].mean().item():.2f}",
                                 L=f"{trace.num_steps[lo:t].double().mean().item():.1f}")
             due = (t % checkpoint_every == 0) if checkpoint_every else (time.perf_counter() - last_save
-                                                                       > CHECKPOINT_SECONDS)
+                                                                       >= every)
             stop = interrupted()  # Ctrl-C: save this iteration's state, then stop
             if t == cfg.warmup or t == cfg.iterations or due or stop:
                 save(complete=t == cfg.iterations)

@@ -22,6 +22,36 @@ from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import DEFAULT_BUDGET, Posterior, activation_numel
 
 
+def check_net(arch, x: torch.Tensor, num_classes: int | None = None, y: torch.Tensor | None = None) -> None:
+    """Refuse, in one line, an architecture that cannot be trained on inputs like `x`: one without parameters,
+    one whose forward fails on one input `x[:1]` (e.g. another input size), or one whose output for it is not
+    logits of shape (1, num_classes) (`num_classes` None: (1, K) with K above every label in `y`)."""
+    arch = as_architecture(arch)
+    what = "the architecture" if arch.builtin_spec else f"the architecture {arch.factory}"
+    net = template(arch)  # a built-in that does not fit the inputs (conv on vectors) is refused here
+    if not any(p.numel() for p in net.parameters()):
+        raise UserError(f"{what} has no parameters to train")
+    x1 = torch.as_tensor(x[:1]).float().cpu()
+    spec = arch.builtin_spec
+    if spec and math.prod(x1.shape[1:]) == math.prod(spec["input_shape"]):
+        x1 = x1.reshape(1, *spec["input_shape"])
+    try:
+        with torch.no_grad():
+            out = net(x1)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises, in one line
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"{what} fails on one training input of shape {tuple(x1.shape[1:])}: "
+                        f"{type(exc).__name__}: {detail}") from None
+    shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    ok = torch.is_tensor(out) and out.dim() == 2 and out.shape[0] == 1 and (
+        out.shape[1] == num_classes if num_classes is not None else (y is None or out.shape[1] > int(y.max())))
+    if not ok:
+        want = (f"(1, {num_classes}) (the data has {num_classes} classes)" if num_classes is not None else
+                "(1, K) with K above the largest label" + (f" ({int(y.max())})" if y is not None else ""))
+        raise UserError(f"{what} outputs {shape} for one input of shape {tuple(x1.shape[1:])}; it must output "
+                        f"logits of shape {want}")
+
+
 def member_groups(arch, seeds: list[int], batch_size: int, budget: int = DEFAULT_BUDGET,
                   input_shape=None) -> list[list[int]]:
     """Split the members into groups whose stacked activations (forward and backward) fit the budget."""
@@ -50,6 +80,7 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
         raise UserError("train_nets needs at least one seed")
     spec = as_architecture(arch).builtin_spec or {}
     x, y = validate_xy(x, y, spec.get("input_shape"), spec.get("num_classes"))
+    check_net(arch, x, spec.get("num_classes"), y)
     x, y = x.to(device), y.to(device)  # once: each step then gathers on the device
     state = load_checkpoint(checkpoint) if (checkpoint and resume) else None
     done = state["done"] if state else {}

@@ -40,17 +40,14 @@ from tqdm.auto import tqdm
 from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import (interrupt_between_steps, load_checkpoint, load_part, save_checkpoint,
-                                            save_part, tensor_digest)
+from robustbnn.inference.checkpoint import (checkpoint_seconds as resolve_checkpoint_seconds, interrupt_between_steps,
+                                            load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest)
 from robustbnn.inference.hmc import check_data, data_chunk, neg_log_lik
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, activation_numel, flatten, param_layout,
                                  stacked_logits, unflatten)
-
-CHECKPOINT_SECONDS = 300.0
-
 
 @dataclass(frozen=True)
 class SGHMCSettings:
@@ -131,7 +128,7 @@ def sghmc_step(q, v, grad, eta: float, noise: bool, cfg: SGHMCSettings, gen: tor
 
 def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: int = 0, on_draw=None,
                layout=None, checkpoint=None, resume: bool = False, fingerprint: dict | None = None,
-               progress: bool = False, log=print) -> dict:
+               checkpoint_seconds: float | None = None, progress: bool = False, log=print) -> dict:
     """Run cyclical SGHMC from q0 (C, D) on any potential given by minibatch gradients.
 
     `minibatch_grad(q, idx)` returns grad U~(q) (C, D) for per-chain minibatch indices idx (C, B): the
@@ -143,11 +140,15 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     block "q" of shape (D,)), draw-major so that `samples[name].reshape(-1, *shape)` is every draw in the
     interleaved order of `Posterior` (draw 0 of each chain first) without a copy: the Fashion-MNIST study's
     draws take 9 GB, and a second copy made at the end took the run to 18 of this 24 GB machine's memory.
-    With `checkpoint` (a folder) the whole state is saved atomically every `CHECKPOINT_SECONDS` (5 minutes;
-    saving at every cycle's end cost more than a cycle once a fc2-512 run held 100 draws of 4 chains, 1 GB),
-    with the draws kept since the last save as a new part (`checkpoint.save_part`), so that no save rewrites
-    the earlier draws; `resume` continues a saved run with the same fingerprint and gives the same draws.
+    With `checkpoint` (a folder) the whole state is saved atomically every `checkpoint_seconds` (default
+    $ROBUSTBNN_CHECKPOINT_SECONDS, else 5 minutes: `checkpoint.checkpoint_seconds`; saving at every cycle's end
+    cost more than a cycle once a fc2-512 run held 100 draws of 4 chains, 1 GB), with the draws kept since the
+    last save as a new part (`checkpoint.save_part`), so that no save rewrites the earlier draws; a first Ctrl-C
+    (SIGINT) or SIGTERM lets the step finish, saves it and stops with KeyboardInterrupt
+    (`checkpoint.interrupt_between_steps`). `resume` continues a saved run with the same fingerprint and gives
+    the same draws.
     """
+    every = resolve_checkpoint_seconds(checkpoint_seconds)
     c, d = q0.shape
     gen = torch.Generator().manual_seed(seed)
     fingerprint = dict(fingerprint or {}, sghmc=asdict(cfg), seed=seed, init=tensor_digest(q0))
@@ -216,8 +217,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
                 s["kept"] += 1
                 cycle_time["draws"] += time.perf_counter() - stepped
             bar.update(1)
-            stop = interrupted()  # Ctrl-C: save this step's state, then stop
-            if stop or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+            stop = interrupted()  # Ctrl-C or SIGTERM: save this step's state, then stop
+            if stop or time.perf_counter() - last_save >= every:
                 saving = time.perf_counter()
                 save()
                 last_save = time.perf_counter()
@@ -298,8 +299,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
               samples_per_cycle: int = 1, burnin_cycles: int = 10, lr: float = 0.1, friction: float = 0.1,
               temperature: float = 1.0, explore_fraction: float = 0.5, batch_size: int = 500, num_chains: int = 4,
               prior_scale: float = 1.0, grad_dtype: str = "float32", seed: int = 0, device="cpu", x_eval=None,
-              init: Posterior | None = None, checkpoint=None, resume: bool = False, progress: bool = False,
-              log=print) -> Posterior:
+              init: Posterior | None = None, checkpoint=None, resume: bool = False,
+              checkpoint_seconds: float | None = None, progress: bool = False, log=print) -> Posterior:
     """Sample the BNN posterior of `arch` on (x, y) with cyclical SGHMC; return a `Posterior` of kind mcmc.
 
     `num_chains` chains from `nets.init_params(arch, seed + c)`, or, to extend the chains of an earlier run,
@@ -313,6 +314,10 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     (cycles - burnin_cycles) * samples_per_cycle * num_chains draws, interleaved across chains (draw 0 of
     every chain first, so any prefix spans every chain). The defaults are the MNIST study's settings.
 
+    With `checkpoint` (a folder) the run is saved there every `checkpoint_seconds` (default
+    $ROBUSTBNN_CHECKPOINT_SECONDS, else 300) and when a first Ctrl-C or SIGTERM stops it; `resume` continues it
+    (`run_sgmcmc`).
+
     `post.meta`: "inference": "sghmc", the settings ("sghmc") and "diagnostics": time, gradient evaluations
     (minibatch gradients per chain), the log-likelihood of all training data at every draw with its
     split R-hat and ESS across chains, the R-hat of each parameter tensor's squared norm, and with `x_eval`
@@ -324,6 +329,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
         raise UserError(f"prior_scale must be a positive number, got {prior_scale}")
     if checkpoint is None and resume:
         raise UserError("resume needs a checkpoint folder")
+    checkpoint_seconds = resolve_checkpoint_seconds(checkpoint_seconds)  # a bad setting fails before any work
     if int(epochs_per_cycle) < 1:
         raise UserError(f"epochs_per_cycle must be at least 1, got {epochs_per_cycle}")
     device = resolve_device(device)
@@ -355,7 +361,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     loglik = bnn_loglik(arch, x, y)
     run = run_sgmcmc(bnn_minibatch_grad(arch, x, y, prior_scale, dtype), q0, cfg, seed=seed,
                      on_draw=lambda q: {"loglik": loglik(q)}, layout=layout, checkpoint=checkpoint, resume=resume,
-                     fingerprint=fingerprint, progress=progress, log=log)
+                     fingerprint=fingerprint, checkpoint_seconds=checkpoint_seconds, progress=progress, log=log)
     trace = run["stats"]["loglik"]  # (C, draws)
     draws = trace.shape[1]
     diag = dict(num_chains=int(num_chains), draws_per_chain=draws, time_s=run["time_s"],

@@ -1,0 +1,74 @@
+"""Has a verdict converged, and does every attack of the battery earn its place?
+
+    python examples/verdict_convergence.py MODEL [--n_inputs 1000] [--samples 20] [--eps 0.1] [--rounds 3]
+
+MODEL is a saved model folder (a study's `models/<name>`, or any `train-*` run). Its defender is `--samples`
+weight samples (MCMC: evenly spaced over every chain). Prints JSON lines:
+
+1. `budget`: the default battery, then its effort rounds 1..`--rounds` whatever they break (2^k times the
+   iterations, k more restarts, on what is still robust): robust accuracy and cumulative time after each
+   budget, 1x, 2x, 4x, 8x. A curve that stops falling is a verdict that more effort no longer lowers.
+2. `member`: each attack of the default battery alone on every correctly classified input, and how many
+   inputs it breaks that no other member breaks (`--members False` skips this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from robustbnn.data import load_dataset
+from robustbnn.evaluate import DEFAULT_BATTERY, Settings, accuracies, battery, effort_of
+from robustbnn.posterior import load
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--n_inputs", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--members", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model)
+    post = model.samples(args.samples, 0)
+    data = load_dataset(model.meta["dataset"], None, splits=("test",))
+    x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
+    show = dict(model=args.model, kind=post.kind, samples=post.n_samples, draws=post.meta.get("draws"), eps=args.eps,
+                n_inputs=len(x))
+    print(json.dumps(dict(show, line="defender")), flush=True)
+
+    s = Settings(effort_rounds=args.rounds, until_flat=False)
+    frame, _ = battery(post, x, y, args.eps, s, data.bounds)
+    row = accuracies(frame, DEFAULT_BATTERY)
+    rounds = effort_of(frame.attack)
+    for k in range(row["effort_rounds_run"] + 1):
+        print(json.dumps(dict(line="budget", budget=f"{2**k}x", iterations=100 * 2**k, restarts=1 + k,
+                              robust_acc=row[f"robust_acc_{2**k}x"],
+                              seconds=round(float(frame[rounds <= k].seconds.sum()), 1),
+                              broke=int(frame[rounds == k].broken.sum()) if k else None)), flush=True)
+
+    if args.members:
+        broken = {}
+        for name in DEFAULT_BATTERY:
+            started = time.perf_counter()
+            one, _ = battery(post, x, y, args.eps, Settings(attacks=(name,), effort_rounds=0), data.bounds)
+            hits = one[one.attack == name]
+            broken[name] = set(hits[hits.broken].input)
+            broken[name + ":seconds"] = time.perf_counter() - started
+        for name in DEFAULT_BATTERY:
+            others = set().union(*(broken[o] for o in DEFAULT_BATTERY if o != name))
+            print(json.dumps(dict(line="member", attack=name, broke=len(broken[name]),
+                                  only_it=len(broken[name] - others), seconds=round(broken[name + ":seconds"], 1))),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
