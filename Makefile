@@ -1,7 +1,7 @@
 # The README's two commands. Each sets up .venv from a fresh clone on its own.
 #   make demo   the main job on the embedded default (half moons, no download)
 #   make test   the test suite
-# TORCH: the CPU build that lies on this machine's disk; on a GPU machine use e.g.
+# TORCH: the torch requirement pip installs (default: torch==2.13.0); for a CUDA build use e.g.
 #   make test TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
 VENV := .venv

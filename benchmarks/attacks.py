@@ -13,7 +13,7 @@ samples, 1000 random inputs in [0, 1] (`--quick`: 50 inputs). Lines (one JSON ob
 - fgsm_gflops, pgd40_gflops: matmul FLOPs of forward + input-gradient backward (2 * 2 * S * B *
   (784*512 + 512*512 + 512*10)) per second; ratio = ours / matmul peak.
 - input_gradient_gflops_vs_autograd: the predictive-loss input gradient alone (what FGSM and every PGD
-  step compute), ours (hand-written MLP backward, `posterior.stacked_logits_vjp`) against the same
+  step compute), ours (hand-written MLP backward, `forward.stacked_logits_vjp`) against the same
   computation through autograd over `stacked_logits` (the implementation before it, kept below as the
   reference), same chunks, timed alternately in this run; ratio = ours / autograd. The note gives both as
   a share of the matmul peak.
@@ -42,7 +42,7 @@ from _common import (MATMUL_FLOPS, emit, matmul_peak, paper_nets, probe, random_
                      timed)
 from robustbnn import attacks
 from robustbnn.attacks.losses import GRAD_BUDGET, _input_gradient, log_lik
-from robustbnn.posterior import stacked_logits
+from robustbnn.forward import stacked_logits
 
 # ---------------------------------------------------------------------------------------------
 # the paper's way: one image and one sample at a time

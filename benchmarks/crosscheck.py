@@ -21,7 +21,8 @@ from robustbnn import train_nets, train_vi
 from robustbnn.attacks import apgd, square
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
-from robustbnn.evaluate import Settings, evaluate, run_attack
+from robustbnn.attacks import run_attack
+from robustbnn.verdict import Settings, evaluate
 
 SPEC = dict(architecture="fc2", input_shape=[1, 28, 28], num_classes=10, hidden_size=512, activation="leaky")
 
@@ -52,7 +53,7 @@ def main():
                         torchattacks.APGD(module, eps=eps, steps=100, loss="ce", n_restarts=1, seed=0)(x, y)),
             "apgd-dlr": (apgd(net, x, y, eps, loss="dlr", iterations=100),
                          torchattacks.APGD(module, eps=eps, steps=100, loss="dlr", n_restarts=1, seed=0)(x, y)),
-            "apgd-t": (run_attack("apgd-t", net, x, y, eps, Settings(), (0.0, 1.0))[0],
+            "apgd-t": (run_attack("apgd-t", net, x, y, eps, settings=Settings(), bounds=(0.0, 1.0))[0],
                        torchattacks.APGDT(module, eps=eps, steps=100, n_restarts=1, n_classes=10, seed=0)(x, y)),
             "square": (square(net, x, y, eps, queries=5000),
                        torchattacks.Square(module, eps=eps, n_queries=5000, n_restarts=1, seed=0)(x, y)),

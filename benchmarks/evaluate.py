@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from _common import MATMUL_FLOPS, emit, matmul_peak, random_inputs, random_posterior, setup, timed
-from robustbnn.evaluate import Settings, accuracies, battery
+from robustbnn.verdict import Settings, accuracies, battery
 
 EARLIER = Settings(attacks=("apgd-ce", "apgd-dlr", "square"), square_queries=1000, effort_rounds=0)
 

@@ -62,7 +62,8 @@ from robustbnn.data import load_dataset
 from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.hmc import bnn_potential, log_prior, run_hmc
 from robustbnn.nets import init_params, template
-from robustbnn.posterior import Posterior, flatten, param_layout, unflatten
+from robustbnn.forward import flatten, param_layout, unflatten
+from robustbnn.posterior import Posterior
 
 
 class FixedStepsHMC(HMC):

@@ -9,7 +9,9 @@ weight samples (MCMC: evenly spaced over every chain). Prints JSON lines:
    iterations, k more restarts, on what is still robust): robust accuracy and cumulative time after each
    budget, 1x, 2x, 4x, 8x. A curve that stops falling is a verdict that more effort no longer lowers.
 2. `member`: each attack of the default battery alone on every correctly classified input, and how many
-   inputs it breaks that no other member breaks (`--members False` skips this).
+   inputs it breaks that no other member breaks.
+
+`--budget False` or `--members False` skips that part.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import time
 import torch
 
 from robustbnn.data import load_dataset
-from robustbnn.evaluate import DEFAULT_BATTERY, Settings, accuracies, battery, effort_of
-from robustbnn.posterior import load
+from robustbnn.verdict import DEFAULT_BATTERY, Settings, accuracies, battery, effort_of
+from robustbnn.storage import load
 
 
 def main():
@@ -32,7 +34,9 @@ def main():
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--members", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    flag = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
+    parser.add_argument("--budget", type=flag, default=True)
+    parser.add_argument("--members", type=flag, default=True)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -45,8 +49,14 @@ def main():
                 n_inputs=len(x))
     print(json.dumps(dict(show, line="defender")), flush=True)
 
-    s = Settings(effort_rounds=args.rounds, until_flat=False)
-    frame, _ = battery(post, x, y, args.eps, s, data.bounds)
+    if args.budget:
+        budget_curve(post, x, y, args.eps, args.rounds, data.bounds)
+    if args.members:
+        members(post, x, y, args.eps, data.bounds)
+
+
+def budget_curve(post, x, y, eps, rounds, bounds):
+    frame, _ = battery(post, x, y, eps, Settings(effort_rounds=rounds, until_flat=False), bounds)
     row = accuracies(frame, DEFAULT_BATTERY)
     rounds = effort_of(frame.attack)
     for k in range(row["effort_rounds_run"] + 1):
@@ -55,19 +65,18 @@ def main():
                               seconds=round(float(frame[rounds <= k].seconds.sum()), 1),
                               broke=int(frame[rounds == k].broken.sum()) if k else None)), flush=True)
 
-    if args.members:
-        broken = {}
-        for name in DEFAULT_BATTERY:
-            started = time.perf_counter()
-            one, _ = battery(post, x, y, args.eps, Settings(attacks=(name,), effort_rounds=0), data.bounds)
-            hits = one[one.attack == name]
-            broken[name] = set(hits[hits.broken].input)
-            broken[name + ":seconds"] = time.perf_counter() - started
-        for name in DEFAULT_BATTERY:
-            others = set().union(*(broken[o] for o in DEFAULT_BATTERY if o != name))
-            print(json.dumps(dict(line="member", attack=name, broke=len(broken[name]),
-                                  only_it=len(broken[name] - others), seconds=round(broken[name + ":seconds"], 1))),
-                  flush=True)
+
+def members(post, x, y, eps, bounds):
+    broken, seconds = {}, {}
+    for name in DEFAULT_BATTERY:
+        started = time.perf_counter()
+        one, _ = battery(post, x, y, eps, Settings(attacks=(name,), effort_rounds=0), bounds)
+        hits = one[one.attack == name]
+        broken[name], seconds[name] = set(hits[hits.broken].input), time.perf_counter() - started
+    for name in DEFAULT_BATTERY:
+        others = set().union(*(broken[o] for o in DEFAULT_BATTERY if o != name))
+        print(json.dumps(dict(line="member", attack=name, broke=len(broken[name]), only_it=len(broken[name] - others),
+                              seconds=round(seconds[name], 1))), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from robustbnn import attacks
-from robustbnn.attacks import attack, fgsm, input_gradient, pgd
+from robustbnn.attacks import attack, fgsm, input_gradient, pgd, run_attack
 from robustbnn.errors import UserError
+from robustbnn.guide import MeanFieldGuide
 from robustbnn.nets import init_params, make_net
 from robustbnn.posterior import Posterior
 
@@ -332,3 +333,62 @@ def test_functional_forward_matches_module():
     nets = sample_modules(post)
     want = torch.stack([functional_call(nets[s], dict(nets[s].named_parameters()), (x,)) for s in range(3)])
     torch.testing.assert_close(post.logits(x), want)
+
+
+# --------------------------------------------------------------------------------------------
+# what attacks accept (`attacks.Model`), and attacks by name (`attacks.REGISTRY`)
+
+
+@pytest.fixture(scope="module")
+def vi_guide():
+    """What `train_vi` returns: a guide, not weight samples."""
+    from robustbnn import train_vi
+
+    x, y = batch(64, seed=3)
+    return train_vi(SPEC, x, y, epochs=1, lr=0.01, batch_size=32, n_samples=3, log=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd", "square"])
+def test_attacking_a_vi_guide_says_to_draw_samples_first(vi_guide, name):
+    assert isinstance(vi_guide, MeanFieldGuide)
+    x, y = batch(4)
+    with pytest.raises(UserError) as err:
+        getattr(attacks, name)(vi_guide, x, y, 0.1)
+    message = str(err.value)
+    assert "\n" not in message and "guide.draw(n, seed)" in message and "guide.fresh(n, seed)" in message
+    with pytest.raises(UserError, match="not a VI guide"):
+        attack(vi_guide, x, y, "pgd", 0.1)
+
+
+def test_attacking_a_bare_network_says_how_to_wrap_it():
+    x, y = batch(4)
+    with pytest.raises(UserError, match="Posterior.from_module"):
+        fgsm(make_net(**SPEC), x, y, 0.1)
+
+
+def test_fgsm_and_pgd_attack_a_fresh_sample_defence_through_its_first_draw(vi_guide):
+    x, y = batch(4)
+    fresh, first = vi_guide.fresh(3, seed=5), vi_guide.draw(3, seed=5)
+    assert torch.equal(fgsm(fresh, x, y, 0.1), fgsm(first, x, y, 0.1))
+    assert torch.equal(pgd(fresh, x, y, 0.1, iterations=3), pgd(first, x, y, 0.1, iterations=3))
+
+
+def test_attacks_by_name_run_as_the_direct_calls():
+    """One table for the command line and the battery: by name, with keywords or with the battery's settings."""
+    from robustbnn.verdict import Settings
+
+    post = make_post(3)
+    x, y = batch(5)
+    s = Settings(iterations=4, restarts=2, square_queries=30, seed=3, targets=2)
+    out, cost = run_attack("pgd", post, x, y, 0.1, settings=s, bounds=(0.0, 1.0))
+    assert torch.equal(out, pgd(post, x, y, 0.1, iterations=4, random_start=True, restarts=2, keep_best=True, seed=3))
+    assert torch.equal(cost, torch.full((5,), 8.0))
+    out, cost = run_attack("apgd-ce", post, x, y, 0.1, settings=s)
+    want, info = attacks.apgd(post, x, y, 0.1, loss="ce", iterations=4, restarts=2, seed=3, return_info=True)
+    assert torch.equal(out, want) and torch.equal(cost, info["gradient_evals"])
+    out, cost = run_attack("square", post, x, y, 0.1, settings=s)
+    want, info = attacks.square(post, x, y, 0.1, queries=30, seed=3, return_info=True)
+    assert torch.equal(out, want) and torch.equal(cost, info["queries"])
+    assert torch.equal(attack(post, x, y, "apgd-dlr", 0.1, iterations=3),
+                       attacks.apgd(post, x, y, 0.1, loss="dlr", iterations=3))
+    assert set(attacks.METHODS) <= set(attacks.REGISTRY)

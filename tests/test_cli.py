@@ -107,6 +107,59 @@ def test_help_lists_every_seed_command(capsys):
         assert cmd in out
 
 
+def subparser(command):
+    """The argparse parser of one command."""
+    from robustbnn import cli
+
+    parser = cli.build_parser(command)
+    return next(a for a in parser._actions if a.dest == "command").choices[command]
+
+
+def test_help_prints_each_default_once(capsys):
+    from robustbnn import cli
+
+    for command in cli.COMMANDS:
+        p = subparser(command)
+        formatter = p._get_formatter()
+        for action in [a for a in p._actions if a.help]:
+            text = formatter._expand_help(action)  # the help text as --help prints it
+            assert text.lower().count("default") <= 1, f"{command} {action.option_strings}: {text}"
+            assert "(default: None)" not in text and "(default: )" not in text, f"{command} {action.option_strings}"
+    code, out, _ = run_cli(["evaluate", "--help"], capsys)
+    out = " ".join(out.split())
+    assert code == 0 and "(default: 0.1,0.3)" in out and "(default: 100)" in out
+
+
+def test_train_bnn_help_names_every_inference(capsys):
+    code, out, _ = run_cli(["train-bnn", "--help"], capsys)
+    assert code == 0 and "VI, HMC or SGHMC" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command,flags,dest,value", [
+    ("attack", ["--eps", "0.2"], "epsilon", 0.2),
+    ("attack", ["--epsilon", "0.2"], "epsilon", 0.2),  # the earlier name, still accepted
+    ("plot-baseline-attacks", ["--eps", "0.05"], "epsilon", 0.05),
+    ("grid-search-half-moons", ["--eps", "0.05"], "epsilon", 0.05),
+    ("demo", ["--eps", "0.05"], "epsilon", 0.05),
+    ("plot-eps-attacks", ["--eps", "0.1,0.2"], "eps_list", [0.1, 0.2]),
+    ("plot-eps-attacks", ["--eps_list", "0.1,0.2"], "eps_list", [0.1, 0.2]),
+    ("evaluate", ["--eps", "0.1,0.2"], "eps", [0.1, 0.2]),
+])
+def test_every_attacking_command_takes_eps(command, flags, dest, value):
+    from robustbnn import cli
+
+    assert getattr(cli.parse([command, *flags]), dest) == value
+
+
+def test_paper_evaluation_and_paper_loss_have_their_own_names(capsys):
+    from robustbnn import cli
+
+    assert cli.parse(["evaluate", "--paper_eval", "False"]).paper_eval is False
+    assert cli.parse(["loss-gradients", "--legacy", "True"]).legacy is True  # the paper's loss
+    code, _, err = run_cli(["evaluate", "--legacy", "False"], capsys)
+    assert "--legacy" in one_line_error(code, err)
+
+
 def test_unwritable_outputs_are_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

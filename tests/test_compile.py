@@ -10,7 +10,7 @@ from robustbnn import compile as rc
 from robustbnn.inference import hmc
 from robustbnn.inference.hmc import bnn_value_and_grad
 from robustbnn.nets import init_params, template
-from robustbnn.posterior import activation_numel, flatten, param_layout
+from robustbnn.forward import activation_numel, flatten, param_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +93,7 @@ def test_compiled_potential_matches_eager_and_compiles_once():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the hand-written input backward of the attacks (posterior.stacked_logits_vjp) against autograd
+# the hand-written input backward of the attacks (forward.stacked_logits_vjp) against autograd
 
 
 def _vjp_nets():
@@ -113,7 +113,7 @@ def _vjp_nets():
 
 @pytest.mark.parametrize("case", range(5))
 def test_stacked_logits_vjp_matches_autograd(case):
-    from robustbnn.posterior import stacked_logits, stacked_logits_vjp
+    from robustbnn.forward import stacked_logits, stacked_logits_vjp
 
     net, shape = list(_vjp_nets())[case]
     net = net.eval().requires_grad_(False)

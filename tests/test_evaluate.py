@@ -12,9 +12,9 @@ from robustbnn.attacks import apgd, ce_loss, dlr_loss, margin, pgd, square
 from robustbnn.attacks.apgd import checkpoints
 from robustbnn.attacks.losses import logp_objective_grad
 from robustbnn.errors import UserError
-from robustbnn.evaluate import Settings, evaluate
+from robustbnn.verdict import Settings, evaluate
 from robustbnn.nets import init_params, make_net
-from robustbnn.posterior import MeanFieldGuide
+from robustbnn.guide import MeanFieldGuide
 from tests.factories import small_conv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -278,7 +278,7 @@ def test_square_flag_tells_masking_from_the_slack_of_the_first_pass():
     """Inputs that Square broke count towards the flag only if the battery's APGD attacks, re-run at effort round 1
     from the clean input, cannot break them: on a smooth model they can (slack: no flag), on a quantised one
     they cannot (masking: flag)."""
-    from robustbnn.evaluate import battery, square_only
+    from robustbnn.verdict import battery, square_only
 
     s = Settings(iterations=10, effort_rounds=0)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from robustbnn.errors import UserError
 from robustbnn.inference.mlp_grad import grad_dtype, mlp_plan, nll_and_grad
 from robustbnn.inference.sghmc import bnn_minibatch_grad, run_sghmc
 from robustbnn.nets import init_params, template
-from robustbnn.posterior import flatten, param_layout
+from robustbnn.forward import flatten, param_layout
 
 BF16 = torch.bfloat16
 
@@ -84,7 +84,7 @@ def test_grad_dtype_names_the_model_folder_and_older_records_are_reused(tmp_path
     """A bfloat16 sampler gets its own folder (its draws differ), HMC refuses the flag; a study record written
     before the flag existed still matches the same settings at the flag's default."""
     from robustbnn import study
-    from robustbnn.experiments.runs import model_folder, model_settings
+    from robustbnn.runs import model_folder, model_settings
 
     flags = dict(model_idx=1, inference="sghmc", grad_dtype="bfloat16")
     s16 = model_settings("bnn", flags, n_inputs=60000)

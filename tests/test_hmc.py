@@ -27,7 +27,7 @@ from robustbnn.inference.checkpoint import CHECKPOINT_FILE, interrupt_exit_code,
 from robustbnn.inference.hmc import bnn_potential, bnn_value_and_grad, run_hmc
 from robustbnn.inference.hmc_kernel import SamplerSettings, adaptation_windows, hmc_sample, run_sampler
 from robustbnn.nets import init_params
-from robustbnn.posterior import flatten, param_layout
+from robustbnn.forward import flatten, param_layout
 from tests.conftest import REPO_ROOT
 
 
@@ -274,16 +274,26 @@ def test_one_step_from_init_is_reproducible_and_pure():
     assert torch.equal(trace.samples[:, -1], state.q)
 
 
-def test_pyro_adaptation_helpers_work_batched():
-    """DualAveraging and WelfordCovariance act elementwise: a (C,) / (C, D) batch equals C separate runs."""
+def test_adaptation_arithmetic_is_pyros_and_works_batched():
+    """The kernel's dual averaging and Welford moments (`_dual_averaging`, `_welford_update`,
+    `_regularised_variance`, over a (C,) / (C, D) batch) equal Pyro's DualAveraging and WelfordCovariance bit for
+    bit, and act elementwise: a batch of C chains equals C separate runs."""
+    from dataclasses import replace
+
     from pyro.ops.dual_averaging import DualAveraging
     from pyro.ops.welford import WelfordCovariance
 
     gen = torch.Generator().manual_seed(0)
     draws = torch.randn(20, 3, 4, generator=gen, dtype=torch.float64)
+    mu = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    cfg = SamplerSettings(draws=1, warmup=0, step_size=0.1, num_steps=1)
+    state = hmc_kernel.init(lambda q: (0.5 * q.square().sum(-1), q), draws[0], cfg, gen)
+    state = replace(state, da_prox=mu.clone())
     batched = WelfordCovariance(diagonal=True)
     for d in draws:
         batched.update(d)
+        state = hmc_kernel._welford_update(replace(state, q=d))
+    assert torch.equal(hmc_kernel._regularised_variance(state), batched.get_covariance(regularize=True))
     for c in range(3):
         one = WelfordCovariance(diagonal=True)
         for d in draws[:, c]:
@@ -292,11 +302,13 @@ def test_pyro_adaptation_helpers_work_batched():
     n = 20
     torch.testing.assert_close(batched.get_covariance(), (n / (n + 5)) * draws.var(0) + 1e-3 * 5 / (n + 5))
     accept = torch.rand(15, 3, generator=gen, dtype=torch.float64)
-    da = DualAveraging(prox_center=torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+    da = DualAveraging(prox_center=mu)
     for a in accept:
         da.step(0.8 - a)
-    for c, mu in enumerate((0.0, 1.0, -1.0)):
-        one = DualAveraging(prox_center=mu)
+        state = hmc_kernel._dual_averaging(state, 0.8 - a)
+    assert torch.equal(state.log_eps, da.get_state()[0]) and torch.equal(state.da_x_avg, da.get_state()[1])
+    for c, m in enumerate((0.0, 1.0, -1.0)):
+        one = DualAveraging(prox_center=m)
         for a in accept[:, c]:
             one.step(0.8 - a.item())
         assert da.get_state()[1][c].item() == pytest.approx(one.get_state()[1])

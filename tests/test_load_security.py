@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from robustbnn import nets, posterior
+from robustbnn import nets, storage
 from robustbnn.errors import UserError
 from robustbnn.nets import Architecture
-from robustbnn.posterior import FORMAT, Posterior, load
+from robustbnn.posterior import Posterior
+from robustbnn.storage import FORMAT, load
 from tests.conftest import run_cli
 from tests.factories import small_conv, two_branch
 
@@ -37,8 +38,8 @@ def craft(folder, arch=None, tensors=None, **changes):
     record = {"format": FORMAT, "stored": "samples", "kind": "nn",
               "arch": arch or {"factory": nets.BUILTIN, "kwargs": FC}, "input_shape": [2], "n_samples": 1,
               "meta": {"dataset": "half_moons"}} | changes
-    save_file(tensors if tensors is not None else fc_weights(), str(folder / posterior.WEIGHTS_FILE),
-              metadata={posterior.METADATA_KEY: json.dumps(record)})
+    save_file(tensors if tensors is not None else fc_weights(), str(folder / storage.WEIGHTS_FILE),
+              metadata={storage.METADATA_KEY: json.dumps(record)})
     return folder
 
 
@@ -207,7 +208,7 @@ def test_evaluate_loads_a_user_architecture_named_with_arch(tmp_path, capsys):
                                       input_shape=(2,), meta={"dataset": "half_moons"})
     post.save(tmp_path / "m")
     quick = ["evaluate", "--model", tmp_path / "m", "--n_inputs", "20", "--eps", "0.1", "--attacks", "fgsm",
-             "--effort_rounds", "0", "--legacy", "False", "--flags", "False", "--savedir", tmp_path,
+             "--effort_rounds", "0", "--paper_eval", "False", "--flags", "False", "--savedir", tmp_path,
              "--out", tmp_path / "out", "--device", "cpu"]
     code, _, err = run_cli(quick, capsys)
     lines = [line for line in err.splitlines() if line.strip()]

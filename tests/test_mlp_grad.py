@@ -6,7 +6,7 @@ from torch import nn
 
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.nets import init_params, template
-from robustbnn.posterior import flatten, param_layout, stacked_logits, unflatten
+from robustbnn.forward import flatten, param_layout, stacked_logits, unflatten
 
 
 def autograd_nll_and_grad(net, layout, q, x, y, mask=None, per_chain=False):
@@ -80,7 +80,7 @@ def test_hmc_potential_gradient_over_chunks_matches_autograd():
     autograd through `hmc.bnn_potential` over all the data at once."""
     from robustbnn.inference.hmc import bnn_potential, bnn_value_and_grad, log_prior
     from robustbnn.inference.hmc_kernel import autograd_value_and_grad
-    from robustbnn.posterior import activation_numel
+    from robustbnn.forward import activation_numel
 
     spec = dict(architecture="fc2", input_shape=(3,), num_classes=4, hidden_size=9, activation="relu")
     net = template(spec)

@@ -7,7 +7,10 @@ import torch
 
 from robustbnn.errors import UserError
 from robustbnn.nets import init_params, make_net
-from robustbnn.posterior import MeanFieldGuide, Posterior, load, log_mean_softmax
+from robustbnn.forward import log_mean_softmax
+from robustbnn.guide import MeanFieldGuide
+from robustbnn.posterior import Posterior
+from robustbnn.storage import load
 
 CONV = dict(architecture="conv", input_shape=[1, 28, 28], num_classes=10, hidden_size=16, activation="leaky")
 FC2 = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=8, activation="tanh")
@@ -71,7 +74,7 @@ def test_vectorised_logits_equal_per_sample_loop():
 def test_mlp_fast_path_equals_vmap_path():
     from torch.func import functional_call, vmap
 
-    from robustbnn.posterior import stacked_logits
+    from robustbnn.forward import stacked_logits
 
     post = make(dict(FC2, input_shape=[1, 3, 3], hidden_size=5), 4)
     x = torch.rand(6, 1, 3, 3)

@@ -15,7 +15,8 @@ from torch import nn
 from robustbnn.attacks import fgsm, input_gradient, pgd
 from robustbnn.errors import UserError
 from robustbnn.nets import Architecture
-from robustbnn.posterior import Posterior, load
+from robustbnn.posterior import Posterior
+from robustbnn.storage import load
 from tests.factories import small_conv, two_branch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from robustbnn import cli, plots
 from robustbnn.data import load_dataset
-from robustbnn.experiments.runs import model_folder, model_settings
+from robustbnn.runs import model_folder, model_settings
 from robustbnn.nets import init_params, make_net
 from robustbnn.posterior import Posterior
 

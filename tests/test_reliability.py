@@ -1,4 +1,4 @@
-"""Reliability (issue 24): cached verdicts that belong to another model, model names that clash, runs that
+"""Reliability: cached verdicts that belong to another model, model names that clash, runs that
 overwrite each other, full disks, corrupt side files, architectures that do not fit the data, runs refused
 after they wrote, and one-line errors. Every error is one line on stderr and exit status 2, and leaves
 nothing half-written."""
@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from robustbnn import artifacts
 from robustbnn.errors import UserError
-from robustbnn.experiments.runs import model_folder, model_settings
+from robustbnn.runs import model_folder, model_settings
 from robustbnn.jobs import ROW_FILE, Job, run_jobs
 from robustbnn.posterior import Posterior
 from tests.conftest import run_cli
@@ -25,7 +25,7 @@ from tests.test_cli import TINY, one_line_error
 NN = "half_moons_nn_hid=8_act=leaky_arch=fc2_ep=2_lr=0.01"
 # the battery at its smallest: one eps, few iterations, no flags, no legacy evaluation
 QUICK = ["--eps", "0.1", "--n_inputs", "40", "--iterations", "5", "--square_queries", "20", "--effort_rounds", "0",
-         "--flags", "False", "--legacy", "False"]
+         "--flags", "False", "--paper_eval", "False"]
 
 
 def no_temporary_files(root) -> bool:
@@ -180,14 +180,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 
 
 def test_a_full_disk_while_saving_a_model_is_one_line(tmp_path, capsys, monkeypatch, one_thread):
-    import robustbnn.posterior as posterior
+    import robustbnn.storage as storage
 
     def full(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(posterior, "save_file", full)
+    monkeypatch.setattr(storage, "save_file", full)
     code, _, err = run_cli(["train-nn", *TINY, "--savedir", tmp_path], capsys)
     line = one_line_error(code, err)
     assert "cannot write" in line and "posterior.safetensors: No space left on device" in line

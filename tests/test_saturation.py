@@ -9,7 +9,7 @@ from torch import nn
 from robustbnn import Posterior
 from robustbnn.attacks import apgd, ce_loss, draw_margin, log_wrong_mass
 from robustbnn.attacks.losses import Objective, draws_objective_grad, logp_objective_grad
-from robustbnn.evaluate import Settings, evaluate
+from robustbnn.verdict import Settings, evaluate
 from tests.test_evaluate import conv_ensemble, data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,3 +139,15 @@ def test_spread_takes_draws_evenly_spaced_over_every_chain_and_its_prefixes_span
     assert sorted(chain.tolist()) == [0, 0, 1, 1, 2, 3] and sorted(pos[chain == 2].tolist()) == [150]
     nets = Posterior.from_module(nn.Linear(3, 2), post.params, kind="ensemble")
     assert torch.equal(nets.samples(5).params["bias"], post.params["bias"][:5])  # members: the first n
+
+
+def test_a_saturated_model_is_not_flagged_for_zero_gradients():
+    """The zero-gradient flag reads the battery's CE objective, log(1 - p_y): on a confident linear model the
+    float32 gradient of -log p_y is 0 everywhere (saturation, not masking), that of log(1 - p_y) nowhere."""
+    post = linear_posterior(scale=200.0, samples=1)
+    x = torch.rand(100, D, generator=torch.Generator().manual_seed(0))
+    y = post.log_predictive(x).argmax(-1)
+    assert (logp_objective_grad(post, x, y, ce_loss)[1] == 0).float().mean() > 0.5
+    out = evaluate(post, x, y, [0.05], Settings(iterations=10, square_queries=50, effort_rounds=0), legacy=False)
+    zero = next(f for f in out["flags"] if f["flag"] == "zero_input_gradients")
+    assert not zero["raised"] and zero["value"] == 0, zero

@@ -15,6 +15,7 @@ from robustbnn.inference.checkpoint import (clear_checkpoint, interrupt_exit_cod
                                             load_part, save_checkpoint)
 from robustbnn.inference.fidelity import chain_halves, validate_against_hmc
 from robustbnn.inference.hmc import run_hmc
+from robustbnn.inference import sghmc
 from robustbnn.inference.sghmc import SGHMCSettings, run_sghmc, run_sgmcmc
 from tests.test_hmc import kill_after_checkpoint
 
@@ -93,6 +94,56 @@ def test_draws_split_by_layout_are_the_same_draws():
         run_sgmcmc(regression_grad(x, y), q0, cfg, layout=[("a", (3,))], log=lambda *_: None)
 
 
+def test_draws_are_pinned_for_a_seed():
+    """A short run's draws for a fixed seed, as the sampler gave them before it became `init`/`step` over
+    `SGHMCState` (issue 23): a restructuring must not change a single draw. The kernel on the conjugate model in
+    float64 (to 1e-9), and `run_sghmc` on a small BNN in float32 (to 1e-5: last-bit differences of a
+    platform's matrix products stay far below that, while any change to the random stream or the step moves
+    the numbers by 1e-3 and more)."""
+    x, y, _, _ = linear_regression()
+    cfg = SGHMCSettings(cycles=4, steps_per_cycle=30, samples_per_cycle=3, lr=1e-2, friction=0.1, temperature=1.0,
+                        explore_fraction=0.3, n_data=len(x), batch_size=50, burnin_cycles=1)
+    run = run_sgmcmc(regression_grad(x, y), torch.zeros(3, 2, dtype=torch.float64), cfg, seed=7, log=lambda *_: None)
+    pinned = [[0.9918302912216671, -1.9231375428794895], [1.0171499640920065, -1.9298155401326489],
+              [1.0502257518750555, -2.011152355605688]]
+    torch.testing.assert_close(run["samples"]["q"][-1], torch.tensor(pinned, dtype=torch.float64), rtol=0, atol=1e-9)
+
+    data, arch = moons(200)
+    post = run_sghmc(arch, data.x_train, data.y_train, cycles=3, epochs_per_cycle=2, samples_per_cycle=2,
+                     burnin_cycles=1, lr=0.05, batch_size=40, num_chains=2, seed=3, log=lambda *_: None)
+    last = torch.cat([post.params["5.weight"][-2:, :, 0].flatten(), post.params["1.weight"][-2:, 0, 0]])
+    pinned = [0.16602517664432526, -0.12339214980602264, 0.21335287392139435, -0.33839747309684753,
+              -0.5935774445533752, 0.09074164181947708]
+    torch.testing.assert_close(last.double(), torch.tensor(pinned, dtype=torch.float64), rtol=0, atol=1e-5)
+    loglik = [trace[-1] for trace in post.meta["diagnostics"]["loglik_per_draw"]]
+    assert loglik == pytest.approx([-137.68162536621094, -128.99867248535156], abs=1e-3)
+
+
+def test_step_is_pure_and_folding_it_is_the_run():
+    """`step` leaves its input state alone unless `inplace`, and `init` then `step` over `next_batch`'s minibatches
+    (one generator for both, in that order) is `run_sgmcmc`: the same draws, bit for bit."""
+    x, y, _, _ = linear_regression()
+    cfg = SGHMCSettings(cycles=2, steps_per_cycle=8, samples_per_cycle=1, lr=1e-2, friction=0.1, temperature=1.0,
+                        explore_fraction=0.25, n_data=len(x), batch_size=30)
+    grad, q0 = regression_grad(x, y), torch.randn(2, 2, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    state, batches = sghmc.init(q0), sghmc.Minibatches()
+    assert state.it == 0 and torch.equal(state.q, q0) and state.q is not q0 and not state.v.any()
+    draws = []
+    while state.it < cfg.steps:
+        idx, batches = sghmc.next_batch(batches, cfg, 2, gen)
+        before = (state.q.clone(), state.v.clone(), state.it)
+        new = sghmc.step(state, idx, grad, cfg, gen)
+        assert torch.equal(state.q, before[0]) and torch.equal(state.v, before[1]) and state.it == before[2]
+        assert new.it == state.it + 1 and not torch.equal(new.q, state.q)
+        state = new
+        if state.it % cfg.steps_per_cycle == 0:
+            draws.append(state.q)
+    assert batches.pos == (cfg.steps - 1) % (len(x) // 30) + 1  # the last incomplete batch of each epoch dropped
+    run = run_sgmcmc(grad, q0, cfg, seed=4, log=lambda *_: None)
+    assert torch.equal(run["samples"]["q"], torch.stack(draws))
+
+
 def test_schedule_and_sample_steps():
     cfg = SGHMCSettings(cycles=3, steps_per_cycle=10, samples_per_cycle=3, lr=0.2, friction=0.1, temperature=1.0,
                         explore_fraction=0.4, n_data=100, batch_size=10)
@@ -159,7 +210,7 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
 
     calls = {"n": 0}
-    original = sghmc_module.sghmc_step
+    original = sghmc_module.step
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -167,12 +218,12 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    sghmc_module.sghmc_step = interrupted
+    sghmc_module.step = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw)
     finally:
-        sghmc_module.sghmc_step = original
+        sghmc_module.step = original
     # every checkpoint wrote the draws kept since the one before as a part, and no draw twice
     state = load_checkpoint(tmp_path)
     parts = state["state"]["parts"]
@@ -244,13 +295,13 @@ import robustbnn.inference.sghmc as sghmc_module
 
 torch.set_num_threads({threads})  # as the parent's run, for the same rounding
 data = load_file({data!r})
-real = sghmc_module.sghmc_step
+real = sghmc_module.step
 
 def slow_step(*args, **kwargs):  # slow enough to be killed mid-run; the draws are those of an unslowed run
     time.sleep(0.02)
     return real(*args, **kwargs)
 
-sghmc_module.sghmc_step = slow_step
+sghmc_module.step = slow_step
 sghmc_module.run_sghmc({arch!r}, data["x"], data["y"], checkpoint={folder!r}, log=lambda *_: None,
                        **json.loads({kw!r}))
 """
@@ -350,7 +401,7 @@ def test_train_bnn_init_from_extends_a_saved_run(tmp_path, capsys):
     assert code == 0, err
     (second,) = [p for p in tmp_path.iterdir() if p.is_dir() and p != first]
     assert "_from=" in second.name and "_from=" not in first.name
-    from robustbnn.posterior import load
+    from robustbnn.storage import load
     assert load(second).meta["sghmc"]["extends_chains"] is True
     assert load(first, last=2).n_samples == 2
     hmc = base[:9] + ["--inference", "hmc", "--n_samples", "2", "--warmup", "2", "--savedir", tmp_path]

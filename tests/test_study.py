@@ -1,16 +1,16 @@
 """`robustbnn study` on a tiny configuration: the verdict table, reuse, resume after an interruption, bad input."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
 import torch
 
-from robustbnn import evaluate as battery
-from robustbnn import study
+from robustbnn import verdict as battery
+from robustbnn import runs, study
 from robustbnn.data import Dataset
-from robustbnn.experiments import runs
-from robustbnn.posterior import WEIGHTS_FILE
+from robustbnn.storage import WEIGHTS_FILE
 from tests.conftest import run_cli
 from tests.test_cli import one_line_error
 
@@ -187,6 +187,26 @@ def test_correct_evaluation_is_the_battery(one_thread):
     assert 0 <= mine["softmax_robustness"] <= 1 and set(frame.attack) <= {"clean", *s.attacks, *effort}
 
 
+def test_the_paper_evaluation_is_the_one_of_evaluate(one_thread):
+    """The study and `verdict.evaluate` run the same paper's evaluation (`measures.paper_evaluation`): the same
+    numbers, and the legacy softmax robustness is the double softmax of `measures.legacy_softmax_robustness`."""
+    from robustbnn import attacks, measures, train_nets
+
+    data = synthetic()
+    spec = dict(architecture="fc2", input_shape=[1, 8, 8], num_classes=10, hidden_size=16, activation="leaky")
+    post = train_nets(spec, data.x_train, data.y_train, seeds=[0, 1], epochs=1, lr=0.01, batch_size=64,
+                      log=lambda *_: None)
+    x, y = data.x_test[:40], data.y_test[:40]
+    paper = measures.paper_evaluation(post, x, y, 0.1)
+    row = battery.evaluate(post, x, y, [0.1], battery.Settings(("fgsm",), effort_rounds=0), flags=False)["summary"]
+    assert (row.legacy_fgsm_acc[0], row.legacy_pgd_acc[0], row.legacy_softmax_robustness[0]) == (
+        paper["fgsm"]["adv_acc"], paper["pgd"]["adv_acc"], paper["pgd"]["legacy_softmax_robustness"])
+    x_pgd = attacks.pgd(post, x, y, 0.1, loss="legacy", legacy=True)
+    out = [attacks.legacy_out_of_logits(post, post.logits(z)) for z in (x, x_pgd)]
+    assert paper["pgd"]["legacy_softmax_robustness"] == measures.legacy_softmax_robustness(*out).mean().item()
+    assert paper["pgd"]["adv_acc"] == 100.0 * (post.log_predictive(x_pgd).argmax(-1) == y).float().mean().item()
+
+
 def test_specs_cover_both_datasets_and_scales():
     for dataset in ("mnist", "fashion_mnist"):
         names = {}
@@ -226,7 +246,12 @@ def test_bad_flags_are_one_line(flags, needle, capsys):
 def test_help_says_what_the_scales_mean(capsys):
     code, out, _ = run_cli(["study", "--help"], capsys)
     out = " ".join(out.split())  # argparse wraps the help text
-    assert code == 0 and "cpu:" in out and "paper:" in out and "80 minutes for MNIST" in out
+    assert code == 0 and "cpu:" in out and "paper:" in out
+    # what each scale trains and evaluates; run times are measurements of one machine, kept in docs/study.md
+    for needle in ("60000 training points", "SGHMC instead of", "first 1000 test points", "20 posterior samples",
+                   "the whole test set and 100 samples", "docs/study.md"):
+        assert needle in out, needle
+    assert not re.search(r"\b(minutes|hours)\b", out)
 
 
 def test_real_mnist_slice(real_data_root, tmp_path, one_thread):

@@ -11,7 +11,8 @@ from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from robustbnn.inference.vi import (LeanTraceMeanField_ELBO, fit_mean_field, make_guide, make_model,
                                     train_vi)
-from robustbnn.posterior import MeanFieldGuide, Posterior, draw_guide_samples
+from robustbnn.guide import MeanFieldGuide, draw_guide_samples
+from robustbnn.posterior import Posterior
 
 quiet = lambda *a: None  # noqa: E731
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from robustbnn.data import load_dataset
 from robustbnn.inference.hmc import bnn_value_and_grad, run_hmc
 from robustbnn.nets import init_params
-from robustbnn.posterior import flatten, param_layout
+from robustbnn.forward import flatten, param_layout
 
 
 def main() -> None:

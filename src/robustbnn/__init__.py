@@ -8,6 +8,7 @@ samples.
 The public names load lazily (PEP 562), so `robustbnn --help` does not import torch and Pyro:
 
     from robustbnn import Posterior, pgd, evaluate_attack
+    from robustbnn import evaluate, Settings        # the robustness verdict (module `robustbnn.verdict`)
 """
 
 from importlib import import_module
@@ -17,13 +18,19 @@ __version__ = "0.2.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Posterior": "robustbnn.posterior",
-    "MeanFieldGuide": "robustbnn.posterior",
-    "load": "robustbnn.posterior",
+    "MeanFieldGuide": "robustbnn.guide",
+    "FreshSamples": "robustbnn.guide",
+    "load": "robustbnn.storage",
     "Architecture": "robustbnn.nets",
+    "Model": "robustbnn.attacks",
     "fgsm": "robustbnn.attacks",
     "pgd": "robustbnn.attacks",
+    "apgd": "robustbnn.attacks",
+    "square": "robustbnn.attacks",
     "attack": "robustbnn.attacks",
     "input_gradient": "robustbnn.attacks",
+    "evaluate": "robustbnn.verdict",
+    "Settings": "robustbnn.verdict",
     "evaluate_attack": "robustbnn.measures",
     "softmax_robustness": "robustbnn.measures",
     "expected_loss_gradients": "robustbnn.measures",
@@ -31,6 +38,7 @@ _EXPORTS = {
     "train_nets": "robustbnn.inference.sgd",
     "train_vi": "robustbnn.inference.vi",
     "run_hmc": "robustbnn.inference.hmc",
+    "run_sghmc": "robustbnn.inference.sghmc",
     "UserError": "robustbnn.errors",
 }
 __all__ = sorted(_EXPORTS)

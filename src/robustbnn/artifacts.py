@@ -11,8 +11,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robustbnn.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `import robustbnn.posterior` needs atomic_path only
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -46,7 +50,7 @@ def atomic_path(path):
 
 
 def _fsync(path: Path) -> None:
-    """Flush a written file to disk."""
+    """Flush a written file (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,11 +61,7 @@ def _fsync(path: Path) -> None:
 def _fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (a rename into it) to disk, where the filesystem allows it."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(folder)
 
 
 def _reason(exc: OSError) -> str:
@@ -97,7 +97,7 @@ def write_json(path, obj) -> Path:
 
 def write_csv(path, rows) -> Path:
     """Write a tidy table (a DataFrame or a list of dicts) atomically."""
-    import pandas as pd  # here, not at the top: `import robustbnn.posterior` needs atomic_path only
+    import pandas as pd  # here, not at the top: `import robustbnn.storage` needs atomic_path only
 
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     with atomic_path(path) as tmp:
@@ -105,7 +105,7 @@ def write_csv(path, rows) -> Path:
     return Path(path)
 
 
-def read_csv(path, made_by: str) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
+def read_csv(path, made_by: str) -> pd.DataFrame:
     """Read a results table, or fail naming the command that makes it."""
     import pandas as pd
 

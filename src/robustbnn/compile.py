@@ -14,28 +14,10 @@ error of `fn` itself is raised again by the eager call, so nothing is hidden. `d
 new input shape is a new specialised compilation, so a caller must keep shapes static inside a run
 (e.g. `inference.hmc.bnn_value_and_grad` pads its last data chunk with zero-weight rows).
 
-Defaults, from measurements on this project's 2-core CPU machine, idle, one torch thread: gradients/s of
-whole HMC runs (benchmarks/hmc.py, 300 + 600 iterations x 10 leapfrog steps at n=1000, 200 + 400 at
-n=5000; single-chain gradients, all chains together). "eager" is the hand-written perceptron gradient
-(`inference/mlp_grad.py`); "compiled" is the compiled `torch.func.grad_and_value`, on a second run with
-the compilation cached, and in brackets a first run, compilation (5-10 s) included:
-
-    half moons, fc2 leaky     eager   compiled
-    n=1000,  width 32,  1c     1820     1740 (1010)
-    n=1000,  width 32,  4c     3220     3140 (3100)
-    n=5000,  width 128, 1c      156      142  (137)
-
-- HMC potential gradient (`inference.hmc.bnn_value_and_grad`): `COMPILE_HMC = False`. Against the
-  autograd gradient, compiling removed per-operator overhead (2.6x at n=1000 fc2-32 under load) and gained
-  0-15% where the matrix products dominate; the hand-written perceptron gradient now removes most of that
-  overhead without compiling, and is as fast or faster at every size above. Compiling still helps
-  networks that are not perceptrons (autograd then), when small and sampled long: set ROBUSTBNN_COMPILE=1
-  or pass compile=True.
-- Attack gradients (`attacks.losses`): `COMPILE_ATTACKS = False`, and not wired in. They are large
-  batched matrix products (fc2-512, 100 samples: about 10^4 (sample, input) pairs per pass): a compiled
-  torch.func.grad of the predictive loss ran at 118-129 GFLOP/s against 120-122 for the eager
-  hand-written backward (one thread, 11 samples x 1000 inputs, CPU time), after a 14 s compilation, and
-  the ragged last batch of every attack would compile again.
+Defaults: off for both call sites (`COMPILE_HMC`, `COMPILE_ATTACKS`). The hand-written perceptron gradient
+(`inference/mlp_grad.py`) is as fast as the compiled one without a compilation, and attack gradients are large
+batched matrix products that compiling does not speed up; compiling still helps small networks that are not
+perceptrons when sampled long (ROBUSTBNN_COMPILE=1). The measurements are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -17,9 +17,13 @@ from robustbnn.attacks import (
     GRAD_BUDGET, attack, check_inputs, check_loss, input_gradient, legacy_out_of_logits, log_lik,
 )
 from robustbnn.errors import UserError
-from robustbnn.posterior import DEFAULT_BUDGET, Posterior, log_mean_softmax, stacked_logits
+from robustbnn.forward import DEFAULT_BUDGET, log_mean_softmax, stacked_logits
+from robustbnn.posterior import Posterior
 
 NORMS = ("linf", "l2")
+# The paper's attacks as the seed configures them (attack.py: --iterations 40, --pgd_legacy): keyword
+# arguments of `attacks.attack`, always with the legacy loss.
+PAPER_ATTACKS = {"fgsm": {}, "pgd": dict(iterations=40, legacy=True, random_start=False)}
 
 
 def softmax_robustness(p_clean: torch.Tensor, p_adv: torch.Tensor) -> torch.Tensor:
@@ -89,6 +93,27 @@ def evaluate_attack(post: Posterior, x: torch.Tensor, y: torch.Tensor, x_adv: to
     x, y = check_inputs(post, x, y)
     x_adv, _ = check_inputs(post, x_adv, y)
     return _evaluate(post, x, y, x_adv, legacy_robustness, budget)[0]
+
+
+def paper_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, bounds=(0.0, 1.0),
+                     budget: int = DEFAULT_BUDGET) -> dict:
+    """Carbone et al.'s evaluation at `eps`: FGSM and their PGD (`PAPER_ATTACKS`: 40 steps of 2 / max(x), no random
+    start, last iterate) on the legacy loss, attacking and predicting with the same samples.
+
+    Returns {"clean_acc": %, "fgsm": {...}, "pgd": {...}}, per attack: `adv_acc` (%, of argmax p(x')), the paper's
+    (double-softmax) `legacy_softmax_robustness` (`legacy_softmax_robustness`) and the true
+    `softmax_robustness` 1 - max_k |p(x)_k - p(x')_k|, each averaged over the inputs. The study records all of
+    it; `verdict.evaluate` reports FGSM's and PGD's accuracy and PGD's legacy robustness.
+    """
+    xd, yd = check_inputs(post, x, y)
+    out, clean = {}, None
+    for method, kw in PAPER_ATTACKS.items():
+        x_adv = attack(post, xd, yd, method, eps, loss="legacy", bounds=bounds, **kw)
+        res, clean = _evaluate(post, xd, yd, x_adv, True, budget, clean)
+        out["clean_acc"] = res["clean_acc"]
+        out[method] = {"adv_acc": res["adv_acc"], "legacy_softmax_robustness": res["softmax_robustness"],
+                       "softmax_robustness": softmax_robustness(res["p_clean"], res["p_adv"]).mean().item()}
+    return out
 
 
 def _check_counts(post: Posterior, sample_counts) -> list[int]:

@@ -60,21 +60,21 @@ def preset(table: dict, idx: int, what: str) -> dict:
     return dict(table[idx])
 
 
-# ---- `robustbnn study` (issue 10): for each dataset and scale, the four models and the evaluation sizes.
+# ---- `robustbnn study`: for each dataset and scale, the four models and the evaluation sizes.
 # nn and ensemble use the architecture of the paper's MCMC BNN for the dataset (BNN preset 1 for MNIST, 3 for
 # Fashion-MNIST) with the training settings of NN preset 5 (the paper has no Fashion-MNIST network preset);
 # vi is the paper's VI preset (0, 2) at scale paper, and at scale cpu the MCMC architecture with the VI settings
 # of BNN preset 5 (conv VI on 60000 points is too slow on a CPU). `models` entries: the model kind (nn,
 # ensemble, bnn) and its settings (preset keys, plus the BNN / SGHMC flags of `runs`). `battery`: keyword
-# arguments of `evaluate.Settings` (empty: its defaults, AutoAttack's 100 APGD iterations and 5000 Square queries).
+# arguments of `verdict.Settings` (empty: its defaults, AutoAttack's 100 APGD iterations and 5000 Square queries).
 # Cyclical SGHMC at cpu scale: 1-epoch cycles, one draw at the end of each cycle after the burn-in (the training
 # fit improves for about 100 epochs from the initialisation, a trend split R-hat rightly calls non-convergence),
-# gradients in bfloat16 (AMX). MNIST: 100 burn-in and 300 kept cycles at eta_0 = 0.2, about 25 minutes here
-# (0.71% of the (test point, class) pairs above R-hat 1.1; at eta_0 = 0.1 1.24%, with 42 cycles 21%). Fashion-
-# MNIST's fc2-1024 costs 3 times as much per cycle and its fit still improves after 600 epochs: a run of 600
-# cycles (300 burn-in) at eta_0 = 0.15 (0.2 diverged in the first cycle), about 110 minutes, then its chains
-# extended (`extends`) by 400 cycles, 100 of them burn-in, about 65 minutes. Neither dataset's chains reach the
-# prior's scale in the directions the data leave free: the weight norms' R-hat stays near 2 (README).
+# gradients in bfloat16 (AMX). MNIST: 100 burn-in and 300 kept cycles at eta_0 = 0.2 (0.71% of the (test point,
+# class) pairs above R-hat 1.1; at eta_0 = 0.1 1.24%, with 42 cycles 21%). Fashion-MNIST's fc2-1024 costs 3 times
+# as much per cycle and its fit still improves after 600 epochs: a run of 600 cycles (300 burn-in) at eta_0 = 0.15
+# (0.2 diverges in the first cycle), then its chains extended (`extends`) by 400 cycles, 100 of them burn-in.
+# Neither dataset's chains reach the prior's scale in the directions the data leave free: the weight norms' R-hat
+# stays near 2. Run times and convergence: docs/study.md.
 SGHMC_STUDY = {"mnist": dict(num_chains=4, cycles=400, burnin_cycles=100, epochs_per_cycle=1, samples_per_cycle=1,
                              lr=0.2, batch_size=500, grad_dtype="bfloat16"),
                "fashion_mnist": dict(num_chains=4, cycles=400, burnin_cycles=100, epochs_per_cycle=1,

@@ -1,11 +1,11 @@
-"""The study (issue 10): for the paper's own models and data, are BNNs robust to gradient attacks?
+"""The study: for the paper's own models and data, are BNNs robust to gradient attacks?
 
 Four models of one dataset (a deterministic network, an ensemble, a VI BNN, an MCMC BNN; settings in
 `presets.STUDY`) are trained or reused, and each is evaluated at every eps twice:
 - the paper's evaluation (Carbone et al., NeurIPS 2020): FGSM and the paper's PGD (40 steps of
   2 / max(x), no random start, last iterate) on the legacy loss (cross-entropy on the model output: a
   second softmax for BNNs), adversarial accuracy of argmax p(x') and the legacy softmax robustness;
-- the correct evaluation: the battery of `robustbnn.evaluate` (APGD-CE, APGD on the draw-averaged margin,
+- the correct evaluation: the battery of `robustbnn.verdict` (APGD-CE, APGD on the draw-averaged margin,
   APGD-T, Square; each on what the ones before left robust; then its effort rounds), worst case per input
   judged by the posterior predictive, robust accuracy against the attack budget, the softmax robustness
   1 - max_k |p(x)_k - p(x')_k| at each input's worst point, and the gradient-masking flags.
@@ -30,24 +30,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from robustbnn import attacks, measures
-from robustbnn import evaluate as battery
+from robustbnn import measures, runs
+from robustbnn import verdict as battery
 from robustbnn.artifacts import read_csv, resolve_savedir, write_csv, write_json, write_text
 from robustbnn.data import Dataset, load_dataset
 from robustbnn.errors import UserError
-from robustbnn.experiments import runs
-from robustbnn.experiments.demo_report import markdown_table
 from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.checkpoint import CHECKPOINT_FILE
-from robustbnn.posterior import WEIGHTS_FILE, Posterior
+from robustbnn.posterior import Posterior
 from robustbnn.presets import STUDY
+from robustbnn.reports import markdown_table
+from robustbnn.storage import WEIGHTS_FILE
 
 MODELS = ("nn", "ensemble", "vi", "mcmc")
 DATASETS = tuple(STUDY)
 SCALES = ("cpu", "paper")
-# The paper's attacks as the seed configures them (attack.py: --iterations 40, --pgd_legacy): keyword
-# arguments of `attacks.attack`, always with the legacy loss.
-PAPER_ATTACKS = {"fgsm": {}, "pgd": dict(iterations=40, legacy=True, random_start=False)}
+# The paper's attacks (`measures.paper_evaluation`), recorded with each result and in study.json.
+PAPER_ATTACKS = measures.PAPER_ATTACKS
 # Settings a model's flags (not its preset keys) carry in `runs.model_settings`.
 FLAG_KEYS = {"ensemble_size", *runs.BNN_FLAGS, *runs.SGHMC_FLAGS}
 # Diagnostics kept in the results (the rest, per-draw traces, stay in the model folder).
@@ -151,11 +150,11 @@ def _with_new_flags(model: dict) -> dict:
     if model.get("model_type") != "bnn":
         return model
     new = runs.BNN_FLAGS | (runs.SGHMC_FLAGS if model.get("inference") == "sghmc" else {})
-    return {**{k: default for k, (default, _) in new.items()}, **model}
+    return {**new, **model}
 
 
 def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, seed: int, retrain: bool = False,
-                   data_dir=None):
+                   data_dir=None, progress: bool = False):
     """(the model or None if reused, whether it was reused): reuse a stored model, else train it.
 
     A folder that holds `posterior.safetensors` is reused (unless `retrain`); it must have been trained
@@ -169,7 +168,8 @@ def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, se
                             "pass --retrain to replace it, or use another --savedir")
         return None, True
     resume = not retrain and not differ and (folder / CHECKPOINT_FILE).exists()
-    model = runs.train_model(settings, data, models_dir, device, seed=seed, resume=resume, data_dir=data_dir)
+    model = runs.train_model(settings, data, models_dir, device, seed=seed, resume=resume, data_dir=data_dir,
+                             progress=progress)
     return model, False
 
 
@@ -198,31 +198,16 @@ def describe(name: str, settings: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# The two evaluations
-
-
-def paper_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, bounds) -> dict:
-    """Carbone et al.'s evaluation at `eps`: FGSM and their PGD on the legacy loss, attacking and predicting
-    with the same samples. Per attack: adversarial accuracy (%) of argmax p(x'), the paper's (double-softmax)
-    softmax robustness and the true one, 1 - max_k |p(x)_k - p(x')_k|, averaged over the inputs."""
-    out = {}
-    for method, kw in PAPER_ATTACKS.items():
-        x_adv = attacks.attack(post, x, y, method, eps, loss="legacy", bounds=bounds, **kw)
-        res = measures.evaluate_attack(post, x, y, x_adv, legacy_robustness=True)
-        true = measures.softmax_robustness(res["p_clean"], res["p_adv"]).mean().item()
-        out["clean_acc"] = res["clean_acc"]
-        out[method] = {"adv_acc": res["adv_acc"], "legacy_softmax_robustness": res["softmax_robustness"],
-                       "softmax_robustness": true}
-    return out
+# The two evaluations: the paper's is `measures.paper_evaluation` (shared with `robustbnn evaluate`)
 
 
 def correct_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, s: battery.Settings, bounds,
                        progress: bool = False) -> tuple[dict, pd.DataFrame]:
-    """`evaluate.battery` at `eps` (each attack on the inputs still robust, then the effort rounds, success judged
+    """`verdict.battery` at `eps` (each attack on the inputs still robust, then the effort rounds, success judged
     by the posterior predictive) and the softmax robustness at each input's worst point.
 
     Returns ({clean_acc, acc_after_<attack>, robust_acc, effort_rounds_run, softmax_robustness}, the per-input
-    frame of `evaluate.battery` with an eps column). The softmax robustness is averaged over the inputs that are
+    frame of `verdict.battery` with an eps column). The softmax robustness is averaged over the inputs that are
     classified correctly (the only ones the battery attacks).
     """
     s = s.for_model(post)
@@ -236,7 +221,7 @@ def correct_evaluation(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: f
 
 def masking_flags(post: Posterior, x, y, paper: dict, correct: dict, per_input: pd.DataFrame, s: battery.Settings,
                   bounds) -> list[dict]:
-    """`evaluate.masking_flags` from the study's results ({eps: result} of both evaluations)."""
+    """`verdict.masking_flags` from the study's results ({eps: result} of both evaluations)."""
     summary = pd.DataFrame([{"eps": e, "robust_acc": correct[e]["robust_acc"],
                              "legacy_pgd_acc": paper[e]["pgd"]["adv_acc"]} for e in correct])
     return battery.masking_flags(post, post, x, y, summary, per_input, s, bounds)
@@ -294,9 +279,10 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
         t0 = time.perf_counter()
         first = extended_model(spec["models"][name], spec["n_train"])
         if first is not None:  # the run these chains extend, trained or reused first
-            train_or_reuse(first, data, models_dir, device, seed=seed, retrain=retrain, data_dir=data_dir)
+            train_or_reuse(first, data, models_dir, device, seed=seed, retrain=retrain, data_dir=data_dir,
+                           progress=progress)
         model, reused = train_or_reuse(settings, data, models_dir, device, seed=seed, retrain=retrain,
-                                       data_dir=data_dir)
+                                       data_dir=data_dir, progress=progress)
         model = trained["model"] = model or runs.load_model(settings, data, models_dir, device)
         meta = model.meta
         diag = dict(meta.get("diagnostics") or {})
@@ -331,7 +317,7 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
     for eps in spec["eps"]:
         def run_paper():
             post, x, y = inputs()
-            return dict(paper_evaluation(post, x, y, eps, data.bounds), n_samples=post.n_samples,
+            return dict(measures.paper_evaluation(post, x, y, eps, data.bounds), n_samples=post.n_samples,
                         draws=post.meta.get("draws"))
 
         rec, _ = steps.run(results / f"paper_{_eps_label(eps)}.json", dict(ev, eps=eps, attacks=PAPER_ATTACKS),

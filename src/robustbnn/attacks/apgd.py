@@ -28,8 +28,8 @@ from dataclasses import replace
 
 import torch
 
-from robustbnn.attacks.losses import (GRAD_BUDGET, Objective, check_bounds, check_eps, check_inputs, dlr_loss,
-                                      draw_margin, fixed_samples, log_wrong_mass, margin, objective_grad)
+from robustbnn.attacks.losses import (GRAD_BUDGET, Model, Objective, check_bounds, check_eps, check_inputs,
+                                      dlr_loss, draw_margin, fixed_samples, log_wrong_mass, margin, objective_grad)
 from robustbnn.errors import UserError
 
 LOSS_FUNCTIONS = {"ce": Objective(log_wrong_mass), "dlr": Objective(dlr_loss),
@@ -47,14 +47,14 @@ def checkpoints(iterations: int) -> list[int]:
     return sorted({-(-q * int(iterations) // 100) for q in p[1:] if q <= 100})
 
 
-def apgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce", iterations: int = 100,
+def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce", iterations: int = 100,
          restarts: int = 1, target: torch.Tensor | None = None, eot_iter: int = 1, bounds=(0.0, 1.0),
          seed: int = 0, budget: int = GRAD_BUDGET, return_info: bool = False):
     """APGD maximising `loss` ("ce", "dlr" or "margin", see the module docstring; "dlr" and "margin" targeted
     at one class per input with `target`).
 
     `model` is a `Posterior` (fixed samples: the log predictive is exact, no EOT) or a
-    `posterior.FreshSamples` defence (each gradient averages `eot_iter` fresh draws). Returns the
+    `guide.FreshSamples` defence (each gradient averages `eot_iter` fresh draws). Returns the
     adversarial inputs (detached, on x's device); with `return_info`, also a dict with `broken`
     (bool per input: some iterate was misclassified by the attacked model) and `gradient_evals`
     (gradient passes over the whole posterior, per input).

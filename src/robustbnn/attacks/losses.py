@@ -10,11 +10,11 @@ f(x; w) the logits, S the number of weight samples and p(x) = (1/S) sum_s softma
   of member logits for an ensemble and the mean probabilities for a BNN (a softmax applied twice,
   which masks gradients). For reproducing the paper's numbers only.
 
-Everything is batched over inputs and vectorised over samples (`posterior.stacked_logits`), chunked
+Everything is batched over inputs and vectorised over samples (`forward.stacked_logits`), chunked
 over both so that memory stays bounded whatever S and the batch size are; gradients are accumulated
 over sample chunks exactly. Each input gradient is the loss's gradient with respect to the logits (S, B, C),
 in closed form or by autograd on those small tensors alone, carried back to the inputs by
-`posterior.stacked_logits_vjp` (a hand-written backward for MLPs, which builds no autograd graph; autograd
+`forward.stacked_logits_vjp` (a hand-written backward for MLPs, which builds no autograd graph; autograd
 through the network for other modules). On fc2-512 with 100 samples that ran 4-11% faster than autograd
 through the network (50 or 1000 inputs, one or two threads), and one FGSM's peak memory grew by 200-230 MiB
 instead of 300-430 MiB (1000 inputs, 100 or 1000 samples); benchmarks/attacks.py, on a loaded 2-core machine.
@@ -28,19 +28,52 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from robustbnn.errors import UserError
-from robustbnn.posterior import DEFAULT_BUDGET, Posterior, stacked_logits, stacked_logits_vjp
+from robustbnn.forward import DEFAULT_BUDGET, stacked_logits, stacked_logits_vjp
+from robustbnn.guide import MeanFieldGuide
+from robustbnn.posterior import Posterior
 
 LOSSES = ("predictive", "expected", "legacy")
 # Activations held at once by a gradient pass (2^25 floats); autograd keeps a few times this for the
 # backward. For fc2-512 on MNIST that is about 10^4 (sample, input) pairs, the fastest chunk on CPU
 # (benchmarks/attacks.py); for conv nets it is a few hundred pairs.
 GRAD_BUDGET = DEFAULT_BUDGET // 8
+
+
+
+
+class Model(Protocol):
+    """What the attacks and the battery accept: a `Posterior` (fixed weight samples, which answer every
+    prediction) or a `guide.FreshSamples` defence (new weights at every prediction).
+
+    `predictor(i)` is the `Posterior` that answers prediction i: the posterior itself, or draw i. A VI guide
+    (`guide.MeanFieldGuide`, what `train_vi` returns) is not a model to attack: draw samples from it first.
+    `fixed_samples` is the one place that turns a model into the posterior that inputs are checked against.
+    """
+
+    kind: str
+
+    def predictor(self, i: int = 0) -> Posterior: ...
+
+
+def fixed_samples(model: Model) -> Posterior:
+    """The posterior an attack validates inputs against: the model itself, or the first draw of a fresh-sample
+    defence. Anything else (a VI guide, a bare network) is a one-line `UserError`."""
+    if isinstance(model, Posterior):
+        return model
+    if isinstance(model, MeanFieldGuide):
+        raise UserError("attacks need weight samples, not a VI guide: draw them first with guide.draw(n, seed) "
+                        "(fixed samples) or guide.fresh(n, seed) (new weights at every prediction)")
+    if not callable(getattr(model, "predictor", None)):
+        hint = "; wrap a network with Posterior.from_module(net)" if isinstance(model, nn.Module) else ""
+        raise UserError(f"attacks take a Posterior or FreshSamples, not a {type(model).__name__}{hint}")
+    return model.predictor(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +163,7 @@ def loglik_logit_grad(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tenso
 
 def _through_logits(post: Posterior, params: dict, xb: torch.Tensor, objective):
     """(logits, grad_x objective(logits)) for a chunk of samples: autograd on the small logits (S, B, C) only,
-    then the input backward of `posterior.stacked_logits_vjp` (hand-written for MLPs)."""
+    then the input backward of `forward.stacked_logits_vjp` (hand-written for MLPs)."""
     logits, back = stacked_logits_vjp(post.net, params, xb)
     with torch.enable_grad():
         lg = logits.detach().requires_grad_(True)
@@ -150,7 +183,7 @@ def _predictive_grad(post, xb, yb, s_chunk):
     m_run = torch.full((len(xb),), -math.inf, device=xb.device)
     z_run = torch.zeros(len(xb), device=xb.device)
     g_run = torch.zeros_like(xb)
-    buffers = {}  # the chunks' activations, reused (`posterior.reusable`)
+    buffers = {}  # the chunks' activations, reused (`forward.reusable`)
     for p in post.sample_chunks(s_chunk):
         logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
         ll = log_lik(logits, yb)
@@ -324,7 +357,7 @@ def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objec
     sample chunks, the gradient of sum_{s,c} v_c pi_sc log softmax(f_s)_c with v and pi held fixed.
     When every sample of at least one input fits the budget, inputs are chunked instead and each chunk
     takes one pass, autograd on its logits then the input backward (the objective is per input, so
-    this is exact too). The input backward is `posterior.stacked_logits_vjp`'s.
+    this is exact too). The input backward is `forward.stacked_logits_vjp`'s.
     """
     s_chunk, b_chunk = post.chunks(x, budget)
     pairs = s_chunk * b_chunk
@@ -365,7 +398,7 @@ def draws_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, per_
                          budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(x) (B, C), J(x) (B,), grad_x sum_i J(x_i)) for J(x) = (1/S) sum_s per_draw(f(x; w_s), y) (a
     function, or an `Objective` with a target per input), on validated tensors: one pass over sample chunks, autograd on each chunk's logits (S_c, B, C) alone, then the
-    input backward of `posterior.stacked_logits_vjp`; log p is merged over the chunks by logsumexp."""
+    input backward of `forward.stacked_logits_vjp`; log p is merged over the chunks by logsumexp."""
     s_chunk, b_chunk = post.chunks(x, budget)
     s_chunk = -(-post.n_samples // -(-post.n_samples // s_chunk))  # balanced chunks, as `_input_gradient`
     logp_out, value_out, grad_out = None, torch.empty(len(x), device=x.device), torch.empty_like(x)
@@ -396,21 +429,16 @@ def _objective_grad(post: Posterior, x, y, objective: Objective, budget):
     return logp, objective.on(slice(None))(logp, y).detach(), g
 
 
-def objective_grad(model, x: torch.Tensor, y: torch.Tensor, objective: Objective, *, eot_iter: int = 1,
+def objective_grad(model: Model, x: torch.Tensor, y: torch.Tensor, objective: Objective, *, eot_iter: int = 1,
                    draw: int = 0, budget: int = GRAD_BUDGET) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(x) (B, C), the objective (B,), its input gradient) for a fixed posterior; for a defence that draws
-    fresh weights at every prediction (`posterior.FreshSamples`), the expectation over transformations (EOT,
+    fresh weights at every prediction (`guide.FreshSamples`), the expectation over transformations (EOT,
     Athalye et al., ICML 2018): all three averaged over `eot_iter` draws, numbered from `draw`.
     """
     if isinstance(model, Posterior):
         return _objective_grad(model, x, y, objective, budget)
-    outs = [_objective_grad(model.draw(draw + j), x, y, objective, budget) for j in range(eot_iter)]
+    outs = [_objective_grad(model.predictor(draw + j), x, y, objective, budget) for j in range(eot_iter)]
     return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
-
-
-def fixed_samples(model) -> Posterior:
-    """The posterior an attack validates inputs against (the first draw of a fresh-sample defence)."""
-    return model if isinstance(model, Posterior) else model.draw(0)
 
 
 @torch.no_grad()

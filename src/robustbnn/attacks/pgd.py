@@ -6,13 +6,12 @@ import math
 
 import torch
 
-from robustbnn.attacks.losses import (GRAD_BUDGET, _input_gradient, check_bounds, check_eps, check_inputs,
-                                      check_loss, margin)
+from robustbnn.attacks.losses import (GRAD_BUDGET, Model, _input_gradient, check_bounds, check_eps, check_inputs,
+                                      check_loss, fixed_samples, margin)
 from robustbnn.errors import UserError
-from robustbnn.posterior import Posterior
 
 
-def pgd(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "predictive",
+def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "predictive",
         iterations: int = 40, alpha: float | None = None, random_start: bool = False, legacy: bool = False,
         restarts: int = 1, keep_best: bool = False, bounds=(0.0, 1.0), seed: int = 0,
         budget: int = GRAD_BUDGET) -> torch.Tensor:
@@ -27,7 +26,8 @@ def pgd(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: 
     the iterate (over all iterations and restarts) with the lowest margin log p_y - max_{k != y} log p_k
     under the attacked posterior, so a misclassified iterate is never lost to a later step; it costs
     one forward pass per iteration. `restarts` > 1 runs further random starts (seeds seed + r) on the
-    inputs that are not yet misclassified, and needs keep_best. Returns detached inputs on x's device.
+    inputs that are not yet misclassified, and needs keep_best. A `FreshSamples` defence is attacked through
+    its first draw. Returns detached inputs on x's device.
     """
     check_loss(loss)
     eps = check_eps(eps)
@@ -37,6 +37,7 @@ def pgd(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: 
         raise UserError(f"restarts must be a positive integer, got {restarts}")
     if restarts > 1 and not keep_best:
         raise UserError("PGD restarts need keep_best=True (else the last restart would overwrite the others)")
+    post = fixed_samples(model)
     xd, yd = check_inputs(post, x, y)
     lo, hi = check_bounds(xd, bounds)
     view = (-1,) + (1,) * (xd.dim() - 1)

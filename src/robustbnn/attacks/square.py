@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from robustbnn.attacks.losses import DEFAULT_BUDGET, check_bounds, check_eps, check_inputs, fixed_samples, margin
+from robustbnn.attacks.losses import Model, check_bounds, check_eps, check_inputs, fixed_samples, margin
 from robustbnn.errors import UserError
-from robustbnn.posterior import Posterior
+from robustbnn.forward import DEFAULT_BUDGET
 
 # The schedule of the paper for 10000 queries: p is halved after each of these query counts.
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -30,11 +30,11 @@ def p_schedule(p_init: float, i: int, queries: int) -> float:
 
 
 @torch.no_grad()
-def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = 1000, p_init: float = 0.8,
+def square(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = 1000, p_init: float = 0.8,
            bounds=(0.0, 1.0), seed: int = 0, budget: int = DEFAULT_BUDGET, return_info: bool = False):
     """Square attack with at most `queries` queries of the posterior predictive per input.
 
-    `model` is a `Posterior`, or a `posterior.FreshSamples` defence (then every query sees a fresh draw,
+    `model` is a `Posterior`, or a `guide.FreshSamples` defence (then every query sees a fresh draw,
     as the defence would answer). Returns the adversarial inputs (detached, on x's device); with
     `return_info` also {"broken": bool per input (margin < 0 reached), "queries": queries used per input}.
     """
@@ -52,7 +52,7 @@ def square(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int 
     step = [0]
 
     def score(z):  # margin under the model; a fresh-sample defence answers every query with a new draw
-        post = model if isinstance(model, Posterior) else model.draw(step[0])
+        post = model.predictor(step[0])
         step[0] += 1
         return margin(post.log_predictive(z.reshape(len(z), *shape[1:]), budget), yd_active[0])
 

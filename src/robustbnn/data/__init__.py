@@ -8,8 +8,8 @@ fetching machinery (subprocess, tarfile, urllib, zipfile).
 
 from __future__ import annotations
 
-from robustbnn.data.datasets import (DATASETS, Dataset, canonical_name, data_root, fetch_command, load_dataset,
-                                     validate_xy)
+from robustbnn.data.common import DATASETS, canonical_name, data_root, fetch_command
+from robustbnn.data.datasets import Dataset, load_dataset, validate_xy
 
 __all__ = ["DATASETS", "Dataset", "canonical_name", "data_root", "fetch_command", "fetch_data", "load_dataset",
            "validate_xy"]

@@ -2,23 +2,19 @@
 
 Every loader returns a `Dataset` of float32 tensors in [0, 1] (images channels first) and int64 class
 indices. The files are read (and validated) by `robustbnn.data.formats`; a missing or corrupt file is a
-one-line `UserError` naming the file and the command that fixes it (`fetch_command`).
+one-line `UserError` naming the file and the command that fixes it (`common.fetch_command`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from robustbnn.data import formats
+from robustbnn.data.common import SPLITS, canonical_name, data_root
 from robustbnn.errors import UserError
-
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "half_moons")
-ALIASES = {"cifar": "cifar10"}  # the seed's name for CIFAR-10
-SPLITS = ("train", "test")
 
 
 @dataclass
@@ -33,27 +29,6 @@ class Dataset:
     input_shape: tuple
     num_classes: int
     bounds: tuple = (0.0, 1.0)
-
-
-def data_root(data_dir=None) -> Path:
-    """The data folder: `data_dir` (the --data_dir flag), else $ROBUSTBNN_DATA, else ./data."""
-    if data_dir:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("ROBUSTBNN_DATA")
-    return Path(env).expanduser() if env else Path("data")
-
-
-def canonical_name(name: str) -> str:
-    """Check a dataset name (the seed's `cifar` is accepted for `cifar10`)."""
-    name = ALIASES.get(name, name)
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return name
-
-
-def fetch_command(name: str, data_dir=None) -> str:
-    """The command that puts dataset `name` in the data folder (quoted in error messages)."""
-    return f"robustbnn fetch-data {name}" + (f" --data_dir {data_dir}" if data_dir else "")
 
 
 def load_dataset(name: str, n_inputs=None, data_dir=None, *, splits=SPLITS) -> Dataset:
@@ -77,8 +52,6 @@ def load_dataset(name: str, n_inputs=None, data_dir=None, *, splits=SPLITS) -> D
         shape = (2,)
         tensors = [t for split in SPLITS for t in _moons_split(*arrays[split], n, split in splits)]
         return Dataset(name, *tensors, shape, 2)
-    from robustbnn.data import formats  # the readers need `fetch_command`, defined above
-
     if name == "cifar10":
         arrays = dict(zip(SPLITS, formats.read_cifar10(data_root(data_dir), splits)))
         shape = (3, 32, 32)

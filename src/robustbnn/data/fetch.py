@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from robustbnn.artifacts import atomic_path
-from robustbnn.data.datasets import canonical_name, data_root
+from robustbnn.data.common import canonical_name, data_root
 from robustbnn.data.formats import (CIFAR_FOLDER, IDX_FILES, IDX_FOLDERS, _cifar_fix, find_cifar_folder,
                                     find_idx_folder, idx_files_in, mnist_from_pickle, read_cifar10,
                                     read_idx_split, write_idx_dataset)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from robustbnn.artifacts import atomic_path
-from robustbnn.data.datasets import SPLITS, fetch_command
+from robustbnn.data.common import SPLITS, fetch_command
 from robustbnn.errors import UserError
 
 # IDX files of MNIST-like datasets: split -> (images stem, labels stem); each may end in .gz or not

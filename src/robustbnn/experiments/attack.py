@@ -21,8 +21,9 @@ from robustbnn.experiments.attacking import (add_attack_flags, aggregates, attac
                                              attack_kwargs, attack_settings)
 from robustbnn.experiments.common import (add_common, add_format_flag, float_list, formats, int_list, nonneg_float,
                                           positive_int, settings_of, setup, str2bool)
-from robustbnn.experiments.runs import add_model_flags, model_folder, model_settings, train_or_load
+from robustbnn.experiments.model_flags import add_model_flags, train_or_load
 from robustbnn.plots import preview_grid
+from robustbnn.runs import model_folder, model_settings
 
 MODEL_TYPES = ("nn", "bnn", "ensemble", "avg_ensemble")
 # Flags that need a VI guide, and why.
@@ -41,7 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test", type=str2bool, default=False, help="print the clean test accuracy first")
     parser.add_argument("--attack", type=str2bool, default=True,
                         help="compute the attack (True) or load the saved adversarial inputs (False)")
-    parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="L-inf radius of the attack")
+    parser.add_argument("--eps", "--epsilon", dest="epsilon", metavar="EPS", type=nonneg_float, default=0.3,
+                        help="L-inf radius of the attack")
     parser.add_argument("--attack_samples", type=positive_int, default=None,
                         help="samples used by the attack (default: 10 for BNNs, all members for ensembles)")
     parser.add_argument("--defence_samples", type=int_list, default=None,

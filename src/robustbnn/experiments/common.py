@@ -126,9 +126,9 @@ def formats(args) -> tuple[str, ...]:
 def setup(args) -> torch.device:
     """Flush denormal floats to zero, apply --threads and --seed (torch, numpy, random), and resolve --device.
 
-    Denormals: a confident network's softmax underflows to denormal floats (exp(z) for z < -87), and a matrix
-    product with denormal entries ran 190 times slower here; flushed to zero (FTZ/DAZ, set before the thread
-    pool starts, whose threads inherit it) they change no result beyond 1e-38."""
+    Denormals: a confident network's softmax underflows to denormal floats (exp(z) for z < -87), and on many CPUs
+    a matrix product with denormal entries runs orders of magnitude slower (docs/benchmarks.md); flushed to zero
+    (FTZ/DAZ, set before the thread pool starts, whose threads inherit it) they change no result beyond 1e-38."""
     torch.set_flush_denormal(True)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from robustbnn import attacks, measures, plots
-from robustbnn import evaluate as battery
+from robustbnn import verdict as battery
 from robustbnn.artifacts import write_csv
 from robustbnn.data import load_dataset
 from robustbnn.experiments.common import PROGRESS, nonneg_float, positive_int, setup, str2bool
@@ -28,8 +28,8 @@ from robustbnn.inference.sgd import train_nets
 from robustbnn.inference.vi import train_vi
 
 # The reduced Figure 1 grid (the paper's: widths 32-512, 5000-15000 points, warm-up 100-500, 250 samples).
-# Its 9 models run as Dask jobs on 2 worker processes of 1 thread each: 233 s here against 260 s for one
-# process with 2 threads (small networks gain little from a second thread).
+# Its 9 models run as Dask jobs on 2 worker processes of 1 thread each: small networks gain little from a second
+# thread, so two single-thread processes beat one process of two threads (docs/benchmarks.md).
 GRID = dict(widths=[8, 32, 128], sizes=[500, 2000, 8000], warmup=200, samples=100, test_points=100, workers=2)
 MASKING_EPS = [0.05, 0.1, 0.2, 0.3, 0.5]  # and the whole input box
 # The verdict: the evaluation battery (APGD-CE, APGD-margin, APGD-T, Square) at reduced effort on 200 test points.
@@ -41,7 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n_inputs", type=positive_int, default=5000, help="training points (the first n)")
     parser.add_argument("--hidden_size", type=positive_int, default=128, help="fc2 width of the four models")
     parser.add_argument("--test_points", type=positive_int, default=1000, help="test points attacked (the first n)")
-    parser.add_argument("--epsilon", type=nonneg_float, default=0.1, help="attack radius (inputs lie in [0, 1])")
+    parser.add_argument("--eps", "--epsilon", dest="epsilon", metavar="EPS", type=nonneg_float, default=0.1,
+                        help="attack radius (inputs lie in [0, 1])")
     parser.add_argument("--grid", type=str2bool, default=True, help="run the reduced Figure 1 grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

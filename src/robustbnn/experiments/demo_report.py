@@ -10,18 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from robustbnn import evaluate as battery
+from robustbnn import verdict as battery
 from robustbnn.artifacts import write_text
 from robustbnn.plots import LABELS
-
-
-def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
-    """A pandas table as GitHub markdown (no extra dependency)."""
-    cols = list(df.columns)
-    cell = lambda v: floats.format(v) if isinstance(v, float) else _fmt_list(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+from robustbnn.reports import fmt_list, markdown_table
 
 
 def report(out: Path, models: pd.DataFrame, attacks: pd.DataFrame, masking: pd.DataFrame, grid, timings: dict,
@@ -49,7 +41,7 @@ def report(out: Path, models: pd.DataFrame, attacks: pd.DataFrame, masking: pd.D
     if grid is not None:
         g, n = grid_spec, grid_spec["test_points"]
         parts += ["## Figure 1, reduced\n",
-                  f"HMC BNNs of widths {_fmt_list(g['widths'])} trained on {_fmt_list(g['sizes'])} points (warm-up "
+                  f"HMC BNNs of widths {fmt_list(g['widths'])} trained on {fmt_list(g['sizes'])} points (warm-up "
                   f"{g['warmup']}, {g['samples']} samples); expected loss gradients with {g['samples']} posterior "
                   f"samples on {n} test points (the paper: widths 32-512, 5000-15000 points, 250 samples).\n",
                   f"![figure 1](models/halfMoons_overparam_{n}.png)\n",
@@ -78,12 +70,6 @@ def _verdict_section(summary: pd.DataFrame, flags: list[dict], spec: dict) -> li
                                                         for f in flags) + "."
                   if flags else "No masking flag was raised (see `robustbnn evaluate` for the checks).")
     return lines + [""]
-
-
-def _fmt_list(v) -> str:
-    if isinstance(v, list):
-        return ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in v)
-    return "" if v is None or v != v else str(v)  # None and NaN as empty cells
 
 
 def _acc(table, model, attack, loss):

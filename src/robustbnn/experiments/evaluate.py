@@ -3,7 +3,7 @@
 Models come from the presets (`--model_type nn,ensemble,bnn` with `--model_idx` and the overrides,
 or `--arch` for your own architecture) and from saved model folders or files (`--model PATH`,
 repeatable). Each is evaluated on the first `--n_inputs` test points at every `--eps`: robust
-accuracy, worst case per input over `--attacks`, the paper's legacy evaluation beside it, and the
+accuracy, worst case per input over `--attacks`, the paper's evaluation beside it (`--paper_eval`), and the
 gradient-masking flags. Writes into `--out`: `per_input.csv` (model, eps, attack, input, broken,
 margin, cost), `summary.csv`, `evaluate.json`, `robust_accuracy.png` and `report.md`. Each (model,
 eps) is saved as it finishes under `parts/` and reused by a rerun with the same settings, the same model
@@ -23,16 +23,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from robustbnn import evaluate as battery
+from robustbnn import verdict as battery
 from robustbnn import plots
 from robustbnn.artifacts import resolve_savedir, write_csv, write_json, write_text
 from robustbnn.attacks.losses import fixed_samples
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, float_list, nonneg_int, positive_int, setup, str2bool
-from robustbnn.experiments.demo_report import markdown_table
-from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
-from robustbnn.posterior import WEIGHTS_FILE, Posterior, load
+from robustbnn.experiments.model_flags import add_model_flags
+from robustbnn.posterior import Posterior
+from robustbnn.reports import markdown_table
+from robustbnn.runs import load_model, model_folder, model_settings
+from robustbnn.storage import WEIGHTS_FILE, load
 
 
 def add_arguments(parser) -> None:
@@ -65,7 +67,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eot_iter", type=positive_int, default=20, help="EOT draws per gradient (fresh samples)")
     parser.add_argument("--fresh_draws", type=positive_int, default=10,
                         help="independent predictive draws for the fooled share (fresh samples)")
-    parser.add_argument("--legacy", type=str2bool, default=True, help="also run the paper's evaluation")
+    parser.add_argument("--paper_eval", type=str2bool, default=True,
+                        help="also run the paper's evaluation (FGSM and its PGD on the legacy loss) beside the battery")
     parser.add_argument("--flags", type=str2bool, default=True, help="compute the gradient-masking flags")
     parser.add_argument("--out", default=None, help="output folder (default: <savedir>/evaluate)")
     add_common(parser)
@@ -97,7 +100,7 @@ def models(args, device) -> dict:
 
 
 def weights_file(path) -> Path:
-    """The file `posterior.load(path)` reads: path/posterior.safetensors for a folder, else the file itself
+    """The file `storage.load(path)` reads: path/posterior.safetensors for a folder, else the file itself
     (absolute, with `..` resolved but links kept, so that the names below come from the path as given)."""
     path = Path(os.path.abspath(path))
     return path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
@@ -164,7 +167,7 @@ def run(args) -> dict:
         raise UserError("give at least one --eps")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), n_inputs=args.n_inputs, fresh_samples=args.fresh_samples, samples=args.samples,
-                  legacy=args.legacy, attacks=None if attacks is None else list(attacks))
+                  legacy=args.paper_eval, attacks=None if attacks is None else list(attacks))
     summaries, per_inputs, flags, notes = [], [], [], {}
     for name, (model, dataset, file) in models(args, device).items():
         data = load_dataset(dataset, None, args.data_dir, splits=("test",))
@@ -185,7 +188,7 @@ def run(args) -> dict:
                 continue
             (part / "settings.json").unlink(missing_ok=True)  # the part's files change: no longer marked done
             print(f"\n=== {name}: eps = {eps:g} ({', '.join(settings.for_model(defender).attacks)})")
-            res = battery.evaluate(defender, x, y, [eps], settings, bounds=data.bounds, legacy=args.legacy,
+            res = battery.evaluate(defender, x, y, [eps], settings, bounds=data.bounds, legacy=args.paper_eval,
                                    flags=False, progress=True)
             write_csv(part / "per_input.csv", res["per_input"].assign(model=name))
             write_csv(part / "summary.csv", res["summary"].assign(model=name, kind=model.kind))

@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--thin", type=positive_int, default=1, help="HMC: keep every k-th draw after warm-up")
     parser.add_argument("--prior_scale", type=positive_float, default=1.0, help="std of the N(0, s^2) weight prior")
     parser.add_argument("--activation", default="leaky", choices=tuple(ACTIVATIONS))
-    parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="FGSM radius (--compute_attacks)")
+    parser.add_argument("--eps", "--epsilon", dest="epsilon", metavar="EPS", type=nonneg_float, default=0.3,
+                        help="FGSM radius (--compute_attacks)")
     parser.add_argument("--workers", type=nonneg_int, default=1,
                         help="Dask worker processes on this machine (each gets cores / workers torch threads); "
                              "0 runs the models one after the other in this process")

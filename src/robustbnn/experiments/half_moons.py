@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from robustbnn import attacks, measures, posterior
+from robustbnn import attacks, measures, storage
 from robustbnn.artifacts import resolve_savedir, write_csv
 from robustbnn.data import load_dataset
 from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.jobs import Job, finished_row, run_jobs, write_table
+from robustbnn.experiments.common import PROGRESS
 from robustbnn.experiments.gradients import compute_gradients, gradients_path, saved_gradients
-from robustbnn.experiments.runs import load_model, model_folder, model_settings, train_model
+from robustbnn.runs import load_model, model_folder, model_settings, train_model
 
 GRID_BASE = dict(dataset="half_moons", architecture="fc2", inference="hmc", activation="leaky")
 # The columns of a grid job's row (`grid_job`), in the tables' order.
@@ -76,9 +77,10 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
     model_dir = model_folder(savedir, settings)
     data = load_dataset("half_moons", settings["n_inputs"], data_dir)
     t0 = time.perf_counter()
-    trained_now = not (model_dir / posterior.WEIGHTS_FILE).exists()
+    trained_now = not (model_dir / storage.WEIGHTS_FILE).exists()
     if trained_now:  # resume=True: a model interrupted half way continues from its checkpoint
-        post = train_model(settings, data, savedir, device, seed=seed, resume=True, data_dir=data_dir)
+        post = train_model(settings, data, savedir, device, seed=seed, resume=True, data_dir=data_dir,
+                           progress=PROGRESS)
     else:
         post = load_model(settings, data, savedir, device)
     post = post.take(posterior_samples)

@@ -17,7 +17,8 @@ from robustbnn.data import load_dataset
 from robustbnn.experiments.common import add_common, int_list, settings_of, setup, str2bool
 from robustbnn.experiments.gradients import (add_null_tol_flag, compute_gradients, gradient_table, gradients_path,
                                              null_tol)
-from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
+from robustbnn.experiments.model_flags import add_model_flags
+from robustbnn.runs import load_model, model_folder, model_settings
 
 
 def add_arguments(parser) -> None:

@@ -31,8 +31,9 @@ from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attac
                                              attack_settings, legacy_note, load_table)
 from robustbnn.experiments.common import (formats, int_list, nonneg_float, positive_int,
                                           settings_of, setup, str2bool)
-from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
+from robustbnn.experiments.model_flags import add_model_flags
 from robustbnn.presets import BNN_PRESETS, NN_PRESETS
+from robustbnn.runs import load_model, model_folder, model_settings
 
 ARCH_KEYS = ("dataset", "architecture", "hidden_size", "activation")
 
@@ -47,7 +48,8 @@ def add_arguments(parser) -> None:
                         help="posterior samples the BNN attack uses (the seed's 1)")
     parser.add_argument("--same_samples", type=str2bool, default=False,
                         help="attack and evaluate the BNN with the same count n, for each n of --samples_list")
-    parser.add_argument("--epsilon", type=nonneg_float, default=0.3, help="L-inf radius of the attacks")
+    parser.add_argument("--eps", "--epsilon", dest="epsilon", metavar="EPS", type=nonneg_float, default=0.3,
+                        help="L-inf radius of the attacks")
     add_figure_flags(parser)
 
 

@@ -1,7 +1,7 @@
 """`robustbnn plot-eps-attacks` (the seed's plot_eps_attacks.py): a BNN against eps and sample counts.
 
 The BNN `--model_idx` (saved_BNNs) is attacked on the first `--n_inputs` test points for every eps of
-`--eps_list` and every n of `--samples_list`, with the same first n posterior samples for the attack
+`--eps` and every n of `--samples_list`, with the same first n posterior samples for the attack
 and the evaluation (for VI: one fixed, seeded set of samples, nested across n). Every (eps, n) keeps
 its own adversarial inputs, in the model's `attacks/` folder in the layout of `robustbnn attack`.
 FGSM's direction does not depend on eps, so it is computed once per n.
@@ -26,14 +26,15 @@ from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attac
                                              attack_settings, legacy_note, load_table)
 from robustbnn.experiments.common import (float_list, formats, int_list, settings_of,
                                           setup)
-from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
+from robustbnn.experiments.model_flags import add_model_flags
+from robustbnn.runs import load_model, model_folder, model_settings
 
 
 def add_arguments(parser) -> None:
     add_model_flags(parser, "bnn", test_points=True)
     parser.set_defaults(n_inputs=100)
-    parser.add_argument("--eps_list", type=float_list, default=[0.1, 0.15, 0.2, 0.25, 0.3],
-                        help="comma-separated L-inf radii")
+    parser.add_argument("--eps", "--eps_list", dest="eps_list", metavar="EPS", type=float_list,
+                        default=[0.1, 0.15, 0.2, 0.25, 0.3], help="comma-separated L-inf radii")
     parser.add_argument("--samples_list", type=int_list, default=[1, 10, 50],
                         help="comma-separated posterior sample counts (each used by the attack and the evaluation)")
     add_figure_flags(parser)
@@ -43,7 +44,7 @@ def run(args) -> dict:
     device = setup(args)
     t0 = time.perf_counter()
     if not args.eps_list or not args.samples_list:
-        raise UserError("--eps_list and --samples_list need at least one value each")
+        raise UserError("--eps and --samples_list need at least one value each")
     settings = model_settings("bnn", vars(args), n_inputs=args.train_inputs)
     folder = model_folder(args.savedir, settings)
     stem = resolve_savedir(args.savedir) / "figures" / f"{settings['dataset']}_increasing_eps_{args.attack_method}"

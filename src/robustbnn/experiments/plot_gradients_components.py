@@ -39,7 +39,8 @@ from robustbnn.experiments.common import (add_common, add_format_flag, formats, 
                                           setup, str2bool)
 from robustbnn.experiments.gradients import (add_null_tol_flag, compute_gradients, gradient_table, gradients_path,
                                              null_tol, saved_gradients)
-from robustbnn.experiments.runs import add_model_flags, load_model, model_folder, model_settings
+from robustbnn.experiments.model_flags import add_model_flags
+from robustbnn.runs import load_model, model_folder, model_settings
 
 QUANTILES = {"q01": 0.01, "q25": 0.25, "median": 0.5, "q75": 0.75, "q99": 0.99}
 

@@ -1,4 +1,4 @@
-"""`robustbnn study`: are BNNs robust to gradient attacks? One verdict table for a dataset (issue 10).
+"""`robustbnn study`: are BNNs robust to gradient attacks? One verdict table for a dataset.
 
 Trains (or reuses) a network, an ensemble of 10, a VI BNN and an MCMC BNN (`presets.STUDY`), runs the
 paper's evaluation (FGSM and its PGD on the legacy loss) and the correct one (the evaluation battery,
@@ -13,11 +13,12 @@ import argparse
 from robustbnn import study
 from robustbnn.experiments.common import PROGRESS, add_common, positive_int, setup, str2bool
 
-SCALE_HELP = ("cpu: the paper's MNIST-size models on all 60000 training points with a CPU budget (fc2 VI instead "
-              "of conv VI, cyclical SGHMC instead of HMC; first 1000 test points, 20 posterior samples), about "
-              "80 minutes for MNIST and 4.5 hours for Fashion-MNIST on 2 CPU cores; paper: the paper's VI "
-              "presets (conv) and full-batch HMC (4 chains, 500 warm-up, 200 samples), the whole test set and 100 "
-              "samples, meant for --device cuda")
+SCALE_HELP = ("cpu: sized for a CPU; all four models have the paper's HMC architecture (fc2-512 for MNIST, "
+              "fc2-1024 for Fashion-MNIST) and train on all 60000 training points, VI on that fc2 instead of the "
+              "paper's conv net, cyclical SGHMC instead of full-batch HMC; evaluated on the first 1000 test points "
+              "with 20 posterior samples. paper: the paper's VI presets (conv) and full-batch HMC (4 chains, 500 "
+              "warm-up, 200 samples), the whole test set and 100 samples, meant for --device cuda. Measured run "
+              "times: docs/study.md")
 
 
 def model_list(value) -> list[str]:

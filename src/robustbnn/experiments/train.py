@@ -14,10 +14,10 @@ from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, nonneg_int, setup, str2bool
-from robustbnn.experiments.runs import (SGHMC_ARGS, add_model_flags, arch_of, model_folder, model_settings,
-                                        read_metrics, record_metrics, train_or_load)
+from robustbnn.experiments.model_flags import add_model_flags, train_or_load
 from robustbnn.inference.fidelity import validate_on_subset
-from robustbnn.posterior import log_mean_softmax
+from robustbnn.forward import log_mean_softmax
+from robustbnn.runs import SGHMC_ARGS, arch_of, model_folder, model_settings, read_metrics, record_metrics
 
 # HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
 HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
@@ -31,7 +31,8 @@ def add_arguments(parser, kind: str) -> None:
     parser.add_argument("--test", type=str2bool, default=True, help="evaluate on the first n_inputs test points")
     parser.add_argument("--compile", type=str2bool, default=None,
                         help="HMC: torch.compile the potential (default: the environment variable ROBUSTBNN_COMPILE, "
-                             "else off: compiling takes 5-15 s and pays only after ~10000 gradients per chain)")
+                             "else off: compiling costs seconds up front and pays only on long runs of networks "
+                             "that are not perceptrons)")
     if kind == "bnn":
         parser.add_argument("--validate_against_hmc", type=nonneg_int, default=0, metavar="N",
                             help="sghmc: also sample the first N training points with SGHMC (the same schedule in "

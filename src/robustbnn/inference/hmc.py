@@ -1,12 +1,13 @@
-"""The Bayesian-neural-network target for HMC, and `run_hmc`, which samples it into a `Posterior` of kind mcmc.
+"""The full-batch potential of the Bayesian-neural-network target for HMC, and `run_hmc`, which samples it into a
+`Posterior` of kind mcmc.
 
-Target (DESIGN.md section 3): p(w | D) proportional to prod_i p(y_i | x_i, w) N(w; 0, s^2 I), i.e. the
-potential energy
+Target (DESIGN.md section 3; `bnn_target`, shared with SGHMC): p(w | D) proportional to
+prod_i p(y_i | x_i, w) N(w; 0, s^2 I), i.e. the potential energy
 
     U(w) = -sum_{i=1}^n log softmax(f(x_i; w))[y_i] + ||w||^2 / (2 s^2) + (D / 2) log(2 pi s^2),
 
 with every gradient over all n training points, w the flat vector of the D network parameters
-(`posterior.param_layout`) and the logits f of all chains at once from `posterior.stacked_logits`; for
+(`forward.param_layout`) and the logits f of all chains at once from `forward.stacked_logits`; for
 multilayer perceptrons the gradient is written out by hand (`mlp_grad`), for other networks it is autograd.
 
 The sampler is `hmc_kernel` (HMC after Neal 2011 with Stan's warm-up, diagonal mass matrix), written there
@@ -35,34 +36,20 @@ import math
 import torch
 
 from robustbnn.compile import COMPILE_HMC, compile_enabled, maybe_compile
-from robustbnn.data import validate_xy
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
-from robustbnn.inference.checkpoint import checkpoint_seconds as resolve_checkpoint_seconds
-from robustbnn.inference.checkpoint import tensor_digest
-from robustbnn.inference.hmc_kernel import (SamplerSettings, autograd_value_and_grad, run_sampler,
+from robustbnn.inference.bnn_target import (check_run, data_chunk, initial_positions, log_prior, neg_log_lik,
+                                            run_fingerprint)
+from robustbnn.inference.hmc_kernel import (DEFAULT_JITTER, SamplerSettings, autograd_value_and_grad, run_sampler,
                                             sampler_diagnostics)
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
-from robustbnn.device import resolve_device
-from robustbnn.nets import as_architecture, init_params, template
-from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, _mlp_layers, activation_numel, flatten, param_layout,
-                                 stacked_forward, stacked_logits, unflatten)
+from robustbnn.device import flushing_denormals
+from robustbnn.nets import as_architecture, template
+from robustbnn.forward import DEFAULT_BUDGET, _mlp_layers, activation_numel, param_layout, stacked_forward, unflatten
+from robustbnn.posterior import Posterior
 
 # --------------------------------------------------------------------------------------------------
 # The network posterior: the full-batch potential of flat parameter vectors
-
-
-def log_prior(q: torch.Tensor, prior_scale: float) -> torch.Tensor:
-    """log N(q; 0, s^2 I) = -||q||^2 / (2 s^2) - (D/2) log(2 pi s^2) per row of q (..., D), in float64."""
-    d = q.shape[-1]
-    return -0.5 * q.double().square().sum(-1) / prior_scale**2 - 0.5 * d * math.log(2 * math.pi * prior_scale**2)
-
-
-def neg_log_lik(net, params, x, y) -> torch.Tensor:
-    """-sum_i log softmax(f(x_i; w_c))[y_i] for every chain c: (C,)."""
-    logits = stacked_logits(net, params, x)
-    logp = logits.log_softmax(-1).gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1))
-    return -logp.squeeze(-1).sum(-1)
 
 
 def bnn_potential(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: float = 1.0):
@@ -140,25 +127,6 @@ def bnn_value_and_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     return value_and_grad
 
 
-# On a CPU, the hand-written gradient's elementwise passes (bias, activation and its backward) are bound by
-# memory bandwidth once an activation tensor (C, B, H) outgrows the caches: at n=5000, width 128, 4 chains,
-# data chunks of 1250 rows (2^19 floats per tensor) ran at 164 gradients/s against 135 in one chunk. Wide
-# layers are bound by their matrix products instead and prefer long chunks (MNIST fc2-512, 4 chains: 3%
-# slower at 1024 rows than at 8192, 20% at 256), hence the floor.
-CACHE_FLOATS, CACHE_MIN_ROWS = 2**19, 1024
-
-
-def data_chunk(plan, chains: int, per_input: int, budget: int, device) -> int:
-    """Rows of data per chunk of a batched pass of `chains` networks: within `budget` activation floats
-    (`per_input` per data point and chain), and for a perceptron's hand-written pass (`plan`) on a CPU within
-    the caches (CACHE_FLOATS floats per activation tensor, at least CACHE_MIN_ROWS rows)."""
-    chunk = max(1, budget // (per_input * chains))
-    if plan is not None and torch.device(device).type == "cpu":
-        widest = max(step[1][1] for step in plan if step[0] == "linear")
-        chunk = min(chunk, max(CACHE_MIN_ROWS, CACHE_FLOATS // (chains * widest)))
-    return chunk
-
-
 def _eager_value_and_grad(arch, x, y, prior_scale, budget):
     """`bnn_value_and_grad` without compilation, per data chunk (the last one ragged): for multilayer
     perceptrons the hand-written gradient `mlp_grad.nll_and_grad` and the prior's in closed form,
@@ -221,9 +189,10 @@ def _compiled_chunk_grad(arch, device):
 # The public entry point
 
 
+@flushing_denormals()
 def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: int, step_size: float,
             num_steps: int, num_chains: int = 1, thin: int = 1, prior_scale: float = 1.0, seed: int = 0,
-            device="cpu", target_accept: float = 0.8, jitter: float = 0.2, adapt_length: bool = False,
+            device="cpu", target_accept: float = 0.8, jitter: float = DEFAULT_JITTER, adapt_length: bool = False,
             mode: str = "full_batch", batch_size: int | None = None, x_eval: torch.Tensor | None = None,
             y_eval: torch.Tensor | None = None, checkpoint=None, resume: bool = False,
             checkpoint_every: int | None = None, checkpoint_seconds: float | None = None, progress: bool = False,
@@ -270,16 +239,11 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         raise UserError(f"unknown HMC mode {mode!r}; choose full_batch or legacy")
     if mode == "full_batch" and batch_size is not None:
         raise UserError("batch_size is only used by the legacy HMC mode (full-batch HMC uses every point)")
-    if int(num_chains) < 1 or int(n_samples) < 1:
-        raise UserError(f"num_chains and n_samples must be at least 1, got {num_chains} and {n_samples}")
-    if not (math.isfinite(prior_scale) and prior_scale > 0):
-        raise UserError(f"prior_scale must be a positive number, got {prior_scale}")
-    if checkpoint is None and resume:
-        raise UserError("resume needs a checkpoint folder")
-    checkpoint_seconds = resolve_checkpoint_seconds(checkpoint_seconds)  # a bad setting fails before any work
-    device = resolve_device(device)
-    arch = as_architecture(arch)
-    x, y = check_data(arch, x, y, device)
+    if int(n_samples) < 1:
+        raise UserError(f"n_samples must be at least 1, got {n_samples}")
+    arch, x, y, device, checkpoint_seconds = check_run(
+        arch, x, y, num_chains=num_chains, prior_scale=prior_scale, device=device, checkpoint=checkpoint,
+        resume=resume, checkpoint_seconds=checkpoint_seconds)
     n_samples, num_chains = int(n_samples), int(num_chains)
     settings = dict(n_samples=n_samples, warmup=int(warmup), step_size=float(step_size), num_steps=int(num_steps),
                     num_chains=num_chains, thin=int(thin), prior_scale=float(prior_scale), seed=int(seed),
@@ -293,9 +257,8 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
         draws = -(-n_samples // num_chains)
     cfg = SamplerSettings(draws, int(warmup), float(step_size), int(num_steps), int(thin), float(target_accept),
                           float(jitter), bool(adapt_length))
-    layout = param_layout(init_params(arch, seed))
-    q0 = torch.stack([flatten(init_params(arch, seed + c), layout) for c in range(num_chains)]).to(device)
-    fingerprint = dict(settings, arch=arch.to_json(), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    layout, q0 = initial_positions(arch, num_chains, seed, device)
+    fingerprint = run_fingerprint(settings, arch, x, y)
     steps = f"ChEES-adapted trajectories from {num_steps}" if cfg.adapt_length else f"{num_steps}"
     log(f"hmc ({mode}): {num_chains} chain(s) x ({warmup} warm-up + {draws * cfg.thin} iterations) x {steps} "
         f"leapfrog steps (step-size jitter {cfg.jitter:g}), {q0.shape[1]} parameters, {len(x)} training points")
@@ -365,15 +328,3 @@ def _legacy_batch(x, y, n_samples: int, batch_size, num_chains: int):
             "batch_samples": n_samples // num_batches + 1, "last_batch_size": len(x) - start}
     return x[start:], y[start:], info
 
-
-def check_data(arch, x, y, device):
-    """`data.validate_xy` (class-index labels in range, finite inputs); for a built-in network, inputs are
-    reshaped to its input shape when the sizes agree (e.g. the paper's (N, 1, 2, 1) half-moons layout)."""
-    spec = arch.builtin_spec
-    x, y = validate_xy(x, y, num_classes=None if spec is None else int(spec["num_classes"]))
-    if spec is not None:
-        shape = tuple(int(d) for d in spec["input_shape"])
-        if math.prod(x.shape[1:]) != math.prod(shape):
-            raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the network's input shape {shape}")
-        x = x.reshape(len(x), *shape)
-    return x.to(device), y.to(device)

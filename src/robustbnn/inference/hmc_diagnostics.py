@@ -171,7 +171,7 @@ def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None,
     return out
 
 
-RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1.01; 1.1 is the bar
+RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1.01; the warnings use 1.1
 MIN_ESS = 10
 
 

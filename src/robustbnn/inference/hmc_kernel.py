@@ -46,13 +46,13 @@ Choices (Stan and Pyro conventions unless said):
   warm-up log T follows Adam on the ChEES criterion; after warm-up T stays fixed (still jittered), and a
   run costs sum_t n_t gradients, counted exactly in `grad_evals`.
 - Warm-up (Hoffman & Gelman 2014; Stan reference manual, "HMC algorithm parameters"): the log step size
-  follows dual averaging towards `target_accept` (gamma 0.05, t0 10, kappa 0.75;
-  `pyro.ops.dual_averaging.DualAveraging`, elementwise over chains); the inverse mass matrix is the
-  regularised variance of the draws in doubling windows (`pyro.ops.welford.WelfordCovariance`, diagonal,
-  with Stan's shrinkage; start buffer 75, first window 25, end buffer 50, shrunk to 15% / 75% / 10% for
-  short warm-ups, one window below 20); after each window a new step size is searched (doubled or halved
-  until the one-step acceptance crosses 0.8) and dual averaging restarts at mu = log(10 eps). The final
-  step size is the dual-averaging average.
+  follows dual averaging towards `target_accept` (gamma 0.05, t0 10, kappa 0.75; `_dual_averaging`,
+  elementwise over chains, the arithmetic of Pyro's `DualAveraging`); the inverse mass matrix is the
+  regularised variance of the draws in doubling windows (`_welford_update`, diagonal, as Pyro's
+  `WelfordCovariance`, with Stan's shrinkage; start buffer 75, first window 25, end buffer 50, shrunk to
+  15% / 75% / 10% for short warm-ups, one window below 20); after each window a new step size is searched
+  (doubled or halved until the one-step acceptance crosses 0.8) and dual averaging restarts at
+  mu = log(10 eps). The final step size is the dual-averaging average.
 - A proposal whose energy error H(new) - H(old) exceeds 1000 or is not finite is divergent: it is rejected
   and counted (in warm-up and after it separately). A chain that diverges on 50 consecutive iterations
   stops the run with a UserError (the last checkpoint is kept).
@@ -65,8 +65,6 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
-from pyro.ops.dual_averaging import DualAveraging
-from pyro.ops.welford import WelfordCovariance
 from tqdm.auto import tqdm
 
 from robustbnn.errors import UserError
@@ -201,8 +199,9 @@ class HMCState:
     Position: q (C, D); u = U(q) (C,) float64; g = grad U(q) (C, D); loglik (C,) float64, the target's
     log-likelihood at q (NaN if the target does not give it).
     Adaptation: inv_mass (C, D), the diagonal of M^{-1}; log_eps (C,) float64, the current log step size;
-    Pyro's `DualAveraging` state per chain: da_prox (its prox_center mu), da_g_avg (H-bar), da_x_avg
-    (log eps-bar) and da_t; Pyro's `WelfordCovariance` state: wf_mean, wf_m2 (C, D) float64 and wf_n.
+    dual averaging's state per chain (`_dual_averaging`): da_prox (its prox-center mu), da_g_avg (H-bar),
+    da_x_avg (log eps-bar) and da_t; Welford's running moments (`_welford_update`): wf_mean, wf_m2 (C, D)
+    float64 and wf_n.
     Bookkeeping: it, iterations done; grad_evals (C,) int64 on the CPU, gradient evaluations per chain;
     run_div (C,) int64 on the CPU, consecutive divergent iterations; and the last transition's
     accept_prob (C,) float64, accepted and divergent (C,) bool, energy_error (C,) float64, last_steps
@@ -462,16 +461,10 @@ def _adapt(state: HMCState, t: int, windows, cfg: SamplerSettings, value_and_gra
     """
     w = next(i for i, (a, b) in enumerate(windows) if a <= t <= b)
     last = len(windows) - 1
-    da = DualAveraging(prox_center=state.da_prox, t0=DA_T0, kappa=DA_KAPPA, gamma=DA_GAMMA)
-    da._x_avg, da._g_avg, da._t = state.da_x_avg, state.da_g_avg, state.da_t
-    da.step(cfg.target_accept - state.accept_prob)
-    log_eps, x_avg = da.get_state()
-    state = replace(state, log_eps=log_eps, da_x_avg=x_avg, da_g_avg=da._g_avg, da_t=da._t)
+    state = _dual_averaging(state, cfg.target_accept - state.accept_prob)
     mass_phase = 0 < w < last
     if mass_phase:
-        welford = _welford(state)
-        welford.update(state.q.double())
-        state = replace(state, wf_mean=welford._mean, wf_m2=welford._m2, wf_n=welford.n_samples)
+        state = _welford_update(state)
     if t != windows[w][1]:
         return state
     if cfg.adapt_length:
@@ -480,7 +473,7 @@ def _adapt(state: HMCState, t: int, windows, cfg: SamplerSettings, value_and_gra
     if w == last:
         return replace(state, log_eps=state.da_x_avg.clone())
     if mass_phase and state.wf_n >= 2:
-        inv_mass = _welford(state).get_covariance(regularize=True).to(state.q.dtype)
+        inv_mass = _regularised_variance(state).to(state.q.dtype)
         if cfg.adapt_length:
             state = replace(state, log_T=_rescaled_length(state.log_T, state.inv_mass, inv_mass))
         state = replace(state, inv_mass=inv_mass, wf_mean=torch.zeros_like(state.wf_mean),
@@ -489,12 +482,34 @@ def _adapt(state: HMCState, t: int, windows, cfg: SamplerSettings, value_and_gra
     return state
 
 
-def _welford(state: HMCState) -> WelfordCovariance:
-    """Pyro's diagonal Welford estimator holding the state's running moments (elementwise, so (C, D) works)."""
-    welford = WelfordCovariance(diagonal=True)
-    # a copy of m2: Pyro's update adds to it in place, and the input state must stay as it was
-    welford._mean, welford._m2, welford.n_samples = state.wf_mean, state.wf_m2.clone(), state.wf_n
-    return welford
+def _dual_averaging(state: HMCState, g: torch.Tensor) -> HMCState:
+    """One step of dual averaging per chain with statistic g (C,) (Hoffman & Gelman 2014, eq. 6), in the
+    arithmetic of Pyro's `pyro.ops.dual_averaging.DualAveraging.step` (tests/test_hmc.py checks them equal bit
+    for bit), written out because its state lives in private attributes:
+    H_t = (1 - 1/(t + t0)) H_{t-1} + g/(t + t0); log eps_t = mu - sqrt(t)/gamma H_t;
+    log eps-bar_t = (1 - t^-kappa) log eps-bar_{t-1} + t^-kappa log eps_t."""
+    t = state.da_t + 1
+    g_avg = (1 - 1 / (t + DA_T0)) * state.da_g_avg + g / (t + DA_T0)
+    log_eps = state.da_prox - (t**0.5) / DA_GAMMA * g_avg
+    weight = t ** (-DA_KAPPA)
+    x_avg = (1 - weight) * state.da_x_avg + weight * log_eps
+    return replace(state, log_eps=log_eps, da_x_avg=x_avg, da_g_avg=g_avg, da_t=t)
+
+
+def _welford_update(state: HMCState) -> HMCState:
+    """Welford's running mean and sum of squared deviations of q, elementwise (C, D) in float64: Pyro's diagonal
+    `pyro.ops.welford.WelfordCovariance.update`, written out as `_dual_averaging` is."""
+    x, n = state.q.double(), state.wf_n + 1
+    delta_pre = x - state.wf_mean
+    mean = state.wf_mean + delta_pre / n
+    return replace(state, wf_mean=mean, wf_m2=state.wf_m2 + delta_pre * (x - mean), wf_n=n)
+
+
+def _regularised_variance(state: HMCState) -> torch.Tensor:
+    """The variance of the window's draws with Stan's shrinkage, (n/(n+5)) var + 1e-3 (5/(n+5)), float64 (C, D)
+    (Pyro's `WelfordCovariance.get_covariance(regularize=True)`, diagonal)."""
+    n = state.wf_n
+    return (n / (n + 5.0)) * (state.wf_m2 / (n - 1)) + 1e-3 * (5.0 / (n + 5.0))
 
 
 def _randn(gen, shape, like):

@@ -4,7 +4,7 @@ for C networks at once, forward and backward written out by hand.
 Samplers need nothing else from a network: HMC's potential (inference/hmc.py) and SG-MCMC's minibatch
 gradient (inference/sghmc.py) are this function plus the prior in closed form. For a Sequential of Flatten,
 Linear, identity and relu / leaky relu / sigmoid / tanh layers, with the weights w_c of chain c read as views
-of row c of the flat positions q (C, D) (`posterior.param_layout` order):
+of row c of the flat positions q (C, D) (`forward.param_layout` order):
 
     z_l = a_{l-1} W_l^T + b_l,   a_l = phi_l(z_l),   a_0 = x,
     L_c = sum_i m_i (logsumexp_k z_{L,ik} - z_{L,i y_i}),                       m_i in {0, 1} (padding)
@@ -15,7 +15,7 @@ and by the chain rule (backpropagation, Rumelhart, Hinton & Williams 1986), with
     dL/dW_l = delta_l^T a_{l-1},   dL/db_l = sum_i delta_{l,i},   delta_{l-1} = (delta_l W_l) phi'(z_{l-1}),
 
 phi' read from the layer's output a (PyTorch's own `threshold_backward`, `leaky_relu_backward`,
-`sigmoid_backward`, `tanh_backward` kernels). Against autograd through `posterior.stacked_logits` this builds
+`sigmoid_backward`, `tanh_backward` kernels). Against autograd through `forward.stacked_logits` this builds
 no graph, never computes the gradient of the inputs, needs no unflatten / flatten of parameter dicts, and
 fuses softmax, one-hot and mask into one pass: about 25 tensor operations per gradient, which is what the
 Python-side cost is when the network is small (benchmarks/hmc.py). Any other network returns None from
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from robustbnn.errors import UserError
-from robustbnn.posterior import _mlp_layers, reusable
+from robustbnn.forward import _mlp_layers, reusable
 
 aten = torch.ops.aten
 LOG_FLOOR = 60.0  # see the softmax head of `nll_and_grad`
@@ -97,16 +97,16 @@ def nll_and_grad(plan, q: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: 
     see the module docstring for the formulas. With grad=False only L, and None for the gradient.
 
     `dtype` (default q's): the dtype of the matrix products and activations. torch.bfloat16 runs them on
-    the CPU's bfloat16 matrix units where it has them (AMX: 5-10x the float32 matmul rate here); the weights
+    the CPU's bfloat16 matrix units where it has them (AMX: several times the float32 matmul rate); the weights
     are cast once per call, x should already be in `dtype` (cast it once, not per call), the softmax head
     stays in q's dtype (products accumulate in float32, their results are rounded to 8 significant bits), and
     the gradient comes back in q's dtype. Its relative error is a few times 2^-8 (2% in
     tests/test_grad_dtype.py): small against SG-MCMC's minibatch noise, but not for HMC, whose leapfrog steps
     with it needed step sizes so small that its effective samples per gradient fell 1.7 to 11 times (measured
-    with bfloat16 interior steps and exact float32 trajectory ends and Metropolis test; not kept).
+    with bfloat16 interior steps and exact float32 trajectory ends and Metropolis test; docs/benchmarks.md).
 
     `buffers`: a dict kept by the caller across calls, in which the activations and backpropagated errors
-    live (one (C, B, H) tensor per layer and shape; `posterior.reusable`), so that a sampler's thousands of
+    live (one (C, B, H) tensor per layer and shape; `forward.reusable`), so that a sampler's thousands of
     calls do not allocate them afresh (1.5x faster at n=5000, width 128). The gradient is always new.
     """
     c = q.shape[0]

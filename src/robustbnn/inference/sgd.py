@@ -16,10 +16,12 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from robustbnn.data import validate_xy
+from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
 from robustbnn.nets import as_architecture, init_params, template
-from robustbnn.posterior import DEFAULT_BUDGET, Posterior, activation_numel
+from robustbnn.forward import DEFAULT_BUDGET, activation_numel
+from robustbnn.posterior import Posterior
 
 
 def check_net(arch, x: torch.Tensor, num_classes: int | None = None, y: torch.Tensor | None = None) -> None:
@@ -61,6 +63,7 @@ def member_groups(arch, seeds: list[int], batch_size: int, budget: int = DEFAULT
     return [seeds[i:i + size] for i in range(0, len(seeds), size)]
 
 
+@flushing_denormals()
 def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epochs: int, lr: float,
                batch_size: int, device="cpu", checkpoint=None, resume: bool = False, progress: bool = False,
                log=print) -> Posterior:

@@ -23,31 +23,39 @@ stage"), and `samples_per_cycle` draws are kept, evenly spaced in the sampling s
 of the cycle. eta_0 is given per data point (`lr`): eta = lr / N on U, which is the usual SGD learning rate
 on the mean minibatch loss, so that the settings carry over between data sizes.
 
-Each chain draws its own minibatches (its own permutation of the data every epoch, the last incomplete
-batch dropped so every step uses B points); all C chains run in one batched forward/backward
-(`posterior.stacked_logits` with per-chain inputs). Draws are stored interleaved across chains, as HMC's.
+The sampler is two functions over a typed state, as HMC's (`hmc_kernel`) and the `posteriors` library's:
+
+    state = init(q0)                                    # positions q0 (C, D), velocities 0, step 0
+    state = step(state, batch, minibatch_grad, cfg, gen) # one step of every chain on minibatch indices (C, B)
+
+`run_sgmcmc` folds `step` over the schedule: it draws the minibatches (`next_batch`: each chain its own
+permutation of the data every epoch, the last incomplete batch dropped so every step uses B points), keeps
+the draws (`Draws`) and checkpoints and resumes the run. `run_sghmc` puts the BNN target (`bnn_target`,
+`bnn_minibatch_grad`: all C chains in one batched forward/backward with per-chain inputs) on top and returns
+a `Posterior`; its draws are stored interleaved across chains, as HMC's.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from robustbnn.device import resolve_device
+from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
+from robustbnn.forward import flatten, param_layout, stacked_logits, unflatten
 from robustbnn.inference import hmc_diagnostics
+from robustbnn.inference.bnn_target import bnn_loglik, check_run, initial_positions, run_fingerprint
 from robustbnn.inference.checkpoint import (checkpoint_seconds as resolve_checkpoint_seconds, interrupt_between_steps,
                                             load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest)
-from robustbnn.inference.hmc import check_data, data_chunk, neg_log_lik
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
-from robustbnn.nets import as_architecture, init_params, template
-from robustbnn.posterior import (DEFAULT_BUDGET, Posterior, activation_numel, flatten, param_layout,
-                                 stacked_logits, unflatten)
+from robustbnn.nets import template
+from robustbnn.posterior import Posterior
+
 
 @dataclass(frozen=True)
 class SGHMCSettings:
@@ -107,23 +115,108 @@ class SGHMCSettings:
         return self.lr / self.n_data * 0.5 * (math.cos(math.pi * r) + 1.0)
 
 
-def sghmc_step(q, v, grad, eta: float, noise: bool, cfg: SGHMCSettings, gen: torch.Generator, buf=None) -> None:
-    """One SGHMC step (Chen et al. 2014, eq. 15) of every chain, in place on q and v (C, D):
+# --------------------------------------------------------------------------------------------------
+# The state and its transition
 
-    v <- (1 - alpha) v - eta grad + sqrt(2 alpha eta T) xi (the noise only in the sampling stage); q <- q + v.
 
-    In place because q and v hold millions of numbers: a fresh tensor per operation costs more than the
-    minibatch's matrix products on a CPU. `buf` (like q) receives the noise xi.
+@dataclass(frozen=True, eq=False)
+class SGHMCState:
+    """What SGHMC carries from one step to the next, for C chains in D dimensions: positions q (C, D),
+    velocities v (C, D) (q moves by v each step) and it, the steps done, which places the next step in the
+    cyclical schedule."""
+
+    q: torch.Tensor
+    v: torch.Tensor
+    it: int = 0
+
+
+def init(q0: torch.Tensor) -> SGHMCState:
+    """The state at positions q0 (C, D) (copied), at rest (v = 0), before the first step."""
+    q = q0.detach().clone()
+    return SGHMCState(q=q, v=torch.zeros_like(q), it=0)
+
+
+def step(state: SGHMCState, batch: torch.Tensor, minibatch_grad, cfg: SGHMCSettings, gen: torch.Generator, *,
+         inplace: bool = False, noise: torch.Tensor | None = None) -> SGHMCState:
+    """One SGHMC step of every chain on its minibatch, `batch` (C, B) indices into the data; returns the next state.
+
+    At step k = state.it, with K = cfg.steps_per_cycle, N = cfg.n_data, alpha = cfg.friction, T = cfg.temperature
+    (Chen, Fox & Guestrin 2014, eq. 15, with the gradient-noise estimate B-hat = 0; the step size from the
+    cyclical cosine schedule of Zhang et al. 2020, eq. 1):
+
+        eta_k = (lr / N) / 2 * (cos(pi * mod(k, K) / K) + 1)
+        v <- (1 - alpha) v - eta_k grad U~(q) + sqrt(2 alpha eta_k T) xi,   xi ~ N(0, I) drawn from `gen`
+        q <- q + v
+
+    where grad U~(q) = minibatch_grad(q, batch) is the minibatch estimate of the potential's gradient, and the
+    noise term is there only in each cycle's sampling stage (mod(k, K) >= cfg.noise_from).
+
+    By default the input state is left as it was. `inplace=True` updates its q and v in place instead (the run
+    loop does: they hold millions of numbers, and a fresh tensor per operation costs more than the minibatch's
+    matrix products on a CPU). `noise` (like q), if given, is the buffer that receives xi.
     """
+    k = state.it
+    eta = cfg.eta(k)
+    grad = minibatch_grad(state.q, batch)
+    q, v = (state.q, state.v) if inplace else (state.q.clone(), state.v.clone())
     v.mul_(1.0 - cfg.friction).add_(grad, alpha=-eta)
-    if noise:
-        buf = torch.empty_like(q) if buf is None else buf
-        if buf.device.type == "cpu":
-            buf.normal_(generator=gen)
+    if k % cfg.steps_per_cycle >= cfg.noise_from:
+        xi = torch.empty_like(q) if noise is None else noise
+        if xi.device.type == "cpu":
+            xi.normal_(generator=gen)
         else:  # the generator lives on the CPU so that a seed gives the same draws on every device
-            buf.copy_(torch.randn(q.shape, generator=gen, dtype=q.dtype))
-        v.add_(buf, alpha=math.sqrt(2.0 * cfg.friction * eta * cfg.temperature))
+            xi.copy_(torch.randn(q.shape, generator=gen, dtype=q.dtype))
+        v.add_(xi, alpha=math.sqrt(2.0 * cfg.friction * eta * cfg.temperature))
     q.add_(v)
+    return SGHMCState(q=q, v=v, it=k + 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Minibatches:
+    """Where the chains are in their passes over the data: perm (C, N), each chain's permutation of the data for
+    this epoch (None before the first), and pos, the minibatches of it used so far."""
+
+    perm: torch.Tensor | None = None
+    pos: int = 0
+
+
+def next_batch(batches: Minibatches, cfg: SGHMCSettings, chains: int,
+               gen: torch.Generator) -> tuple[torch.Tensor, Minibatches]:
+    """Each chain's next minibatch (C, B) of indices, and where the chains are then. A new epoch, with a fresh
+    permutation of the N points per chain drawn from `gen`, starts once the N // B whole minibatches of the
+    last are used: the last incomplete batch is dropped, so that every step uses B points."""
+    perm, pos = batches.perm, batches.pos
+    if perm is None or pos >= cfg.n_data // cfg.batch_size:
+        perm, pos = torch.argsort(torch.rand(chains, cfg.n_data, generator=gen), dim=1), 0
+    return perm[:, pos * cfg.batch_size:(pos + 1) * cfg.batch_size], Minibatches(perm, pos + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole run: the kept draws, checkpoints
+
+
+@dataclass(eq=False)
+class Draws:
+    """What a run keeps, filled in place by `run_sgmcmc`: samples {name: (draws, C, *shape)}, the draws split
+    by the layout, of which the first `kept` per chain are filled; stats {name: (C, draws) float64 on the CPU},
+    the per-chain statistics of each draw; parts, the [start, end) ranges of draws already written as
+    checkpoint parts; elapsed, the seconds spent."""
+
+    samples: dict[str, torch.Tensor]
+    kept: int = 0
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: list = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def record(self, q: torch.Tensor, layout, statistics: dict) -> None:
+        """Keep q (C, D) as the next draw of every chain, with its statistics {name: (C,)}."""
+        for name, t in unflatten(q, layout).items():
+            self.samples[name][self.kept] = t
+        n_draws = len(next(iter(self.samples.values())))
+        for name, value in statistics.items():
+            self.stats.setdefault(name, torch.full((q.shape[0], n_draws), math.nan, dtype=torch.float64))
+            self.stats[name][:, self.kept] = value.double().cpu()
+        self.kept += 1
 
 
 def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: int = 0, on_draw=None,
@@ -138,11 +231,10 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     log-likelihood of all data). Returns {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)},
     "time_s"}: the draws split by `layout` ((name, shape) pairs covering q's D numbers in order; default one
     block "q" of shape (D,)), draw-major so that `samples[name].reshape(-1, *shape)` is every draw in the
-    interleaved order of `Posterior` (draw 0 of each chain first) without a copy: the Fashion-MNIST study's
-    draws take 9 GB, and a second copy made at the end took the run to 18 of this 24 GB machine's memory.
+    interleaved order of `Posterior` (draw 0 of each chain first) without a copy (a second copy of the draws
+    would double the run's peak memory).
     With `checkpoint` (a folder) the whole state is saved atomically every `checkpoint_seconds` (default
-    $ROBUSTBNN_CHECKPOINT_SECONDS, else 5 minutes: `checkpoint.checkpoint_seconds`; saving at every cycle's end
-    cost more than a cycle once a fc2-512 run held 100 draws of 4 chains, 1 GB), with the draws kept since the
+    $ROBUSTBNN_CHECKPOINT_SECONDS, else 5 minutes: `checkpoint.checkpoint_seconds`), with the draws kept since the
     last save as a new part (`checkpoint.save_part`), so that no save rewrites the earlier draws; a first Ctrl-C
     (SIGINT) or SIGTERM lets the step finish, saves it and stops with KeyboardInterrupt
     (`checkpoint.interrupt_between_steps`). `resume` continues a saved run with the same fingerprint and gives
@@ -158,63 +250,42 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     covered = sum(math.prod(shape) for _, shape in layout)
     if covered != d:
         raise ValueError(f"the layout covers {covered} numbers, q has {d}")
-    samples = {name: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device) for name, shape in layout}
     # the draws live outside the state: each checkpoint writes those kept since the last as a part [start, end)
-    s = dict(q=q0.detach().clone(), v=torch.zeros_like(q0), it=0, perm=None, pos=0, kept=0, elapsed=0.0, stats={},
-             parts=[])
+    draws = Draws({name: torch.zeros(n_draws, c, *shape, dtype=q0.dtype, device=q0.device) for name, shape in layout})
+    state, batches = init(q0), Minibatches()
     if checkpoint is not None and resume:
         saved = load_checkpoint(checkpoint, fingerprint=fingerprint)
         if saved is not None:
-            state = saved["state"]
-            old = state.pop("samples", None)  # an earlier version kept all draws in the state, as (C, draws, D)
-            s = dict(state, q=state["q"].to(q0.device), v=state["v"].to(q0.device), parts=state.get("parts", []))
-            if old is not None:
-                for name, t in unflatten(old.transpose(0, 1).reshape(-1, d), layout).items():
-                    samples[name][:old.shape[1]] = t.reshape(-1, c, *t.shape[1:])
-            for start, end in s["parts"]:
-                part = load_part(checkpoint, f"draws_{start}")
-                for name in samples:
-                    samples[name][start:end] = part.pop(name).to(q0.device)
+            state, batches = _restore(saved["state"], draws, checkpoint, layout, q0.device)
             gen.set_state(saved["rng"])
-            log(f"sghmc: resuming from {checkpoint} at step {s['it']} of {cfg.steps}")
-    batches = cfg.n_data // cfg.batch_size
-    noise_buf = torch.empty_like(s["q"])
+            log(f"sghmc: resuming from {checkpoint} at step {state.it} of {cfg.steps}")
+    noise = torch.empty_like(state.q)
 
     def save():
         if checkpoint is not None:
-            start = s["parts"][-1][1] if s["parts"] else 0
-            if s["kept"] > start:  # slices along the draws are contiguous: written without a copy
-                save_part(checkpoint, f"draws_{start}", {name: t[start:s["kept"]] for name, t in samples.items()})
-                s["parts"].append([start, s["kept"]])
-            state = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
-            save_checkpoint(checkpoint, {"fingerprint": fingerprint, "state": state, "rng": gen.get_state()})
+            start = draws.parts[-1][1] if draws.parts else 0
+            if draws.kept > start:  # slices along the draws are contiguous: written without a copy
+                save_part(checkpoint, f"draws_{start}",
+                          {name: t[start:draws.kept] for name, t in draws.samples.items()})
+                draws.parts.append([start, draws.kept])
+            save_checkpoint(checkpoint, {"fingerprint": fingerprint, "rng": gen.get_state(),
+                                         "state": _checkpoint_state(state, batches, draws)})
 
-    bar = tqdm(total=cfg.steps, initial=s["it"], disable=not progress, desc="sghmc", unit="step")
+    bar = tqdm(total=cfg.steps, initial=state.it, disable=not progress, desc="sghmc", unit="step")
     last_save = time.perf_counter()
     cycle_time = dict(steps=0.0, draws=0.0, checkpoints=0.0)  # this cycle's seconds, for its log line
     with interrupt_between_steps() as interrupted, bar:
-        while s["it"] < cfg.steps:
+        while state.it < cfg.steps:
             started = time.perf_counter()
-            if s["perm"] is None or s["pos"] >= batches:  # a new epoch: every chain its own permutation
-                s["perm"] = torch.argsort(torch.rand(c, cfg.n_data, generator=gen), dim=1)
-                s["pos"] = 0
-            idx = s["perm"][:, s["pos"] * cfg.batch_size:(s["pos"] + 1) * cfg.batch_size]
-            s["pos"] += 1
-            k, within = s["it"], s["it"] % cfg.steps_per_cycle
-            grad = minibatch_grad(s["q"], idx.to(q0.device))
-            sghmc_step(s["q"], s["v"], grad, cfg.eta(k), within >= cfg.noise_from, cfg, gen, noise_buf)
-            if not torch.isfinite(s["q"].sum(-1)).all():  # a sum is non-finite if any weight is (and 10x cheaper)
+            idx, batches = next_batch(batches, cfg, c, gen)
+            k, within = state.it, state.it % cfg.steps_per_cycle
+            state = step(state, idx.to(q0.device), minibatch_grad, cfg, gen, inplace=True, noise=noise)
+            if not torch.isfinite(state.q.sum(-1)).all():  # a sum is non-finite if any weight is (and 10x cheaper)
                 raise UserError(f"SGHMC diverged at step {k} (non-finite weights): use a smaller --lr")
-            s["it"] += 1
             stepped = time.perf_counter()
             cycle_time["steps"] += stepped - started
             if within in per_cycle and k // cfg.steps_per_cycle >= cfg.burnin_cycles:
-                for name, t in unflatten(s["q"], layout).items():
-                    samples[name][s["kept"]] = t
-                for name, value in (on_draw(s["q"]) if on_draw else {}).items():
-                    s["stats"].setdefault(name, torch.full((c, n_draws), math.nan, dtype=torch.float64))
-                    s["stats"][name][:, s["kept"]] = value.double().cpu()
-                s["kept"] += 1
+                draws.record(state.q, layout, on_draw(state.q) if on_draw else {})
                 cycle_time["draws"] += time.perf_counter() - stepped
             bar.update(1)
             stop = interrupted()  # Ctrl-C or SIGTERM: save this step's state, then stop
@@ -223,17 +294,45 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
                 save()
                 last_save = time.perf_counter()
                 cycle_time["checkpoints"] += last_save - saving
-            s["elapsed"] += time.perf_counter() - started
+            draws.elapsed += time.perf_counter() - started
             if stop:
-                log(f"sghmc: interrupted at step {s['it']} of {cfg.steps}"
+                log(f"sghmc: interrupted at step {state.it} of {cfg.steps}"
                     + (f"; checkpoint saved in {checkpoint}" if checkpoint is not None else ""))
                 raise KeyboardInterrupt
             if within == cfg.steps_per_cycle - 1:
                 parts = ", ".join(f"{name} {t:.1f}s" for name, t in cycle_time.items() if t > 0)
                 log(f"sghmc: cycle {k // cfg.steps_per_cycle + 1} of {cfg.cycles} done in "
-                    f"{sum(cycle_time.values()):.1f}s ({parts}), {s['kept']} draws per chain, {s['elapsed']:.0f}s in all")
+                    f"{sum(cycle_time.values()):.1f}s ({parts}), {draws.kept} draws per chain, {draws.elapsed:.0f}s "
+                    "in all")
                 cycle_time = dict.fromkeys(cycle_time, 0.0)
-    return {"samples": samples, "stats": s["stats"], "time_s": s["elapsed"]}
+    return {"samples": draws.samples, "stats": draws.stats, "time_s": draws.elapsed}
+
+
+def _checkpoint_state(state: SGHMCState, batches: Minibatches, draws: Draws) -> dict:
+    """The checkpoint's "state" entry, on the CPU: the flat dict that earlier versions saved (q, v, it, perm, pos,
+    kept, elapsed, stats, parts), so that their checkpoints and these read the same way."""
+    perm = None if batches.perm is None else batches.perm.cpu()
+    return dict(q=state.q.cpu(), v=state.v.cpu(), it=state.it, perm=perm, pos=batches.pos, kept=draws.kept,
+                elapsed=draws.elapsed, stats=draws.stats, parts=draws.parts)
+
+
+def _restore(saved: dict, draws: Draws, checkpoint, layout, device) -> tuple[SGHMCState, Minibatches]:
+    """The state and minibatch position of a checkpoint's "state" entry (`_checkpoint_state`); its draws are read
+    into `draws` from the parts it names, or, as an earlier version saved them, from a "samples" entry holding all
+    draws as (C, draws, D)."""
+    draws.kept, draws.elapsed, draws.stats = saved["kept"], saved["elapsed"], saved["stats"]
+    draws.parts = saved.get("parts", [])
+    old = saved.get("samples")
+    if old is not None:
+        c, d = old.shape[0], old.shape[-1]
+        for name, t in unflatten(old.transpose(0, 1).reshape(-1, d), layout).items():
+            draws.samples[name][:old.shape[1]] = t.reshape(-1, c, *t.shape[1:])
+    for start, end in draws.parts:
+        part = load_part(checkpoint, f"draws_{start}")
+        for name in draws.samples:
+            draws.samples[name][start:end] = part.pop(name).to(device)
+    state = SGHMCState(q=saved["q"].to(device), v=saved["v"].to(device), it=saved["it"])
+    return state, Minibatches(saved["perm"], saved["pos"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,7 +347,7 @@ def bnn_minibatch_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     place, as autograd of ||q||^2 would cost three passes over q).
 
     `dtype` torch.bfloat16: the network's matrix products in bfloat16 (`nll_and_grad`'s dtype; autocast for
-    other networks), 2.6x faster for MNIST fc2-512 on this machine's AMX units. Its rounding error, a few
+    other networks), faster on CPUs with bfloat16 matrix units (docs/benchmarks.md). Its rounding error, a few
     percent of the gradient, is far below the minibatch noise SGHMC already samples with."""
     net = template(arch).to(x.device)
     layout = param_layout(dict(net.named_parameters()))
@@ -271,30 +370,7 @@ def bnn_minibatch_grad(arch, x: torch.Tensor, y: torch.Tensor, prior_scale: floa
     return grad
 
 
-def bnn_loglik(arch, x: torch.Tensor, y: torch.Tensor, budget: int = DEFAULT_BUDGET):
-    """q (C, D) -> sum_i log p(y_i | x_i, q_c) over all the data, (C,) float64, in float32 chunks within `budget`
-    (for perceptrons the forward half of `mlp_grad.nll_and_grad`, in cache-sized chunks, `hmc.data_chunk`)."""
-    net = template(arch).to(x.device)
-    layout = param_layout(dict(net.named_parameters()))
-    per_input = activation_numel(net, x.shape[1:])
-    plan = mlp_plan(net, layout, x.shape[1:])
-    buffers = {}
-
-    @torch.no_grad()
-    def loglik(q):
-        chunk = data_chunk(plan, q.shape[0], per_input, budget, x.device)
-        total = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
-        params = None if plan is not None else unflatten(q, layout)
-        for lo in range(0, len(x), chunk):
-            xc, yc = x[lo:lo + chunk], y[lo:lo + chunk]
-            nll = (nll_and_grad(plan, q, xc, yc, buffers=buffers, grad=False)[0] if plan is not None
-                   else neg_log_lik(net, params, xc, yc))
-            total -= nll.double()
-        return total
-
-    return loglik
-
-
+@flushing_denormals()
 def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epochs_per_cycle: int = 1,
               samples_per_cycle: int = 1, burnin_cycles: int = 10, lr: float = 0.1, friction: float = 0.1,
               temperature: float = 1.0, explore_fraction: float = 0.5, batch_size: int = 500, num_chains: int = 4,
@@ -323,18 +399,11 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     split R-hat and ESS across chains, the R-hat of each parameter tensor's squared norm, and with `x_eval`
     those of the test predictive probabilities of every (test point, class) pair (`hmc_diagnostics.summarise`).
     """
-    if int(num_chains) < 1:
-        raise UserError(f"num_chains must be at least 1, got {num_chains}")
-    if not (math.isfinite(prior_scale) and prior_scale > 0):
-        raise UserError(f"prior_scale must be a positive number, got {prior_scale}")
-    if checkpoint is None and resume:
-        raise UserError("resume needs a checkpoint folder")
-    checkpoint_seconds = resolve_checkpoint_seconds(checkpoint_seconds)  # a bad setting fails before any work
     if int(epochs_per_cycle) < 1:
         raise UserError(f"epochs_per_cycle must be at least 1, got {epochs_per_cycle}")
-    device = resolve_device(device)
-    arch = as_architecture(arch)
-    x, y = check_data(arch, x, y, device)
+    arch, x, y, device, checkpoint_seconds = check_run(
+        arch, x, y, num_chains=num_chains, prior_scale=prior_scale, device=device, checkpoint=checkpoint,
+        resume=resume, checkpoint_seconds=checkpoint_seconds)
     if not 1 <= int(batch_size) <= len(x):
         raise UserError(f"batch_size must lie between 1 and the number of training points ({len(x)}), got {batch_size}")
     settings = dict(cycles=int(cycles), epochs_per_cycle=int(epochs_per_cycle),
@@ -348,10 +417,10 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     cfg = SGHMCSettings(int(cycles), int(epochs_per_cycle) * (len(x) // int(batch_size)), int(samples_per_cycle),
                         float(lr), float(friction), float(temperature), float(explore_fraction), len(x),
                         int(batch_size), int(burnin_cycles))
-    layout = param_layout(init_params(arch, seed))
-    q0 = (last_draws(init, layout, int(num_chains)) if init is not None else
-          torch.stack([flatten(init_params(arch, seed + c), layout) for c in range(int(num_chains))])).to(device)
-    fingerprint = dict(settings, arch=arch.to_json(), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    layout, q0 = initial_positions(arch, int(num_chains), seed, device)
+    if init is not None:  # each chain continues from its last draw in `init`
+        q0 = last_draws(init, layout, int(num_chains)).to(device)
+    fingerprint = run_fingerprint(settings, arch, x, y)
     if init is not None:  # an extension draws other minibatches and noise than the run it extends did with `seed`
         seed = (seed * 1_000_003 + int(tensor_digest(q0), 16)) % 2**63
     log(f"sghmc: {num_chains} chain(s) x {cycles} cycle(s) x {epochs_per_cycle} epochs ({cfg.steps_per_cycle} steps "

@@ -6,7 +6,7 @@ inputs that the attacks before it did not break, and success is judged with the 
 posterior predictive over its own samples, never one stochastic forward pass:
 - a fixed-sample posterior (nn, ensemble, mcmc, a VI posterior drawn once) is deterministic: its
   log p(x) is exact, so attacks need no EOT;
-- a defence that draws fresh weights at every prediction (`posterior.FreshSamples`) is attacked with
+- a defence that draws fresh weights at every prediction (`guide.FreshSamples`) is attacked with
   EOT gradients (`eot_iter` draws per step); the verdict uses one fresh draw of the defender's S
   samples (its prediction), and `fooled_share` reports the share of `fresh_draws` independent draws
   that an adversarial input fools.
@@ -30,7 +30,6 @@ outputs that are already probabilities; the paper's legacy evaluation overstates
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -38,14 +37,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from robustbnn.attacks import apgd, check_bounds, check_eps, check_inputs, fgsm, input_gradient, margin, pgd, square
-from robustbnn.attacks.losses import fixed_samples, legacy_out_of_logits
+from robustbnn.attacks import (REGISTRY, Model, check_bounds, check_eps, check_inputs, fixed_samples, input_gradient,
+                               log_wrong_mass, margin, run_attack)
+from robustbnn.attacks.losses import logp_objective_grad
+from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
-from robustbnn.posterior import FreshSamples, Posterior
+from robustbnn.guide import FreshSamples
+from robustbnn.measures import paper_evaluation
+from robustbnn.posterior import Posterior
 
-ATTACKS = ("apgd-ce", "apgd-margin", "apgd-t", "apgd-dlr", "square", "pgd", "fgsm")
-APGD_ATTACKS = ("apgd-ce", "apgd-margin", "apgd-t", "apgd-dlr")
-GRADIENT_ATTACKS = APGD_ATTACKS + ("pgd", "fgsm")
+ATTACKS = tuple(REGISTRY)  # the attacks a battery may hold (`attacks.registry`)
+APGD_ATTACKS = tuple(a for a in ATTACKS if a.startswith("apgd-"))
+GRADIENT_ATTACKS = tuple(a for a in ATTACKS if REGISTRY[a].gradient)
 DEFAULT_BATTERY = ("apgd-ce", "apgd-margin", "apgd-t", "square")  # fixed-sample posteriors
 EOT_BATTERY = ("apgd-ce", "apgd-dlr", "square")  # fresh-sample defences
 # Flag thresholds (percentage points or fractions), stated in the report.
@@ -108,12 +111,12 @@ def effort_of(attack: pd.Series) -> pd.Series:
     return attack.str.extract(r"-effort(\d+)$")[0].fillna("0").astype(int)
 
 
-def _defender(model):
+def _defender(model: Model) -> Posterior:
     """The defender's predictive: the posterior itself, or one fresh draw (seeded apart from the attack's)."""
-    return model if isinstance(model, Posterior) else model.draw(10**6)
+    return model.predictor(10**6)
 
 
-def _margins(model, x, y) -> torch.Tensor:
+def _margins(model: Model, x, y) -> torch.Tensor:
     return margin(_defender(model).log_predictive(x), y)
 
 
@@ -126,46 +129,7 @@ def has_gradients(post: Posterior, x, y) -> bool:
     return bool(torch.isfinite(g).all())
 
 
-def run_attack(name: str, model, x, y, eps: float, s: Settings, bounds) -> tuple[torch.Tensor, torch.Tensor]:
-    """One attack of the battery on (x, y): (adversarial inputs, cost per input: gradient passes or queries)."""
-    post = fixed_samples(model)
-    kw = dict(iterations=s.iterations, restarts=s.restarts, eot_iter=s.eot_iter if isinstance(model, FreshSamples)
-              else 1, bounds=bounds, seed=s.seed, return_info=True)
-    if name in ("apgd-ce", "apgd-margin", "apgd-dlr"):
-        out, info = apgd(model, x, y, eps, loss=name[5:], **kw)
-        return out, info["gradient_evals"]
-    if name == "apgd-t":
-        return _apgd_targeted(model, post, x, y, eps, s.targets, kw)
-    if name == "square":
-        out, info = square(model, x, y, eps, queries=s.square_queries, bounds=bounds, seed=s.seed, return_info=True)
-        return out, info["queries"]
-    if name == "pgd":
-        return (pgd(post, x, y, eps, iterations=s.iterations, random_start=True, restarts=s.restarts, keep_best=True,
-                    bounds=bounds, seed=s.seed), torch.full((len(x),), float(s.iterations * s.restarts)))
-    return fgsm(post, x, y, eps, bounds=bounds), torch.ones(len(x))
-
-
-def _apgd_targeted(model, post, x, y, eps, targets: int, kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """APGD-T: APGD on the draw-averaged margin towards the t-th most likely wrong class of the clean predictive,
-    t = 1 .. `targets`, each on the inputs the targets before it did not break (AutoAttack's APGD-T, with the
-    per-draw margin in place of the targeted DLR; for one network, the targeted Carlini-Wagner margin)."""
-    out, cost = x.clone(), torch.zeros(len(x))
-    wrong = post.log_predictive(x).scatter(-1, y.unsqueeze(-1), -math.inf).argsort(-1, descending=True)
-    todo = torch.arange(len(x), device=x.device)
-    for t in range(min(int(targets), wrong.shape[-1] - 1)):
-        if not len(todo):
-            break
-        adv, info = apgd(model, x[todo], y[todo], eps, loss="margin", target=wrong[todo, t], **kw)
-        cost[todo.cpu()] += info["gradient_evals"]
-        hit = info["broken"].to(x.device)
-        out[todo[hit]] = adv[hit]
-        if t == 0:
-            out[todo[~hit]] = adv[~hit]
-        todo = todo[~hit]
-    return out, cost
-
-
-def battery(model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bounds=(0.0, 1.0),
+def battery(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bounds=(0.0, 1.0),
             progress: bool = False) -> tuple[pd.DataFrame, torch.Tensor]:
     """The battery at one eps, then its effort rounds: a tidy frame (attack, input, broken, margin, cost,
     seconds: the attack's wall-clock time shared out over the inputs it ran on) and each input's worst point (the one that broke it, else the lowest-margin point any attack reached).
@@ -188,7 +152,7 @@ def battery(model, x: torch.Tensor, y: torch.Tensor, eps: float, s: Settings, bo
         if not len(idx):
             return 0
         started = time.perf_counter()
-        x_adv, cost = run_attack(name, model, x[idx], y[idx], eps, settings, bounds)
+        x_adv, cost = run_attack(name, model, x[idx], y[idx], eps, settings=settings, bounds=bounds)
         m = _margins(model, x_adv, y[idx])
         seconds = (time.perf_counter() - started) / len(idx)
         lower = m < m_worst[idx]
@@ -242,20 +206,9 @@ def budget_curve(row: dict) -> str:
 
 def fooled_share(model: FreshSamples, x_adv, y, draws: int) -> float:
     """Fresh-sample defence: the mean share of `draws` independent predictive draws that x_adv fools."""
-    fooled = [(margin(model.draw(10**6 + 1 + k).log_predictive(x_adv), y) < 0).float().mean().item()
+    fooled = [(margin(model.predictor(10**6 + 1 + k).log_predictive(x_adv), y) < 0).float().mean().item()
               for k in range(draws)]
     return sum(fooled) / len(fooled)
-
-
-def legacy_evaluation(post: Posterior, x, y, eps: float, bounds) -> dict:
-    """The paper's evaluation: FGSM and its PGD (alpha = 2 / max x, 40 steps) on the legacy loss, accuracy
-    of argmax p(x), and the legacy (double-softmax) softmax robustness of the PGD points."""
-    x_f = fgsm(post, x, y, eps, loss="legacy", bounds=bounds)
-    x_p = pgd(post, x, y, eps, loss="legacy", legacy=True, bounds=bounds)
-    acc = lambda z: 100.0 * (post.log_predictive(z).argmax(-1) == y).float().mean().item()  # noqa: E731
-    out_clean, out_adv = (legacy_out_of_logits(post, post.logits(z)) for z in (x, x_p))
-    rob = 1.0 - (out_clean.softmax(-1) - out_adv.softmax(-1)).abs().amax(-1)
-    return {"legacy_fgsm_acc": acc(x_f), "legacy_pgd_acc": acc(x_p), "legacy_softmax_robustness": rob.mean().item()}
 
 
 def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input: pd.DataFrame, s: Settings,
@@ -281,9 +234,12 @@ def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input
          f"robust accuracy {box_acc:.1f}% at eps = {box:g} (the whole input box: any input is reachable)")
     drop, detail = more_effort(model, x, y, per_input, s, bounds)
     flag("more_effort_lowers_accuracy", drop > MORE_EFFORT_DROP, round(drop, 2), detail)
-    zero = (input_gradient(post, x, y) == 0).float().mean().item() if has_gradients(post, x, y) else 1.0
+    # the gradient of the battery's CE objective log(1 - p_y), not of -log p_y: a saturated softmax zeroes the latter
+    # in float32 on any confident model, which is not masking
+    zero = ((logp_objective_grad(post, x, y, log_wrong_mass)[1] == 0).float().mean().item()
+            if has_gradients(post, x, y) else 1.0)
     flag("zero_input_gradients", zero > ZERO_GRAD_MAX, round(zero, 4),
-         f"{100 * zero:.1f}% of the input-gradient components of -log p(x)[y] are exactly 0")
+         f"{100 * zero:.1f}% of the input-gradient components of log(1 - p(x)_y) are exactly 0")
     out = post.logits(x[:64])
     probs = bool(((out >= 0).all() & ((out.sum(-1) - 1).abs() < 1e-4).all()).item())
     flag("outputs_are_probabilities", probs, probs,
@@ -380,7 +336,8 @@ def note(model, s: Settings) -> str:
             f"draw of the defender's samples; fooled_share over {s.fresh_draws} independent draws")
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settings = Settings(), *,
+@flushing_denormals()
+def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settings = Settings(), *,
              bounds=(0.0, 1.0), legacy: bool = True, flags: bool = True, progress: bool = False) -> dict:
     """Robust accuracy of `model` (a `Posterior` or `FreshSamples`) for each eps, worst case over the battery.
 
@@ -409,8 +366,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settin
         row = {"eps": eps, **accuracies(frame, s.attacks)}
         if isinstance(model, FreshSamples):
             row["fooled_share"] = fooled_share(model, worst, yd, s.fresh_draws)
-        if legacy:
-            row.update(legacy_evaluation(post, xd, yd, eps, (lo, hi)))
+        if legacy:  # the paper's evaluation, beside the battery
+            paper = paper_evaluation(post, xd, yd, eps, (lo, hi))
+            row.update(legacy_fgsm_acc=paper["fgsm"]["adv_acc"], legacy_pgd_acc=paper["pgd"]["adv_acc"],
+                       legacy_softmax_robustness=paper["pgd"]["legacy_softmax_robustness"])
         rows.append(row)
     per_input = pd.concat(frames, ignore_index=True)
     summary = pd.DataFrame(rows)

@@ -1,14 +1,17 @@
-"""Models on disk: settings from a preset plus explicit flags, their folders, and train-or-load.
+"""Models on disk: settings from a preset plus explicit settings, their folders, and train-or-load.
 
-A model's settings are a plain dict (the preset `--model_idx`, every explicitly given flag on top);
-its folder is `<savedir>/<the seed's name for those settings>`, holding `posterior.safetensors`,
-`config.json`, and `history.csv` (networks, VI) or `diagnostics.json` (HMC). The seed's names leave out
-the training size and the seed; a model trained on another --n_inputs than the default 60000 or with
-another --seed than 0 adds `_inp=N` / `_seed=S`, so that such runs never share (and overwrite) a folder,
-while the paper's default runs keep the seed's names.
+A model's settings are a plain dict (the preset `model_idx`, every explicitly given setting on top, then the
+defaults of `BNN_FLAGS` and `SGHMC_FLAGS`); its folder is `<savedir>/<the seed's name for those settings>`
+(`model_folder`), holding `posterior.safetensors`, `config.json`, and `history.csv` (networks, VI) or
+`diagnostics.json` (HMC). The seed's names leave out the training size and the seed; a model trained on another
+n_inputs than the default 60000 or with another seed than 0 adds `_inp=N` / `_seed=S`, so that such runs never
+share (and overwrite) a folder, while the paper's default runs keep the seed's names.
 
 A training run checks everything it can before it writes anything (`check_run`: the architecture on one
-training input, the sampler's settings, --init_from), so a refused run leaves no folder behind.
+training input, the sampler's settings, init_from), so a refused run leaves no folder behind.
+
+The commands' flags for these settings (`--model_idx`, the overrides, the BNN flags) are the argparse half,
+`experiments/model_flags.py`; its flags take their defaults from the tables here.
 """
 
 from __future__ import annotations
@@ -19,133 +22,51 @@ import sys
 import time
 from pathlib import Path
 
-from robustbnn import posterior
-from robustbnn.posterior import param_layout
+from robustbnn import storage
 from robustbnn.artifacts import model_name, resolve_savedir, write_config, write_csv, write_json
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import (PROGRESS, json_object, nonneg_float, nonneg_int, positive_float,
-                                          positive_int, str2bool)
+from robustbnn.forward import param_layout
 from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.inference.hmc import run_hmc
-from robustbnn.inference.hmc_kernel import SamplerSettings
-from robustbnn.inference.mlp_grad import GRAD_DTYPES
+from robustbnn.inference.hmc_diagnostics import convergence_warnings
+from robustbnn.inference.hmc_kernel import DEFAULT_JITTER, SamplerSettings
+from robustbnn.inference.sghmc import SGHMCSettings, last_draws, run_sghmc
 from robustbnn.inference.sgd import check_net, train_nets
 from robustbnn.inference.vi import train_vi
-from robustbnn.nets import ACTIVATIONS, ARCHITECTURES, Architecture, as_architecture, init_params
+from robustbnn.nets import Architecture, as_architecture, init_params
 from robustbnn.plots import training_curves
-from robustbnn.inference.hmc_diagnostics import convergence_warnings
-from robustbnn.inference.sghmc import SGHMCSettings, last_draws, run_sghmc
-from robustbnn.presets import (BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, SGHMC_DEFAULTS,
-                               preset)
+from robustbnn.presets import BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, SGHMC_DEFAULTS, preset
 
-DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10", "half_moons")
-# The seed's --n_inputs default: a model trained on another number of points says so in its folder name.
+# The seed's n_inputs default: a model trained on another number of points says so in its folder name.
 DEFAULT_N_INPUTS = 60000
 TRAIN_COMMANDS = {"nn": "train-nn", "ensemble": "train-ensemble", "bnn": "train-bnn"}
 
-
-def inference_name(value: str) -> str:
-    """The seed's `svi` is our `vi`."""
-    return "vi" if value == "svi" else value
-
-
-# Flags that override a preset value when given explicitly (default None = keep the preset's).
-OVERRIDES = {
-    "dataset": dict(choices=DATASET_CHOICES),
-    "architecture": dict(choices=ARCHITECTURES),
-    "hidden_size": dict(type=positive_int),
-    "activation": dict(choices=tuple(ACTIVATIONS)),
-    "epochs": dict(type=positive_int),
-    "lr": dict(type=positive_float),
-    "batch_size": dict(type=positive_int),
-}
-BNN_OVERRIDES = {
-    "inference": dict(type=inference_name, choices=("vi", "hmc", "sghmc"),
-                      help="vi (the seed's svi), hmc (full batch) or sghmc (cyclical stochastic-gradient HMC)"),
-    "n_samples": dict(type=positive_int, help="HMC: samples kept; VI: samples drawn from the guide"),
-    "warmup": dict(type=positive_int, help="HMC warm-up iterations"),
-    "step_size": dict(type=positive_float, help="HMC initial step size"),
-    "num_steps": dict(type=positive_int, help="HMC leapfrog steps per iteration (the step size adapts; with "
-                                              "--adapt_length only the starting trajectory length)"),
-}
-# BNN settings that are not in the presets: name -> (default, argparse keywords).
+# Preset settings that an explicitly given value (not None) overrides: every model, and BNNs.
+OVERRIDES = ("dataset", "architecture", "hidden_size", "activation", "epochs", "lr", "batch_size")
+BNN_OVERRIDES = ("inference", "n_samples", "warmup", "step_size", "num_steps")
+# BNN settings that are not in the presets: name -> default (num_chains None: 1 for hmc, 4 for sghmc).
 BNN_FLAGS = {
-    "prior_scale": (1.0, dict(type=positive_float, help="std of the N(0, s^2) weight prior")),
-    "likelihood": ("scaled", dict(choices=("scaled", "legacy"), help="VI: scaled = true ELBO (N / batch); "
-                                  "legacy = the paper's unscaled minibatch term")),
-    "num_chains": (None, dict(type=positive_int, help="MCMC chains, run as one batch (R-hat and ESS need 2+; "
-                                                     "default 1 for hmc, 4 for sghmc)")),
-    "thin": (1, dict(type=positive_int, help="HMC: keep every k-th draw after warm-up, so that the first S "
-                                             "samples are less autocorrelated")),
-    "target_accept": (0.8, dict(type=positive_float, help="HMC: acceptance probability the step-size adaptation "
-                                                           "aims at")),
-    "jitter": (0.2, dict(type=nonneg_float, help="HMC: each chain's step size is drawn from eps * U(1 - j, 1 + j) "
-                         "every iteration (Stan's stepsize_jitter), so that a resonant trajectory length cannot "
-                         "stall a chain; 0 = off, must be < 1")),
-    "adapt_length": (False, dict(type=str2bool, help="HMC: adapt the trajectory length in warm-up with ChEES (Hoffman, "
-                                 "Radul & Sountsov 2021), starting from --num_steps steps; needs --num_chains >= 2")),
-    "hmc_mode": ("full_batch", dict(choices=("full_batch", "legacy"), help="legacy = the paper's per-minibatch "
-                                    "chains (reproduction only)")),
-    "grad_dtype": ("float32", dict(choices=tuple(GRAD_DTYPES), help="SGHMC: dtype of the minibatch gradients' matrix "
-                                   "products; bfloat16 runs them on the CPU's bfloat16 matrix units (AMX) or a GPU's "
-                                   "tensor cores, 2.6x faster for MNIST fc2-512 here")),
+    "prior_scale": 1.0,
+    "likelihood": "scaled",
+    "num_chains": None,
+    "thin": 1,
+    "target_accept": 0.8,
+    "jitter": DEFAULT_JITTER,
+    "adapt_length": False,
+    "hmc_mode": "full_batch",
+    "grad_dtype": "float32",
 }
-# Settings of --inference sghmc only: name -> (default, argparse keywords).
+# Settings of inference sghmc only: name -> default.
 SGHMC_FLAGS = {
-    "cycles": (40, dict(type=positive_int, help="SGHMC: cycles of the cosine step-size schedule, burn-in included")),
-    "burnin_cycles": (10, dict(type=nonneg_int, help="SGHMC: first cycles whose draws are discarded")),
-    "epochs_per_cycle": (1, dict(type=positive_int, help="SGHMC: epochs per cycle")),
-    "samples_per_cycle": (1, dict(type=positive_int, help="SGHMC: draws kept per cycle per chain, at its end")),
-    "friction": (0.1, dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)")),
-    "temperature": (1.0, dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)")),
-    "explore_fraction": (0.5, dict(type=nonneg_float, help="SGHMC: first fraction of each cycle run without noise")),
-    "init_from": (None, dict(metavar="FOLDER", help="SGHMC: extend the chains of this saved SGHMC (or HMC) model of "
-                             "the same architecture and --num_chains: each chain starts at its last draw")),
+    "cycles": 40,
+    "burnin_cycles": 10,
+    "epochs_per_cycle": 1,
+    "samples_per_cycle": 1,
+    "friction": 0.1,
+    "temperature": 1.0,
+    "explore_fraction": 0.5,
+    "init_from": None,
 }
-
-
-def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_size: int = 100,
-                    user_arch: bool = False) -> None:
-    """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn, or any).
-
-    `test_points`: the command uses the model on test points; then --n_inputs counts the test points,
-    --train_inputs is the n_inputs the model was trained with and --train_seed its --seed (both pick its
-    folder; --seed is the command's own).
-    `user_arch`: also --arch / --arch_kwargs, a user's own architecture.
-    """
-    g = parser.add_argument_group("model")
-    table = {"bnn": "saved_BNNs", "any": "saved_BNNs for bnn, else saved_NNs"}.get(kind, "saved_NNs")
-    g.add_argument("--model_idx", type=int, default=0, help=f"index into the paper's presets ({table})")
-    if test_points:
-        g.add_argument("--n_inputs", type=positive_int, default=1000,
-                       help="number of test points used (the first n); the model's own n_inputs is --train_inputs")
-        g.add_argument("--train_inputs", type=positive_int, default=DEFAULT_N_INPUTS,
-                       help="the --n_inputs the model was trained with (part of its folder name unless "
-                            f"{DEFAULT_N_INPUTS}; half-moons BNN names always hold it)")
-        g.add_argument("--train_seed", type=int, default=0,
-                       help="the --seed the model was trained with, or is with --train=True (part of its folder "
-                            "name unless 0); --seed seeds this command's own random choices")
-    else:
-        g.add_argument("--n_inputs", type=positive_int, default=DEFAULT_N_INPUTS,
-                       help="first n training points and first n test points (the seed's semantics)")
-    for name, kw in (OVERRIDES | (BNN_OVERRIDES if kind in ("bnn", "any") else {})).items():
-        g.add_argument(f"--{name}", default=None, **{"help": "override the preset", **kw})
-    if user_arch:
-        g.add_argument("--arch", default=None, metavar="PACKAGE.MODULE:FUNCTION",
-                       help="your own architecture: a function returning a torch nn.Module (logits); replaces "
-                            "--architecture, --hidden_size and --activation (the dataset still comes from the preset). "
-                            "Also the factory of a model you trust, needed to load a model built from your own "
-                            "architecture: a saved model builds no factory but robustbnn's own unless you name it")
-        g.add_argument("--arch_kwargs", type=json_object, default=None, metavar="JSON",
-                       help="keyword arguments of --arch, as a JSON object")
-    if kind in ("ensemble", "any"):
-        g.add_argument("--ensemble_size", type=positive_int, default=ensemble_size, help="number of members")
-    if kind in ("bnn", "any"):
-        for name, (default, kw) in (BNN_FLAGS | SGHMC_FLAGS).items():
-            g.add_argument(f"--{name}", default=default, **kw)
-    g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
-
-
 # The settings `run_sghmc` takes (besides data, seed and device).
 SGHMC_ARGS = ("num_chains", "lr", "batch_size", "prior_scale", "grad_dtype",
               *(k for k in SGHMC_FLAGS if k != "init_from"))
@@ -163,7 +84,7 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
         table, what = (BNN_PRESETS, "BNNs") if kind == "bnn" else (NN_PRESETS, "deterministic networks")
         base = dict(preset(table, flags["model_idx"], what), model_idx=flags["model_idx"])
     s = dict(base)
-    s.update({k: flags[k] for k in OVERRIDES | (BNN_OVERRIDES if kind == "bnn" else {}) if flags.get(k) is not None})
+    s.update({k: flags[k] for k in (*OVERRIDES, *(BNN_OVERRIDES if kind == "bnn" else ())) if flags.get(k) is not None})
     s.update(fixed)
     if flags.get("arch"):
         given = [f"--{k}" for k in ("architecture", "hidden_size", "activation") if flags.get(k) is not None]
@@ -180,7 +101,7 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
             for k, v in (HALF_MOONS_HMC if s["dataset"] == "half_moons" else HMC_DEFAULTS).items():
                 if s.get(k) is None:
                     s[k] = v
-        s.update({k: flags.get(k, default) for k, (default, _) in BNN_FLAGS.items()})
+        s.update({k: flags.get(k, default) for k, default in BNN_FLAGS.items()})
         if s["num_chains"] is None:
             s["num_chains"] = 4 if s["inference"] == "sghmc" else 1
         if s["inference"] == "sghmc":
@@ -188,7 +109,7 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
                 raise UserError("sghmc keeps cycles x samples_per_cycle x num_chains draws and has no warm-up; "
                                 "set --cycles and --samples_per_cycle instead of --n_samples / --warmup")
             s.update(n_samples=None, warmup=None, epochs=None, step_size=None, num_steps=None)
-            s.update({k: flags.get(k, default) for k, (default, _) in SGHMC_FLAGS.items()})
+            s.update({k: flags.get(k, default) for k, default in SGHMC_FLAGS.items()})
             s.update({k: v for k, v in SGHMC_DEFAULTS.items() if s.get(k) is None})
         if flags.get("init_from") and s["inference"] != "sghmc":
             raise UserError("--init_from extends SGHMC chains; use it with --inference sghmc")
@@ -269,10 +190,11 @@ def model_folder(savedir: str, settings: dict) -> Path:
 
 
 def train_model(settings: dict, data, savedir: str, device, *, seed: int | None = None, resume: bool = False,
-                data_dir=None):
+                data_dir=None, progress: bool = False):
     """Run the inference for `settings` on `data` and save the model, its config and history; return it.
 
-    `seed`: the training seed (default: `settings["seed"]`, which it must equal when both are given).
+    `seed`: the training seed (default: `settings["seed"]`, which it must equal when both are given);
+    `progress`: progress bars.
     Everything that can be checked is checked before the first file is written (`check_run`); a run
     refused later, before it saved any progress, removes the folder it created.
 
@@ -289,7 +211,7 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int | None 
     write_config(folder, dict(s, seed=seed, data_dir=data_dir, device=str(device)))
     t0 = time.perf_counter()
     try:
-        model = _infer(s, data, folder, device, seed, resume, init)
+        model = _infer(s, data, folder, device, seed, resume, init, progress)
     except UserError:
         if fresh:
             _remove_if_only_config(folder)
@@ -349,7 +271,7 @@ def check_run(s: dict, data, folder: Path, device, seed: int):
         return None
     source = init_folder(s["init_from"], folder)
     # the model extended is built by this run's own architecture: --arch names a user's factory
-    init = posterior.load(source, device=device, last=int(s["num_chains"]),
+    init = storage.load(source, device=device, last=int(s["num_chains"]),
                           arch=s["arch"]["factory"] if s.get("arch") else None)
     try:
         last_draws(init, param_layout(init_params(as_architecture(arch), seed)), int(s["num_chains"]))
@@ -358,10 +280,10 @@ def check_run(s: dict, data, folder: Path, device, seed: int):
     return init
 
 
-def _infer(s: dict, data, folder: Path, device, seed: int, resume: bool, init):
+def _infer(s: dict, data, folder: Path, device, seed: int, resume: bool, init, progress: bool):
     """The inference of `s` on `data`, checkpointing into `folder`: a `Posterior` or a VI `MeanFieldGuide`."""
     arch, x, y = arch_of(s, data), data.x_train, data.y_train
-    common = dict(device=device, checkpoint=folder, resume=resume, progress=PROGRESS)
+    common = dict(device=device, checkpoint=folder, resume=resume, progress=progress)
     if s["model_type"] in ("nn", "ensemble"):
         seeds = [seed] if s["model_type"] == "nn" else [seed + k for k in range(s["ensemble_size"])]
         model = train_nets(arch, x, y, seeds=seeds, epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
@@ -398,7 +320,7 @@ def load_model(settings: dict, data, savedir: str, device):
     Its architecture must be the one `settings` and the dataset describe.
     """
     folder = model_folder(savedir, settings)
-    if not (folder / posterior.WEIGHTS_FILE).exists():
+    if not (folder / storage.WEIGHTS_FILE).exists():
         cmd = TRAIN_COMMANDS[settings["model_type"]]
         cmd += f" --model_idx {settings['model_idx']}" * ("model_idx" in settings)
         if settings.get("n_inputs") not in (None, DEFAULT_N_INPUTS):
@@ -406,15 +328,7 @@ def load_model(settings: dict, data, savedir: str, device):
         cmd += f" --seed {settings['seed']}" * bool(settings.get("seed"))
         raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} "
                         "--train=True` (or fix --savedir, --train_inputs or --train_seed)")
-    return posterior.load(folder, device=device, arch=arch_of(settings, data))
-
-
-def train_or_load(settings: dict, data, args, device):
-    """--train=True trains (and saves) the model, --train=False loads it."""
-    if args.train:  # the seed that names the folder (--train_seed where the command has it, else --seed)
-        return train_model(settings, data, args.savedir, device, seed=settings.get("seed", args.seed),
-                           resume=args.resume, data_dir=args.data_dir)
-    return load_model(settings, data, args.savedir, device)
+    return storage.load(folder, device=device, arch=arch_of(settings, data))
 
 
 def read_metrics(folder: Path) -> dict:
