@@ -2,8 +2,9 @@
 
     python examples/verdict_convergence.py MODEL [--n_inputs 1000] [--samples 20] [--eps 0.1] [--rounds 3]
 
-MODEL is a saved model folder (a study's `models/<name>`, or any `train-*` run). Its defender is `--samples`
-weight samples (MCMC: evenly spaced over every chain). Prints JSON lines:
+MODEL is a saved model folder (a study's `models/<name>`, or any `train-*` run). Its defender is as in the
+study: every member of a network or ensemble, else `--samples` weight samples (MCMC: evenly spaced over every
+chain). Prints JSON lines:
 
 1. `budget`: the default battery, then its effort rounds 1..`--rounds` whatever they break (2^k times the
    iterations, k more restarts, on what is still robust): robust accuracy and cumulative time after each
@@ -23,6 +24,7 @@ import time
 import torch
 
 from robustbnn.data import load_dataset
+from robustbnn.study import defender
 from robustbnn.verdict import DEFAULT_BATTERY, Settings, accuracies, battery, effort_of
 from robustbnn.storage import load
 
@@ -42,7 +44,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
-    post = model.samples(args.samples, 0)
+    post = defender(model, args.samples, 0)  # as the study: every member of a network or ensemble
     data = load_dataset(model.meta["dataset"], None, splits=("test",))
     x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
     show = dict(model=args.model, kind=post.kind, samples=post.n_samples, draws=post.meta.get("draws"), eps=args.eps,

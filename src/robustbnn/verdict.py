@@ -23,9 +23,10 @@ the verdict spends effort until more effort stops paying; robust accuracy after 
 against the budget (1x, 2x, 4x, 8x).
 Masking flags (Athalye, Carlini, Wagner, ICML 2018; Carlini et al. 2019, "On Evaluating Adversarial
 Robustness"; AutoAttack's checks), each with its numbers: Square breaks inputs that even the strongest
-gradient attack run cannot; accuracy does not reach 0 at eps = the whole input box; accuracy is not monotone in eps;
-more iterations and a restart still lower accuracy; many exactly-zero input gradients; model
-outputs that are already probabilities; the paper's legacy evaluation overstates robustness.
+gradient attack run cannot; accuracy does not reach 0 at eps = the whole input box; accuracy is not
+monotone in eps; more iterations and a restart still lower accuracy; many exactly-zero input gradients
+of log(1 - p(x)_y); model outputs that are already probabilities; the paper's legacy evaluation
+overstates robustness.
 """
 
 from __future__ import annotations
