@@ -150,3 +150,17 @@ def run_cli(argv, capsys):
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture
+def default_signal_handlers():
+    """Python's own SIGINT and SIGTERM handlers for the test, whatever the runner inherited (a shell's background
+    job starts with SIGINT ignored), and the inherited ones back afterwards."""
+    import signal
+
+    inherited = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in inherited.items():
+        signal.signal(s, handler)

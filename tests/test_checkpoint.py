@@ -181,7 +181,7 @@ def test_checkpoint_seconds_from_the_argument_or_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_first_sigint_or_sigterm_raises_the_flag_and_a_second_interrupts(sig, code, capsys):
+def test_a_first_sigint_or_sigterm_raises_the_flag_and_a_second_interrupts(sig, code, capsys, default_signal_handlers):
     """Slurm's SIGTERM is handled as Ctrl-C: a flag first, KeyboardInterrupt on a second signal; the handlers are
     put back on leaving, and the CLI's exit status tells which signal stopped the run (128 + its number)."""
     from robustbnn.experiments.common import exit_interrupted
@@ -202,3 +202,15 @@ def test_a_first_sigint_or_sigterm_raises_the_flag_and_a_second_interrupts(sig, 
     assert err.count("\n") == 1 and "interrupted" in err and ("SIGTERM" in err) == (sig == signal.SIGTERM)
     with interrupt_between_steps() as interrupted:  # a new block starts with no signal
         assert interrupt_signal() is None and interrupt_exit_code() == 130
+
+
+def test_an_ignored_signal_stays_ignored(default_signal_handlers):
+    """A job started with SIGINT ignored (a shell's background job) is not made to stop on it; SIGTERM still works."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with interrupt_between_steps() as interrupted:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupted()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupted() and interrupt_signal() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

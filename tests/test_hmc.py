@@ -373,7 +373,7 @@ def test_predictive_summary_skips_constant_points():
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path, sig):
+def test_ctrl_c_saves_the_iteration_and_resumes_exactly(tmp_path, sig, default_signal_handlers):
     """A real SIGINT (Ctrl-C), or SIGTERM (what Slurm sends at the time limit or on scancel), inside a leapfrog
     gradient, no checkpoint due: the iteration finishes and is saved, then KeyboardInterrupt; resuming gives the
     uninterrupted draws."""

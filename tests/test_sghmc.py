@@ -249,7 +249,7 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path, sig):
+def test_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path, sig, default_signal_handlers):
     """A real SIGINT (Ctrl-C), or SIGTERM (Slurm's time limit, scancel), in the middle of a step (inside the
     gradient), with no checkpoint due for 5 minutes: the step finishes, its state is saved, KeyboardInterrupt
     follows, and resuming gives the uninterrupted draws."""

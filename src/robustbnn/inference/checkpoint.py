@@ -163,7 +163,8 @@ def interrupt_between_steps():
     checkpoints nothing is lost, and a state cut in the middle of an in-place step is never saved. A second
     signal of either kind interrupts at once (KeyboardInterrupt). `interrupt_signal()` then tells which signal
     it was (the CLI exits 130 after SIGINT, 143 after SIGTERM: `interrupt_exit_code()`). The previous handlers
-    are put back on leaving. Outside the main thread, where Python delivers no signals, the flag never rises."""
+    are put back on leaving. A signal the process ignores (a shell's background job ignores SIGINT) stays
+    ignored. Outside the main thread, where Python delivers no signals, the flag never rises."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -176,7 +177,8 @@ def interrupt_between_steps():
         hit.append(signum)
         _stopped_by.append(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield lambda: bool(hit)
     finally:
