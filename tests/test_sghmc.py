@@ -96,7 +96,7 @@ def test_draws_split_by_layout_are_the_same_draws():
 
 def test_draws_are_pinned_for_a_seed():
     """A short run's draws for a fixed seed, as the sampler gave them before it became `init`/`step` over
-    `SGHMCState` (issue 23): a restructuring must not change a single draw. The kernel on the conjugate model in
+    `SGHMCState`: a restructuring must not change a single draw. The kernel on the conjugate model in
     float64 (to 1e-9), and `run_sghmc` on a small BNN in float32 (to 1e-5: last-bit differences of a
     platform's matrix products stay far below that, while any change to the random stream or the step moves
     the numbers by 1e-3 and more)."""

@@ -9,8 +9,8 @@ small steps) leave the fit and the test predictive almost unchanged. Split R-hat
 section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
 sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's `effective_sample_size` to float
 rounding but in memory linear in the draws: Pyro's takes the cumulative minimum of the N/2 autocorrelation
-pair sums through an (N/2) x (N/2) matrix per series (`pyro.ops.stats._cummin`): 4.7 GB peak for one chain of
-1000 draws of 2000 (test point, class) pairs (0.4 GB here), an estimated 28 GB at 3000 draws (0.5 GB here).
+pair sums through an (N/2) x (N/2) matrix per series (`pyro.ops.stats._cummin`), which grows with the square
+of the draws (docs/benchmarks.md).
 """
 
 from __future__ import annotations
