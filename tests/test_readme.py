@@ -5,15 +5,13 @@ import re
 import shlex
 from pathlib import Path
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from robustbnn import cli
 from robustbnn.data import load_dataset
+from tests.test_own_models import PyroMLP  # a Pyro BNN whose sites are named like its parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -27,25 +25,6 @@ def code_blocks(page: Path, lang: str) -> list[str]:
 
 
 # ---- the names the README's Python example assumes: networks, a Pyro BNN with its draws, test inputs
-
-class BayesianMLP(PyroModule):
-    """A Pyro BNN whose PyroSample sites are named like its parameters, as `from_pyro_samples` asks."""
-
-    def __init__(self, hidden=16):
-        super().__init__()
-        self.fc1 = PyroModule[nn.Linear](2, hidden)
-        self.fc1.weight = PyroSample(dist.Normal(0.0, 1.0).expand([hidden, 2]).to_event(2))
-        self.fc1.bias = PyroSample(dist.Normal(0.0, 1.0).expand([hidden]).to_event(1))
-        self.fc2 = PyroModule[nn.Linear](hidden, 2)
-        self.fc2.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, hidden]).to_event(2))
-        self.fc2.bias = PyroSample(dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-
-    def forward(self, x, y=None):
-        logits = self.fc2(torch.tanh(self.fc1(x)))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
-        return logits
-
 
 class Draws:
     """Stands in for a finished `pyro.infer.MCMC`: 20 draws around three trained networks' weights."""
@@ -74,7 +53,7 @@ def readme_names() -> dict:
             nn.functional.cross_entropy(net(data.x_train), data.y_train).backward()
             opt.step()
         nets.append(net)
-    return dict(my_nets=nets, my_net=nets[0], my_pyro_module=BayesianMLP(), mcmc=Draws(nets),
+    return dict(my_nets=nets, my_net=nets[0], my_pyro_module=PyroMLP(hidden=16), mcmc=Draws(nets),
                 x=data.x_test[:40], y=data.y_test[:40])
 
 
