@@ -48,6 +48,9 @@ def test_small_demo_writes_its_report(tmp_path, capsys):
     verdict = pd.read_csv(tmp_path / "verdict.csv")
     assert set(verdict.model) == {"nn", "ensemble", "vi", "hmc"}
     assert (verdict.robust_acc <= verdict.clean_acc).all()
+    assert (verdict.certified_acc <= verdict.brute_force_acc + 1e-9).all()  # the bracket holds
+    assert (verdict.certified_acc <= verdict.robust_acc + 1e-9).all()
+    assert "brute force (61 x 61 grid)" in report
     attacks = pd.read_csv(tmp_path / "attacks.csv")
     assert set(attacks.model) == {"nn", "ensemble", "vi", "hmc"} and len(attacks) == 16
     masking = pd.read_csv(tmp_path / "masking_check.csv")

@@ -28,11 +28,11 @@ FOLDERS = {
      "--warmup", "20"):
         "half_moons_bnn_hmc_hid=512_act=leaky_arch=conv_inp=500_samp=30_warm=20_stepsize=0.001_numsteps=10",
     ("train-bnn", "--inference", "sghmc"):
-        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.01_T=1.0",
+        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0",
     ("train-bnn", "--inference", "sghmc", "--grad_dtype", "bfloat16"):
-        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.01_T=1.0_grad=bfloat16",
+        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0_grad=bfloat16",
     ("train-bnn", "--inference", "sghmc", "--cycles", "8", "--init_from", "somefolder", "--temperature", "0.5"):
-        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=8x1ep_burnin=10_samp=1_lr=0.01_T=0.5_from=ab9c8de8",
+        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=8x1ep_burnin=10_samp=1_lr=0.1_T=0.5_from=ab9c8de8",
     ("train-bnn", "--arch", "tests.factories:small_conv", "--arch_kwargs", '{"channels": 2}'):
         "mnist_bnn_svi_arch=tests.factories.small_conv_kw=69d231a0_ep=5_lr=0.01",
     ("evaluate", "--model_type", "bnn", "--train_inputs", "1000", "--train_seed", "2"):

@@ -9,6 +9,7 @@ The public names load lazily (PEP 562), so `robustbnn --help` does not import to
 
     from robustbnn import Posterior, pgd, evaluate_attack
     from robustbnn import evaluate, Settings        # the robustness verdict (module `robustbnn.verdict`)
+    from robustbnn.certify import certify          # a certified lower bound beside the verdict
 """
 
 from importlib import import_module

@@ -239,7 +239,7 @@ class Posterior:
         rows = []
         for p in post.sample_chunks(s_chunk):
             rows.append(torch.cat([stacked_logits(self.net, p, x[b0:b0 + b_chunk])
-                                   for b0 in range(0, len(x), b_chunk)], dim=1))
+                                   for b0 in range(0, max(len(x), 1), b_chunk)], dim=1))  # no inputs: (S, 0, C)
         return torch.cat(rows)
 
     @torch.no_grad()

@@ -35,7 +35,8 @@ from robustbnn.inference.sgd import check_net, train_nets
 from robustbnn.inference.vi import train_vi
 from robustbnn.nets import Architecture, as_architecture, init_params
 from robustbnn.plots import training_curves
-from robustbnn.presets import BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HMC_DEFAULTS, NN_PRESETS, SGHMC_DEFAULTS, preset
+from robustbnn.presets import (BATCH_SIZE, BNN_PRESETS, HALF_MOONS_HMC, HALF_MOONS_SGHMC, HMC_DEFAULTS,
+                               NN_PRESETS, SGHMC_DEFAULTS, preset)
 
 # The seed's n_inputs default: a model trained on another number of points says so in its folder name.
 DEFAULT_N_INPUTS = 60000
@@ -80,6 +81,7 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
     folder, is `flags["train_seed"]` (commands that use a trained model), else `flags["seed"]` (training
     commands); without either (the study passes its seed to `train_model`) the settings hold no seed.
     """
+    from_preset = base is None
     if base is None:
         table, what = (BNN_PRESETS, "BNNs") if kind == "bnn" else (NN_PRESETS, "deterministic networks")
         base = dict(preset(table, flags["model_idx"], what), model_idx=flags["model_idx"])
@@ -109,8 +111,11 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
                 raise UserError("sghmc keeps cycles x samples_per_cycle x num_chains draws and has no warm-up; "
                                 "set --cycles and --samples_per_cycle instead of --n_samples / --warmup")
             s.update(n_samples=None, warmup=None, epochs=None, step_size=None, num_steps=None)
-            s.update({k: flags.get(k, default) for k, default in SGHMC_FLAGS.items()})
-            s.update({k: v for k, v in SGHMC_DEFAULTS.items() if s.get(k) is None})
+            defaults = SGHMC_FLAGS | SGHMC_DEFAULTS | (HALF_MOONS_SGHMC if s["dataset"] == "half_moons" else {})
+            s.update({k: flags[k] if flags.get(k) is not None else defaults[k] for k in SGHMC_FLAGS})
+            if from_preset and flags.get("lr") is None:  # a preset's lr is its VI learning rate, not SGHMC's eta_0
+                s["lr"] = None
+            s.update({k: v for k, v in defaults.items() if s.get(k) is None})
         if flags.get("init_from") and s["inference"] != "sghmc":
             raise UserError("--init_from extends SGHMC chains; use it with --inference sghmc")
         if s["grad_dtype"] != "float32" and s["inference"] != "sghmc":

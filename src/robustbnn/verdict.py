@@ -27,6 +27,8 @@ gradient attack run cannot; accuracy does not reach 0 at eps = the whole input b
 monotone in eps; more iterations and a restart still lower accuracy; many exactly-zero input gradients
 of log(1 - p(x)_y); model outputs that are already probabilities; the paper's legacy evaluation
 overstates robustness.
+Any attack gives an upper bound on robust accuracy; with `certify`, `evaluate` also gives a sound lower bound
+(`robustbnn.certify`), so that robust accuracy is a bracket [certified, attacked].
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 from robustbnn.attacks import (REGISTRY, Model, check_bounds, check_eps, check_inputs, fixed_samples, input_gradient,
                                log_wrong_mass, margin, run_attack)
 from robustbnn.attacks.losses import logp_objective_grad
+from robustbnn.certify import certify as certify_inputs
 from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
 from robustbnn.guide import FreshSamples
@@ -337,14 +340,34 @@ def note(model, s: Settings) -> str:
             f"draw of the defender's samples; fooled_share over {s.fresh_draws} independent draws")
 
 
+def bracket(post: Posterior, x, y, eps: float, bounds, method: str, frame: pd.DataFrame) -> dict:
+    """`certify.certify` at eps, checked against the battery's `frame` at the same eps: a certified input that an
+    attack broke means a bound or an attack is wrong, and raises. Adds "frame" (eps, input, certified, bound)."""
+    cert = certify_inputs(post, x, y, eps, bounds, method)
+    done = cert["certified"].cpu().numpy()
+    broken = frame.groupby("input").broken.any().reindex(range(len(x)), fill_value=False).to_numpy()
+    if (done & broken).any():
+        which = frame[frame.broken & frame.input.isin(done.nonzero()[0])].iloc[0]
+        raise RuntimeError(f"input {which.input} is certified at eps {eps:g} but {which.attack} broke it: a bound or "
+                           "an attack is wrong")
+    cert["frame"] = pd.DataFrame({"eps": eps, "input": range(len(x)), "certified": done,
+                                  "bound": cert["bound"].cpu().numpy()})
+    return cert
+
+
 @flushing_denormals()
 def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings: Settings = Settings(), *,
-             bounds=(0.0, 1.0), legacy: bool = True, flags: bool = True, progress: bool = False) -> dict:
+             bounds=(0.0, 1.0), legacy: bool = True, flags: bool = True, progress: bool = False,
+             certify: str | None = None) -> dict:
     """Robust accuracy of `model` (a `Posterior` or `FreshSamples`) for each eps, worst case over the battery.
 
     Returns {"per_input": DataFrame (eps, attack, input, broken, margin, cost), "summary": DataFrame (one row
     per eps: clean_acc, robust_acc, each attack's accuracy after the attacks before it, the legacy
     evaluation, fooled_share for fresh-sample defences), "flags": [...], "settings": {...}, "note": str}.
+    With `certify` (a method of `robustbnn.certify`: auto, crown or ibp; fixed samples only), robust accuracy
+    becomes a bracket: each summary row also has certified_acc (a sound lower bound), unresolved (the inputs
+    neither certified nor broken, in points) and certify_s, and "certified" is a DataFrame (eps, input,
+    certified, bound).
     """
     s = settings.check().for_model(model)
     post = fixed_samples(model)
@@ -360,11 +383,18 @@ def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings:
         if dropped and all(a in GRADIENT_ATTACKS for a in s.attacks):
             raise UserError(f"the model has no input gradients, so {', '.join(dropped)} cannot run; add square")
         s = Settings(**{**asdict(s), "attacks": tuple(a for a in s.attacks if a not in GRADIENT_ATTACKS)})
-    frames, rows = [], []
+    if certify is not None and not isinstance(model, Posterior):
+        raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none")
+    frames, rows, certified = [], [], []
     for eps in tqdm(eps_list, desc="eps", disable=None if progress else True):
         frame, worst = battery(model, xd, yd, eps, s, (lo, hi), progress)
         frames.append(frame.assign(eps=eps))
         row = {"eps": eps, **accuracies(frame, s.attacks)}
+        if certify is not None:
+            cert = bracket(post, xd, yd, eps, (lo, hi), certify, frame)
+            certified.append(cert["frame"])
+            row.update(certified_acc=cert["certified_acc"], unresolved=row["robust_acc"] - cert["certified_acc"],
+                       certify_s=cert["seconds"])
         if isinstance(model, FreshSamples):
             row["fooled_share"] = fooled_share(model, worst, yd, s.fresh_draws)
         if legacy:  # the paper's evaluation, beside the battery
@@ -375,6 +405,8 @@ def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings:
     per_input = pd.concat(frames, ignore_index=True)
     summary = pd.DataFrame(rows)
     out = {"per_input": per_input, "summary": summary, "settings": asdict(s), "note": note(model, s), "flags": []}
+    if certify is not None:
+        out["certified"] = pd.concat(certified, ignore_index=True)
     if flags:
         out["flags"] = masking_flags(post, model, xd, yd, summary, per_input, s, (lo, hi))
     return out

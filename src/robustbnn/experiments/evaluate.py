@@ -3,14 +3,15 @@
 Models come from the presets (`--model_type nn,ensemble,bnn` with `--model_idx` and the overrides,
 or `--arch` for your own architecture) and from saved model folders or files (`--model PATH`,
 repeatable). Each is evaluated on the first `--n_inputs` test points at every `--eps`: robust
-accuracy, worst case per input over `--attacks`, the paper's evaluation beside it (`--paper_eval`), and the
-gradient-masking flags. Writes into `--out`: `per_input.csv` (model, eps, attack, input, broken,
-margin, cost), `summary.csv`, `evaluate.json`, `robust_accuracy.png` and `report.md`. Each (model,
-eps) is saved as it finishes under `parts/` and reused by a rerun with the same settings, the same model
-file (its SHA-256), the same test inputs and the same defender samples (digests of their values), so a
-model retrained or replaced at the same path is evaluated again. A model is named by its folder (whole:
-`..._lr=0.05` keeps its dots) or its file name without `.safetensors`; models that would share a name get
-their parent folder in front (`parent/name`).
+accuracy, worst case per input over `--attacks`, the paper's evaluation beside it (`--paper_eval`), the
+gradient-masking flags, and with `--certify` a certified lower bound beside it (`robustbnn.certify`).
+Writes into `--out`: `per_input.csv` (model, eps, attack, input, broken, margin, cost), `summary.csv`,
+`evaluate.json`, `robust_accuracy.png`, `report.md`, and with `--certify` `certified.csv` (model, eps,
+input, certified, bound). Each (model, eps) is saved as it finishes under `parts/` and reused by a rerun
+with the same settings, the same model file (its SHA-256), the same test inputs and the same defender
+samples (digests of their values), so a model retrained or replaced at the same path is evaluated again.
+A model is named by its folder (whole: `..._lr=0.05` keeps its dots) or its file name without
+`.safetensors`; models that would share a name get their parent folder in front (`parent/name`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from robustbnn import verdict as battery
 from robustbnn import plots
+from robustbnn import verdict as battery
 from robustbnn.artifacts import resolve_savedir, write_csv, write_json, write_text
 from robustbnn.attacks.losses import fixed_samples
+from robustbnn.certify import METHODS as CERTIFY_METHODS
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, float_list, nonneg_int, positive_int, setup, str2bool
@@ -70,6 +72,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--paper_eval", type=str2bool, default=True,
                         help="also run the paper's evaluation (FGSM and its PGD on the legacy loss) beside the battery")
     parser.add_argument("--flags", type=str2bool, default=True, help="compute the gradient-masking flags")
+    parser.add_argument("--certify", nargs="?", const="auto", default=None, choices=CERTIFY_METHODS,
+                        metavar="METHOD",
+                        help="also certify: a sound lower bound on robust accuracy beside the battery's upper bound "
+                             "(multilayer perceptrons, fixed samples; METHOD auto (the default), crown or ibp)")
     parser.add_argument("--out", default=None, help="output folder (default: <savedir>/evaluate)")
     add_common(parser)
 
@@ -165,10 +171,12 @@ def run(args) -> dict:
                                 args.until_flat).check()
     if not args.eps:
         raise UserError("give at least one --eps")
+    if args.certify and args.fresh_samples:
+        raise UserError("--certify bounds the predictive of fixed samples; drop --fresh_samples")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), n_inputs=args.n_inputs, fresh_samples=args.fresh_samples, samples=args.samples,
-                  legacy=args.paper_eval, attacks=None if attacks is None else list(attacks))
-    summaries, per_inputs, flags, notes = [], [], [], {}
+                  legacy=args.paper_eval, attacks=None if attacks is None else list(attacks), certify=args.certify)
+    summaries, per_inputs, certified, flags, notes = [], [], [], [], {}
     for name, (model, dataset, file) in models(args, device).items():
         data = load_dataset(dataset, None, args.data_dir, splits=("test",))
         x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
@@ -182,19 +190,21 @@ def run(args) -> dict:
         for eps in args.eps:
             part = out / "parts" / name / f"eps={eps:g}"
             cached = _cached_part(part, key)
-            if cached is not None:
-                summaries.append(cached[0])
-                per_inputs.append(cached[1])
-                continue
-            (part / "settings.json").unlink(missing_ok=True)  # the part's files change: no longer marked done
-            print(f"\n=== {name}: eps = {eps:g} ({', '.join(settings.for_model(defender).attacks)})")
-            res = battery.evaluate(defender, x, y, [eps], settings, bounds=data.bounds, legacy=args.paper_eval,
-                                   flags=False, progress=True)
-            write_csv(part / "per_input.csv", res["per_input"].assign(model=name))
-            write_csv(part / "summary.csv", res["summary"].assign(model=name, kind=model.kind))
-            write_json(part / "settings.json", key)  # last: it marks the part done
-            summaries.append(res["summary"].assign(model=name, kind=model.kind))
-            per_inputs.append(res["per_input"].assign(model=name))
+            if cached is None:
+                (part / "settings.json").unlink(missing_ok=True)  # the part's files change: no longer marked done
+                print(f"\n=== {name}: eps = {eps:g} ({', '.join(settings.for_model(defender).attacks)})")
+                res = battery.evaluate(defender, x, y, [eps], settings, bounds=data.bounds, legacy=args.paper_eval,
+                                       flags=False, progress=True, certify=args.certify)
+                cached = (res["summary"].assign(model=name, kind=model.kind), res["per_input"].assign(model=name),
+                          res["certified"].assign(model=name) if args.certify else None)
+                for table, frame in zip(PART_TABLES, cached):
+                    if frame is not None:
+                        write_csv(part / table, frame)
+                write_json(part / "settings.json", key)  # last: it marks the part done
+            summaries.append(cached[0])
+            per_inputs.append(cached[1])
+            if args.certify:
+                certified.append(cached[2])
         if args.flags:
             post = fixed_samples(defender)
             mine = lambda f: f[f.model == name]  # noqa: E731
@@ -204,32 +214,39 @@ def run(args) -> dict:
     summary, per_input = pd.concat(summaries, ignore_index=True), pd.concat(per_inputs, ignore_index=True)
     write_csv(out / "per_input.csv", per_input)
     write_csv(out / "summary.csv", summary)
+    if certified:
+        write_csv(out / "certified.csv", pd.concat(certified, ignore_index=True))
     write_json(out / "evaluate.json", {"settings": record, "summary": summary.to_dict("records"), "flags": flags,
                                        "notes": notes})
     plots.robust_accuracy(summary, out / "robust_accuracy")
     write_text(out / "report.md", report(summary, flags, record, notes))
-    print(markdown_table(summary[["model", "eps", "clean_acc", "robust_acc"]
-                                 + [c for c in ("legacy_pgd_acc",) if c in summary]]))
+    print(markdown_table(summary[["model", "eps", "clean_acc"] + [c for c in ("certified_acc",) if c in summary]
+                                 + ["robust_acc"] + [c for c in ("legacy_pgd_acc",) if c in summary]]))
     raised = [f"{f['model']}: {f['flag']}" for f in flags if f["raised"]]
     print("masking flags raised: " + (", ".join(raised) if raised else "none"))
     return {"out": str(out), "robust_acc": {f"{r.model}@{r.eps:g}": round(r.robust_acc, 2)
                                             for r in summary.itertuples()}, "flags_raised": raised}
 
 
-def _cached_part(part: Path, key: dict) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(summary, per_input) of a part computed from `key` (settings, model file, inputs, samples), else None:
-    a part of other settings or another model, or one whose files are missing, unreadable or not the tables
-    written here, is computed again."""
+PART_TABLES = ("summary.csv", "per_input.csv", "certified.csv")
+
+
+def _cached_part(part: Path, key: dict) -> tuple | None:
+    """(summary, per_input, certified or None) of a part computed from `key` (settings, model file, inputs,
+    samples), else None: a part of other settings or another model, or one whose files are missing, unreadable
+    or not the tables written here, is computed again."""
     try:
         if json.loads((part / "settings.json").read_text()) != json.loads(json.dumps(key)):
             return None
         summary, per_input = pd.read_csv(part / "summary.csv"), pd.read_csv(part / "per_input.csv")
+        certified = pd.read_csv(part / "certified.csv") if key.get("certify") else None
     except (OSError, ValueError):  # pandas' parser errors are ValueErrors
         return None
     if not ({"model", "eps", "clean_acc", "robust_acc"} <= set(summary) and len(summary) == 1
-            and {"model", "eps", "attack", "input", "broken"} <= set(per_input)):
+            and {"model", "eps", "attack", "input", "broken"} <= set(per_input)
+            and (certified is None or {"model", "eps", "input", "certified"} <= set(certified))):
         return None
-    return summary, per_input
+    return summary, per_input, certified
 
 
 def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) -> str:
@@ -237,6 +254,7 @@ def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) 
     summary = summary.assign(budget_curve=[battery.budget_curve(r) for r in summary.to_dict("records")])
     cols = (["model", "kind", "eps", "clean_acc", "robust_acc"] + [c for c in summary if c.startswith("acc_after_")]
             + ["budget_curve"])
+    bracket = [c for c in ("certified_acc", "robust_acc", "unresolved", "certify_s") if c in summary]
     legacy = [c for c in ("legacy_fgsm_acc", "legacy_pgd_acc", "legacy_softmax_robustness", "fooled_share")
               if c in summary]
     parts = ["# Robustness verdict\n",
@@ -247,6 +265,13 @@ def report(summary: pd.DataFrame, flags: list[dict], record: dict, notes: dict) 
              "budget_curve: robust accuracy after the battery (1x) and after each effort round (2x, 4x, 8x the "
              "iterations, 1, 2, 3 more restarts); a flat curve is a verdict that more effort no longer lowers.\n",
              markdown_table(summary[cols]), ""]
+    if "certified_acc" in summary:
+        parts += ["## Certified and attacked: the bracket\n",
+                  f"Robust accuracy lies between certified_acc, a sound lower bound ({record['certify']} bounds on "
+                  "each draw's logit differences over the eps-box, combined into a bound on the predictive: "
+                  "`robustbnn.certify`), and robust_acc, the battery's upper bound; unresolved is the share of "
+                  "inputs neither certified nor broken (points); certify_s the certification's time.\n",
+                  markdown_table(summary[["model", "eps", *bracket]]), ""]
     if legacy:
         parts += ["## The paper's evaluation on the same models\n",
                   "FGSM and the paper's PGD with the legacy loss (cross-entropy on the model output: a second "

@@ -30,7 +30,8 @@ OVERRIDE_ARGS = {
     "hidden_size": dict(type=positive_int),
     "activation": dict(choices=tuple(ACTIVATIONS)),
     "epochs": dict(type=positive_int),
-    "lr": dict(type=positive_float),
+    "lr": dict(type=positive_float, help="override the preset (SGHMC: eta_0 per data point; default 0.1, half "
+                                         "moons 0.3)"),
     "batch_size": dict(type=positive_int),
 }
 BNN_OVERRIDE_ARGS = {
@@ -63,11 +64,12 @@ BNN_FLAG_ARGS = {
                        "bfloat16 runs them on the CPU's bfloat16 matrix units (AMX) or a GPU's tensor cores, several "
                        "times faster where they exist (docs/benchmarks.md)"),
 }
-# Settings of --inference sghmc only: name -> argparse keywords (defaults: `runs.SGHMC_FLAGS`).
+# Settings of --inference sghmc only: name -> argparse keywords (defaults: `runs.SGHMC_FLAGS`, half moons'
+# `presets.HALF_MOONS_SGHMC`).
 SGHMC_FLAG_ARGS = {
     "cycles": dict(type=positive_int, help="SGHMC: cycles of the cosine step-size schedule, burn-in included"),
     "burnin_cycles": dict(type=nonneg_int, help="SGHMC: first cycles whose draws are discarded"),
-    "epochs_per_cycle": dict(type=positive_int, help="SGHMC: epochs per cycle"),
+    "epochs_per_cycle": dict(type=positive_int, help="SGHMC: epochs per cycle (default: 1; half moons 20)"),
     "samples_per_cycle": dict(type=positive_int, help="SGHMC: draws kept per cycle per chain, at its end"),
     "friction": dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)"),
     "temperature": dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)"),
@@ -114,9 +116,10 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
     if kind in ("ensemble", "any"):
         g.add_argument("--ensemble_size", type=positive_int, default=ensemble_size, help="number of members")
     if kind in ("bnn", "any"):
-        defaults = runs.BNN_FLAGS | runs.SGHMC_FLAGS
-        for name, kw in (BNN_FLAG_ARGS | SGHMC_FLAG_ARGS).items():
-            g.add_argument(f"--{name}", default=defaults[name], **kw)
+        for name, kw in BNN_FLAG_ARGS.items():
+            g.add_argument(f"--{name}", default=runs.BNN_FLAGS[name], **kw)
+        for name, kw in SGHMC_FLAG_ARGS.items():  # None: the dataset's default (`runs.model_settings`)
+            g.add_argument(f"--{name}", default=None, **kw)
     g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
 
 
