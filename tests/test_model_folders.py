@@ -31,6 +31,9 @@ FOLDERS = {
         "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0",
     ("train-bnn", "--inference", "sghmc", "--grad_dtype", "bfloat16"):
         "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0_grad=bfloat16",
+    ("train-bnn", "--inference", "sghmc", "--friction", "0.3", "--exact_free_weights", "True"):
+        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0_fric=0.3"
+        "_free=exact",
     ("train-bnn", "--inference", "sghmc", "--cycles", "8", "--init_from", "somefolder", "--temperature", "0.5"):
         "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=8x1ep_burnin=10_samp=1_lr=0.1_T=0.5_from=ab9c8de8",
     ("train-bnn", "--arch", "tests.factories:small_conv", "--arch_kwargs", '{"channels": 2}'):

@@ -133,7 +133,8 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
     Settings print as Python's str() (`lr=0.01`, `ep=None`), as the seed's names do. VI models keep
     the seed's `svi` in their names. A user's architecture (`arch_label`, from its factory name)
     replaces the built-in `hid=_act=_arch=` part, so the two never collide. SGHMC gradients in another dtype
-    than float32 add `_grad=<dtype>`: such a sampler's draws differ from the float32 one's. `n_inputs`
+    than float32 add `_grad=<dtype>`: such a sampler's draws differ from the float32 one's; a friction, an
+    exploration fraction or a prior scale other than the defaults, and exact free weights, add theirs. `n_inputs`
     (given when it is part of the name) is `_inp=N`: after the architecture for BNNs, as the seed's
     half-moons names have it, and at the end for networks and ensembles (not in the seed). A `seed`
     other than 0 (None: not part of the name) ends every name as `_seed=S` (not in the seed).
@@ -156,6 +157,9 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
                        f"_burnin={g['burnin_cycles']}"
                        f"_samp={g['samples_per_cycle']}_lr={lr}_T={g['temperature']}"
                        + (f"_prior={g['prior_scale']}" if g["prior_scale"] != 1.0 else "")
+                       + (f"_fric={g['friction']}" if g.get("friction", 0.1) != 0.1 else "")
+                       + (f"_explore={g['explore_fraction']}" if g.get("explore_fraction", 0.5) != 0.5 else "")
+                       + ("_free=exact" if g.get("exact_free_weights") else "")
                        + (f"_from={g['init_from']}" if g.get("init_from") else "") + grad) + tail
     return name + f"_ep={epochs}_lr={lr}" + tail
 

@@ -66,6 +66,7 @@ SGHMC_FLAGS = {
     "friction": 0.1,
     "temperature": 1.0,
     "explore_fraction": 0.5,
+    "exact_free_weights": False,
     "init_from": None,
 }
 # The settings `run_sghmc` takes (besides data, seed and device).

@@ -74,6 +74,8 @@ SGHMC_FLAG_ARGS = {
     "friction": dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)"),
     "temperature": dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)"),
     "explore_fraction": dict(type=nonneg_float, help="SGHMC: first fraction of each cycle run without noise"),
+    "exact_free_weights": dict(type=str2bool, help="SGHMC: draw the first-layer weights on inputs that are 0 in "
+                               "every training image exactly from the prior, their posterior (default: False)"),
     "init_from": dict(metavar="FOLDER", help="SGHMC: extend the chains of this saved SGHMC (or HMC) model of the "
                       "same architecture and --num_chains: each chain starts at its last draw"),
 }

@@ -51,6 +51,7 @@ from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.bnn_target import bnn_loglik, check_run, initial_positions, run_fingerprint
 from robustbnn.inference.checkpoint import (checkpoint_seconds as resolve_checkpoint_seconds, interrupt_between_steps,
                                             load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest)
+from robustbnn.inference.free_weights import draw_free, free_coordinates
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.nets import template
@@ -220,7 +221,7 @@ class Draws:
 
 
 def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: int = 0, on_draw=None,
-               layout=None, checkpoint=None, resume: bool = False, fingerprint: dict | None = None,
+               exact_block=None, layout=None, checkpoint=None, resume: bool = False, fingerprint: dict | None = None,
                checkpoint_seconds: float | None = None, progress: bool = False, log=print) -> dict:
     """Run cyclical SGHMC from q0 (C, D) on any potential given by minibatch gradients.
 
@@ -228,8 +229,9 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     gradient of (N / B) sum_{i in idx[c]} -log p(y_i | q_c) - log p(q_c). Each chain reshuffles the data
     every epoch (one generator seeded with `seed` drives every draw, so a seed fixes the run). After every
     kept draw, `on_draw(q)` may return a dict of per-chain statistics (C,) to keep with it (e.g. the
-    log-likelihood of all data). Returns {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)},
-    "time_s"}: the draws split by `layout` ((name, shape) pairs covering q's D numbers in order; default one
+    log-likelihood of all data). `exact_block(q, k)`, if given, redraws in place, before the draw kept at step k,
+    the coordinates of q whose conditional it samples exactly (`free_weights.draw_free`: a Gibbs step). Returns
+    {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)}, "time_s"}: the draws split by `layout` ((name, shape) pairs covering q's D numbers in order; default one
     block "q" of shape (D,)), draw-major so that `samples[name].reshape(-1, *shape)` is every draw in the
     interleaved order of `Posterior` (draw 0 of each chain first) without a copy (a second copy of the draws
     would double the run's peak memory).
@@ -285,6 +287,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
             stepped = time.perf_counter()
             cycle_time["steps"] += stepped - started
             if within in per_cycle and k // cfg.steps_per_cycle >= cfg.burnin_cycles:
+                if exact_block is not None:
+                    exact_block(state.q, k)
                 draws.record(state.q, layout, on_draw(state.q) if on_draw else {})
                 cycle_time["draws"] += time.perf_counter() - stepped
             bar.update(1)
@@ -375,7 +379,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
               samples_per_cycle: int = 1, burnin_cycles: int = 10, lr: float = 0.1, friction: float = 0.1,
               temperature: float = 1.0, explore_fraction: float = 0.5, batch_size: int = 500, num_chains: int = 4,
               prior_scale: float = 1.0, grad_dtype: str = "float32", seed: int = 0, device="cpu", x_eval=None,
-              init: Posterior | None = None, checkpoint=None, resume: bool = False,
+              init: Posterior | None = None, exact_free_weights: bool = False, checkpoint=None, resume: bool = False,
               checkpoint_seconds: float | None = None, progress: bool = False, log=print) -> Posterior:
     """Sample the BNN posterior of `arch` on (x, y) with cyclical SGHMC; return a `Posterior` of kind mcmc.
 
@@ -385,7 +389,9 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     numbers come from `seed` mixed with a digest of those draws, so that they differ from the earlier run's
     even with the same seed); each runs `cycles` cycles of `epochs_per_cycle` epochs of minibatches of
     `batch_size`, keeping `samples_per_cycle` draws per cycle after the first `burnin_cycles` (see the
-    module docstring for the schedule); `grad_dtype` "bfloat16" runs the
+    module docstring for the schedule); `exact_free_weights` draws the first-layer weights on input
+    coordinates that are 0 in every training input exactly from their posterior, the prior, at every kept draw
+    (`free_weights`: a Gibbs block, for perceptrons); `grad_dtype` "bfloat16" runs the
     gradients' matrix products in bfloat16 (`bnn_minibatch_grad`). The Posterior holds all
     (cycles - burnin_cycles) * samples_per_cycle * num_chains draws, interleaved across chains (draw 0 of
     every chain first, so any prefix spans every chain). The defaults are the MNIST study's settings.
@@ -413,6 +419,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
                     explore_fraction=float(explore_fraction), batch_size=int(batch_size), num_chains=int(num_chains),
                     prior_scale=float(prior_scale), grad_dtype=str(grad_dtype), seed=int(seed),
                     extends_chains=init is not None)
+    if exact_free_weights:  # recorded only when on, so that runs and checkpoints from before it keep their fingerprint
+        settings["exact_free_weights"] = True
     dtype = as_grad_dtype(grad_dtype)
     cfg = SGHMCSettings(int(cycles), int(epochs_per_cycle) * (len(x) // int(batch_size)), int(samples_per_cycle),
                         float(lr), float(friction), float(temperature), float(explore_fraction), len(x),
@@ -428,9 +436,16 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
         f"cycle(s), {q0.shape[1]} parameters, "
         f"{len(x)} training points, T = {temperature}, gradients in {grad_dtype}")
     loglik = bnn_loglik(arch, x, y)
+    exact = None
+    if exact_free_weights:
+        free = free_coordinates(template(arch), layout, x)
+        scale = math.sqrt(temperature) * prior_scale
+        log(f"sghmc: {0 if free is None else len(free)} first-layer weights on always-zero inputs drawn exactly")
+        exact = None if free is None else (lambda q, k: draw_free(q, free, scale, seed * 1_000_003 + k))
     run = run_sgmcmc(bnn_minibatch_grad(arch, x, y, prior_scale, dtype), q0, cfg, seed=seed,
-                     on_draw=lambda q: {"loglik": loglik(q)}, layout=layout, checkpoint=checkpoint, resume=resume,
-                     fingerprint=fingerprint, checkpoint_seconds=checkpoint_seconds, progress=progress, log=log)
+                     on_draw=lambda q: {"loglik": loglik(q)}, exact_block=exact, layout=layout, checkpoint=checkpoint,
+                     resume=resume, fingerprint=fingerprint, checkpoint_seconds=checkpoint_seconds, progress=progress,
+                     log=log)
     trace = run["stats"]["loglik"]  # (C, draws)
     draws = trace.shape[1]
     diag = dict(num_chains=int(num_chains), draws_per_chain=draws, time_s=run["time_s"],
