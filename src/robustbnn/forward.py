@@ -3,7 +3,8 @@
 Everything that computes with a stack of weight samples {name: (S, *shape)} goes through here: predictions
 (`Posterior`), attack gradients (`attacks.losses`) and the samplers (`inference`). Networks made of Linear
 layers and elementwise activations run as batched matrix products, with a hand-written input backward
-(`stacked_logits_vjp`); any other module runs through `torch.func.functional_call` under `torch.func.vmap`.
+(`stacked_logits_vjp`); convolutional Sequentials run every layer as one convolution for all samples
+(`_conv_forward`); any other module runs through `torch.func.functional_call` under `torch.func.vmap`.
 """
 
 from __future__ import annotations
@@ -41,9 +42,66 @@ def stacked_logits(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
     With `per_sample_inputs`, x is (S, B, ...): sample s sees x[s] (for per-sample input gradients).
     Multilayer perceptrons (fc, fc2, any Sequential of Flatten/Linear/elementwise layers) run as batched
     matrix products h W_s^T + b_s (`torch.baddbmm`), about twice as fast forward and backward as
-    `vmap(functional_call)`, which every other module uses.
+    `vmap(functional_call)`; convolutional Sequentials (conv) run all samples as one convolution per layer
+    (`_conv_forward`); every other module uses `vmap(functional_call)`.
     """
-    return stacked_forward(net, _mlp_layers(net), params, x, per_sample_inputs)
+    layers = _mlp_layers(net)
+    if layers is None:
+        conv = _conv_layers(net)
+        if conv is not None:
+            return _conv_forward(conv, params, x, per_sample_inputs)
+    return stacked_forward(net, layers, params, x, per_sample_inputs)
+
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_conv_cache: "weakref.WeakKeyDictionary[nn.Module, list | None]" = weakref.WeakKeyDictionary()
+
+
+def _conv_layers(net: nn.Module):
+    """The layers of an `nn.Sequential` of 2-D convolutions (zero padding), pools and elementwise activations, one
+    Flatten, then Linear and elementwise layers; else None."""
+    if net not in _conv_cache:
+        layers = list(net.named_children()) if isinstance(net, nn.Sequential) else []
+        flat = [i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Flatten)]
+        ok = len(flat) == 1 and any(isinstance(m, nn.Conv2d) for _, m in layers[:flat[0]]) and all(
+            (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros") or isinstance(m, (*_POOLS, *_ELEMENTWISE))
+            for _, m in layers[:flat[0]]) and all(isinstance(m, (nn.Linear, *_ELEMENTWISE))
+                                                  for _, m in layers[flat[0] + 1:])
+        _conv_cache[net] = layers if ok else None
+    return _conv_cache[net]
+
+
+def _conv_forward(layers, params: dict[str, torch.Tensor], x: torch.Tensor, per_sample_inputs: bool) -> torch.Tensor:
+    """`stacked_logits` of a convolutional Sequential (`_conv_layers`): the S samples' feature maps side by side on
+    the channel axis, (B, S * O, H, W), so that each layer is one convolution for all samples. The first layer
+    sees the same images in every sample: one convolution with the S samples' O filters stacked, S * O output
+    channels (the images' patches are gathered once for all samples); later layers, and a first layer with
+    per-sample inputs (S, B, C, H, W), are grouped convolutions (groups = S: sample s's filters see only its own
+    channels). Pools and activations act channel by channel; at Flatten each sample's (O, H, W) block is
+    flattened in its own order, then the Linear layers run as batched matrix products (S, B, F)."""
+    S = next(iter(params.values())).shape[0]
+    if per_sample_inputs:
+        h, shared = x.transpose(0, 1).reshape(x.shape[1], S * x.shape[2], *x.shape[3:]), False
+    else:
+        h, shared = x, True
+    for name, m in layers:
+        if isinstance(m, nn.Conv2d):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            groups = m.groups * (1 if shared else S)
+            h = torch.nn.functional.conv2d(h, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                                           m.stride, m.padding, m.dilation, groups)
+            shared = False
+        elif isinstance(m, nn.Flatten):
+            if shared:  # no convolution ran: every sample sees the same images
+                h = h.flatten(1).expand(S, *h.shape[:1], -1)
+            else:
+                h = h.reshape(h.shape[0], S, -1).transpose(0, 1)
+        elif isinstance(m, nn.Linear):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        else:
+            h = m(h)
+    return h
 
 
 def stacked_forward(net: nn.Module, layers, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -99,7 +157,7 @@ def stacked_logits_vjp(net: nn.Module, params: dict[str, torch.Tensor], x: torch
             return out
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        logits = stacked_forward(net, layers, params, xg)
+        logits = stacked_logits(net, params, xg)
     return logits.detach(), lambda g: torch.autograd.grad(logits, xg, g)[0]
 
 

@@ -5,7 +5,8 @@ BNN of one fc2 architecture; (2) attack each with FGSM and 40-step PGD under the
 paper's `legacy` loss; (3) check for gradient masking (PGD up to eps = the whole input box, and the
 fraction of exactly-zero input gradients); (3b) give the verdict of the evaluation battery (APGD,
 Square, worst case per input, masking flags) between a certified lower bound and brute force; (4) run
-a reduced Figure 1 grid; (5) write `<out>/report.md`. Every step is a call into the library; the models are saved under `<out>/models`.
+a reduced Figure 1 grid; (5) write `<out>/report.md`. Every step is a call into the library; the models
+are saved under `<out>/models`.
 """
 
 from __future__ import annotations

@@ -231,10 +231,10 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     kept draw, `on_draw(q)` may return a dict of per-chain statistics (C,) to keep with it (e.g. the
     log-likelihood of all data). `exact_block(q, k)`, if given, redraws in place, before the draw kept at step k,
     the coordinates of q whose conditional it samples exactly (`free_weights.draw_free`: a Gibbs step). Returns
-    {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)}, "time_s"}: the draws split by `layout` ((name, shape) pairs covering q's D numbers in order; default one
-    block "q" of shape (D,)), draw-major so that `samples[name].reshape(-1, *shape)` is every draw in the
-    interleaved order of `Posterior` (draw 0 of each chain first) without a copy (a second copy of the draws
-    would double the run's peak memory).
+    {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)}, "time_s"}: the draws split by `layout`
+    ((name, shape) pairs covering q's D numbers in order; default one block "q" of shape (D,)), draw-major so
+    that `samples[name].reshape(-1, *shape)` is every draw in the interleaved order of `Posterior` (draw 0 of
+    each chain first) without a copy (a second copy of the draws would double the run's peak memory).
     With `checkpoint` (a folder) the whole state is saved atomically every `checkpoint_seconds` (default
     $ROBUSTBNN_CHECKPOINT_SECONDS, else 5 minutes: `checkpoint.checkpoint_seconds`), with the draws kept since the
     last save as a new part (`checkpoint.save_part`), so that no save rewrites the earlier draws; a first Ctrl-C
