@@ -7,6 +7,7 @@ from torch import nn
 
 from robustbnn import Posterior, apgd
 from robustbnn.certify import certify, logit_difference_bounds, predictive_margin_bound
+from robustbnn.certify import grid_robust as library_grid_robust
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.inference.hmc import run_hmc
@@ -181,6 +182,7 @@ def test_half_moons_bracket_certified_brute_force_battery(moons_models, name, on
                        bounds=data.bounds, legacy=False, flags=False, certify="auto")
         certified = torch.tensor(out["certified"].certified.to_numpy())
         grid = grid_robust(post, x, y, eps, data.bounds)
+        assert torch.equal(library_grid_robust(post, x, y, eps, data.bounds), grid)  # the demo's brute force
         assert (certified <= grid).all()  # brute force never breaks a certified input
         row = out["summary"].iloc[0]
         assert row.certified_acc == pytest.approx(100.0 * certified.double().mean().item())

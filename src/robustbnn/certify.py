@@ -280,6 +280,6 @@ def grid_robust(post: Posterior, x: torch.Tensor, y: torch.Tensor, eps: float, b
     per = max(1, 2**16 // len(grid))
     for i in range(0, len(x), per):
         pts = (x[i:i + per, None] + grid).clamp(*bounds)  # (b, n^2, 2)
-        label = post.log_predictive(pts.reshape(-1, 2)).argmax(-1).view(len(pts), -1)
+        label = post.log_predictive(pts.reshape(-1, 2)).argmax(-1).view(len(pts), -1).to(y.device)
         robust[i:i + per] = (label == y[i:i + per, None]).all(-1)
     return robust
