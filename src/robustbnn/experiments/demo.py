@@ -130,7 +130,7 @@ def run(args) -> dict:
                                progress=PROGRESS, certify="auto")
         grid = {}
         for eps, cert in res["certified"].groupby("eps"):  # a certified input needs no search
-            robust = torch.as_tensor(cert.sort_values("input").certified.to_numpy())
+            robust = torch.tensor(cert.sort_values("input").certified.to_numpy())
             rest = (~robust).nonzero().flatten()
             robust[rest] = grid_robust(post, x[:n][rest], y[:n][rest], eps, data.bounds).cpu()
             grid[eps] = 100.0 * robust.double().mean().item()
