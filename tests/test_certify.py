@@ -127,7 +127,7 @@ def test_the_predictive_bound_keeps_its_resolution_on_saturated_draws():
     assert predictive_margin_bound(lower, upper, y).item() == pytest.approx(1 / 3, abs=1e-20)
 
 
-def test_only_perceptrons_of_fixed_samples_are_certified():
+def test_only_perceptrons_of_fixed_samples_are_certified(monkeypatch):
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     post = Posterior.from_module(conv)
     x = torch.rand(4, 1, 8, 8)
@@ -139,6 +139,12 @@ def test_only_perceptrons_of_fixed_samples_are_certified():
     tanh = random_mlp(nn.Tanh(), 1)
     with pytest.raises(UserError, match="crown bounds ReLU"):
         certify(tanh, torch.rand(3, 6), torch.zeros(3, dtype=torch.long), 0.1, method="crown")
+    # evaluate refuses before its attacks run
+    calls = []
+    monkeypatch.setattr("robustbnn.verdict.battery", lambda *a, **k: calls.append(1))
+    with pytest.raises(UserError, match="multilayer perceptrons"):
+        evaluate(post, x, torch.zeros(4, dtype=torch.long), [0.1], legacy=False, flags=False, certify="auto")
+    assert not calls
 
 
 def grid_robust(post: Posterior, x, y, eps, bounds, n=61) -> torch.Tensor:

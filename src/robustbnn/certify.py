@@ -200,6 +200,11 @@ def _bounds_chunk(linears, acts, x_lo, x_hi, y, crown: bool):
     return lower.masked_fill(at_y, 0.0), upper.masked_fill(at_y, 0.0)
 
 
+def check_model(post: Posterior, method: str = "auto") -> bool:
+    """Fail in one line unless `method` can certify `post` (a perceptron of fixed samples); whether CROWN runs."""
+    return _method(layers(fixed_samples(post))[1], method)
+
+
 def _method(acts, method: str) -> bool:
     """Whether CROWN runs (else IBP alone) for `method` on these activations."""
     if method not in METHODS:

@@ -44,6 +44,7 @@ from robustbnn.attacks import (REGISTRY, Model, check_bounds, check_eps, check_i
                                log_wrong_mass, margin, run_attack)
 from robustbnn.attacks.losses import logp_objective_grad
 from robustbnn.certify import certify as certify_inputs
+from robustbnn.certify import check_model
 from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
 from robustbnn.guide import FreshSamples
@@ -383,8 +384,10 @@ def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings:
         if dropped and all(a in GRADIENT_ATTACKS for a in s.attacks):
             raise UserError(f"the model has no input gradients, so {', '.join(dropped)} cannot run; add square")
         s = Settings(**{**asdict(s), "attacks": tuple(a for a in s.attacks if a not in GRADIENT_ATTACKS)})
-    if certify is not None and not isinstance(model, Posterior):
-        raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none")
+    if certify is not None:  # before any attack runs
+        if not isinstance(model, Posterior):
+            raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none")
+        check_model(post, certify)
     frames, rows, certified = [], [], []
     for eps in tqdm(eps_list, desc="eps", disable=None if progress else True):
         frame, worst = battery(model, xd, yd, eps, s, (lo, hi), progress)
