@@ -105,8 +105,10 @@ def _relax(act: nn.Module, l: torch.Tensor, u: torch.Tensor):
     return alpha, k, beta
 
 
-def _monotone(act: nn.Module, l: torch.Tensor, u: torch.Tensor):
-    return (l, u) if isinstance(act, nn.Identity) else (act(l), act(u))
+def _output_box(act: nn.Module, l: torch.Tensor, u: torch.Tensor):
+    """Centre and radius of the box an increasing activation maps [l, u] to."""
+    hl, hu = (l, u) if isinstance(act, nn.Identity) else (act(l), act(u))
+    return (hu + hl) / 2, (hu - hl) / 2
 
 
 def _first_affine(W, b, c, r):
@@ -172,8 +174,7 @@ def _bounds_chunk(linears, acts, x_lo, x_hi, y, crown: bool):
             zc, zr = _first_affine(W, b, c, r)
             l, u = zc - zr, zc + zr
         else:
-            hl, hu = _monotone(acts[i - 1], *pre[i - 1])
-            hc, hr = (hu + hl) / 2, (hu - hl) / 2
+            hc, hr = _output_box(acts[i - 1], *pre[i - 1])
             zc = torch.bmm(hc, W.transpose(1, 2)) + (0 if b is None else b.unsqueeze(1))
             zr = torch.bmm(hr, W.abs().transpose(1, 2))
             l, u = zc - zr, zc + zr
@@ -188,8 +189,7 @@ def _bounds_chunk(linears, acts, x_lo, x_hi, y, crown: bool):
     if len(linears) == 1:
         dc, dr = torch.einsum("sbkh,bh->sbk", Wd, c), torch.einsum("sbkh,bh->sbk", Wd.abs(), r)
     else:
-        hl, hu = _monotone(acts[-1], *pre[-1])
-        hc, hr = (hu + hl) / 2, (hu - hl) / 2
+        hc, hr = _output_box(acts[-1], *pre[-1])
         dc, dr = torch.einsum("sbkh,sbh->sbk", Wd, hc), torch.einsum("sbkh,sbh->sbk", Wd.abs(), hr)
     lower, upper = dc + bd - dr, dc + bd + dr
     if crown and len(linears) > 1:
@@ -200,9 +200,12 @@ def _bounds_chunk(linears, acts, x_lo, x_hi, y, crown: bool):
     return lower.masked_fill(at_y, 0.0), upper.masked_fill(at_y, 0.0)
 
 
-def check_model(post: Posterior, method: str = "auto") -> bool:
-    """Fail in one line unless `method` can certify `post` (a perceptron of fixed samples); whether CROWN runs."""
-    return _method(layers(fixed_samples(post))[1], method)
+def check_model(model, method: str = "auto") -> bool:
+    """Fail in one line unless `method` can certify `model` (a perceptron of fixed samples); whether CROWN runs."""
+    if not isinstance(model, Posterior):
+        raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none "
+                        "(certify a fixed draw of it instead)")
+    return _method(layers(model)[1], method)
 
 
 def _method(acts, method: str) -> bool:
@@ -260,9 +263,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, bounds=(0.0, 1.
     """Which inputs are certified at `eps`: {"certified": (B,) bool, "bound": (B,) float64 lower bound of
     min_j p(x')_y - p(x')_j over the box, "certified_acc": %, "seconds": float}. `model` is a fixed-sample
     `Posterior`: a defence that draws fresh weights has no fixed predictive to bound."""
-    if not isinstance(model, Posterior):
-        raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none "
-                        "(certify a fixed draw of it instead)")
+    check_model(model, method)
     started = time.perf_counter()
     lower, upper = logit_difference_bounds(model, x, y, eps, bounds, method, budget)
     bound = predictive_margin_bound(lower, upper, y.to(lower.device))

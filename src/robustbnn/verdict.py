@@ -385,9 +385,7 @@ def evaluate(model: Model, x: torch.Tensor, y: torch.Tensor, eps_list, settings:
             raise UserError(f"the model has no input gradients, so {', '.join(dropped)} cannot run; add square")
         s = Settings(**{**asdict(s), "attacks": tuple(a for a in s.attacks if a not in GRADIENT_ATTACKS)})
     if certify is not None:  # before any attack runs
-        if not isinstance(model, Posterior):
-            raise UserError("certify bounds the predictive of fixed weight samples; a fresh-sample defence has none")
-        check_model(post, certify)
+        check_model(model, certify)
     frames, rows, certified = [], [], []
     for eps in tqdm(eps_list, desc="eps", disable=None if progress else True):
         frame, worst = battery(model, xd, yd, eps, s, (lo, hi), progress)
