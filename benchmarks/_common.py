@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -23,15 +24,16 @@ def emit(benchmark, metric, value, unit, baseline=None, ratio=None):
                       "baseline": baseline, "ratio": ratio}), flush=True)
 
 
-def random_posterior(n_samples: int, kind: str = "mcmc", seed: int = 0) -> Posterior:
+def random_posterior(n_samples: int, kind: str = "mcmc", seed: int = 0, spec: dict = SPEC) -> Posterior:
     """Weights ~ N(0, 1/fan_in), filled in place (no temporaries, so memory probes stay honest)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = {k: tuple(v.shape) for k, v in make_net(**SPEC).named_parameters()}
+    shapes = {k: tuple(v.shape) for k, v in make_net(**spec).named_parameters()}
     params = {}
     for k, shape in shapes.items():
-        fan_in = shape[1] if len(shape) > 1 else shapes[k.replace("bias", "weight")][1]
+        w = shapes[k.replace("bias", "weight")]
+        fan_in = math.prod(w[1:])
         params[k] = torch.empty(n_samples, *shape).normal_(0.0, fan_in ** -0.5, generator=gen)
-    return Posterior.from_arch(SPEC, params, kind=kind)
+    return Posterior.from_arch(spec, params, kind=kind)
 
 
 def random_inputs(n: int, seed: int = 0):

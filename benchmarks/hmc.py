@@ -30,7 +30,7 @@ the float32 matmul peak of this process (the ceiling for any sampler on these co
 NumPyro's share.
 Times are whole runs from the first gradient on, compilation included on both sides (JAX's jit, our
 torch.compile); --warm adds `_warm` lines: second runs of both compiled samplers in the same process. With
---threads 1 (default) XLA is limited to one thread too (XLA_FLAGS, set before JAX loads).
+--threads 1 (default) the whole process is pinned to one core (XLA ignores its thread flags).
 
     python benchmarks/hmc.py [--quick] [--threads N] [--skip-pyro] [--skip-numpyro] [--sizes 1000x32,5000x128]
                              [--chains C] [--warm] [--modes eager,compiled]
@@ -276,6 +276,10 @@ def numpyro_comparison(sizes: str, chains: int, quick: bool, warm: bool = False,
                          f"{ess:.1f} (min {d['pred_ess_min']:.1f}, R-hat max {d['pred_rhat_max'] or float('nan'):.3f})"
                          f", NumPyro {ess_np:.1f} (min {d_np['pred_ess_min']:.1f}, R-hat max "
                          f"{d_np['pred_rhat_max'] or float('nan'):.3f})")
+                if warm and mode == "eager":
+                    emit(f"{name}_grad_per_s_eager_vs_numpyro_warm", g / t, "grad/s", g_np / times_np[1],
+                         setting.replace("times include compilation", "NumPyro's second run, compilation cached")
+                         + f"; NumPyro {g_np} in {times_np[1]:.1f}s")
                 if warm and mode == "compiled":
                     t2, g2, _ = run_ours(spec, x, y, x_eval, y_eval, chains=c, compile_on=True, **common)
                     emit(f"{name}_grad_per_s_compiled_warm", g2 / t2, "grad/s", g_np / times_np[1],
@@ -320,9 +324,10 @@ def main():
                                                                    "eager and/or compiled, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.threads == 1:  # XLA's CPU backend: one thread too, like ours (read when JAX loads)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        # One core for the whole process: XLA's CPU backend (jax 0.10) runs two Eigen threads whatever
+        # XLA_FLAGS say, which doubled NumPyro's rate on two cores against our one thread.
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # the last core: the first takes most interrupts
     if not args.skip_pyro:
         pyro_comparison(args)
     if not args.skip_numpyro:

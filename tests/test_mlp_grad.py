@@ -130,3 +130,16 @@ def test_confident_networks_keep_exact_values_and_no_denormal_softmax():
     finally:
         torch.Tensor.exp_ = real_exp
     assert seen == [False]
+
+
+def test_level_2_cache_size_read_from_sysfs(tmp_path):
+    from robustbnn.inference.bnn_target import _l2_bytes
+
+    for index, (level, size) in enumerate([("1", "32K"), ("1", "32K"), ("2", "1024K"), ("3", "32768K")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert _l2_bytes(root=str(tmp_path)) == 2**20
+    (tmp_path / "index2" / "size").write_text("2M\n")
+    assert _l2_bytes(root=str(tmp_path)) == 2 * 2**20
+    assert _l2_bytes(default=12345, root=str(tmp_path / "missing")) == 12345

@@ -108,7 +108,8 @@ _STUDY_NOTES = {
         "vi: the MCMC BNN's fc2 architecture with BNN preset 5's VI settings (10 epochs, lr 0.01) instead of the "
         "paper's conv VI preset (0 for MNIST, 2 for Fashion-MNIST): conv VI costs about 2.5 minutes per training "
         "epoch on one CPU thread, and attacking it far more: one input gradient of 1000 test points with 20 "
-        "samples takes about a minute (65 times fc2's), so one 100-iteration APGD at one eps takes almost two hours",
+        "samples takes 36 s on one core at 0.61 of its matmul peak, so the battery's first attack, a 100-iteration "
+        "APGD, takes about an hour per eps (docs/benchmarks.md)",
         "nn and ensemble on Fashion-MNIST: 5 epochs instead of 10 (fc2-1024 costs 2.8 times fc2-512 per epoch)",
         "mcmc: cyclical SGHMC (`presets.SGHMC_STUDY`; its settings are listed below) instead of the paper's HMC, "
         "whose per-minibatch chains with 50 warm-up steps are not a posterior sample (bug B1) and whose full-batch "

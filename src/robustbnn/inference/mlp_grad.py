@@ -165,7 +165,12 @@ def nll_and_grad(plan, q: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: 
             if bs is not None:  # (a bfloat16 sum accumulates in float32 too; asking for float32 out copies delta)
                 out_grad[:, bs:bs + out].copy_(delta.sum(1))
             a = a.expand(c, *a.shape) if a.dim() == 2 else a
-            out_grad[:, ws:ws + out * inp].view(c, out, inp).copy_(torch.bmm(delta.transpose(1, 2), a))
+            dw = out_grad[:, ws:ws + out * inp].view(c, out, inp)
+            if inp < out:  # (a^T delta)^T: MKL is slow on a thin product's short side as rows (2 inputs,
+                # 2500 rows: 0.075 ms this way against 0.42 ms)
+                dw.copy_(torch.bmm(a.transpose(1, 2), delta).transpose(1, 2))
+            else:
+                dw.copy_(torch.bmm(delta.transpose(1, 2), a))
             if linear_i > 0:
                 w = weights[:, ws:ws + out * inp].view(c, out, inp)
                 delta = torch.bmm(delta, w, out=reusable(buffers, ("delta", i), (c, delta.shape[1], inp), delta))
