@@ -26,7 +26,7 @@ samples, 1000 random inputs in [0, 1] (`--quick`: 50 inputs). Lines (one JSON ob
   by the library's conv path (`forward._conv_forward`: every layer one convolution for all samples), by
   autograd through `vmap(functional_call)` (the generic path conv took before), and by a loop of one plain
   module per sample; seconds, shares of the matmul peak (conv and linear FLOPs of forward + input backward),
-  and the largest difference from the loop (asserted below 1e-4 of the gradient's largest entry).
+  and the largest difference from the loop (the library's asserted below 1e-4 of the gradient's largest entry).
 
 `--profile` prints (to stderr) torch.profiler tables of one input-gradient pass, ours and the autograd
 reference, for finding where the time goes.
