@@ -139,6 +139,7 @@ def test_level_2_cache_size_read_from_sysfs(tmp_path):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "level").write_text(level + "\n")
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "a_file").write_text("not a cache\n")  # sysfs keeps files (uevent) beside the index folders
     assert _l2_bytes(root=str(tmp_path)) == 2**20
     (tmp_path / "index2" / "size").write_text("2M\n")
     assert _l2_bytes(root=str(tmp_path)) == 2 * 2**20

@@ -101,7 +101,7 @@ def neg_log_lik(net, params, x, y) -> torch.Tensor:
 def _l2_bytes(default: int = 2**20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """The size of the first CPU's level-2 cache, read from Linux's sysfs (`default` where it cannot be read)."""
     try:
-        for entry in sorted(os.listdir(root)):
+        for entry in sorted(e for e in os.listdir(root) if e.startswith("index")):  # (beside files such as uevent)
             with open(f"{root}/{entry}/level") as f:
                 if f.read().strip() != "2":
                     continue
