@@ -1,5 +1,6 @@
-"""Exact draws of the first-layer weights on always-zero inputs (`inference.free_weights`): which coordinates,
-their distribution against the prior's, and that the rest of the chain is left as it was."""
+"""Exact draws of the directions the likelihood never sees (`inference.free_weights`): the first-layer weights on
+always-zero inputs and the output layer's class means; which coordinates, their distribution against the prior's,
+and that the rest of the chain is left as it was."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from robustbnn.forward import param_layout
-from robustbnn.inference.free_weights import free_coordinates
+from robustbnn.inference.free_weights import free_coordinates, shift_blocks
 from robustbnn.inference.sghmc import run_sghmc
 from robustbnn.nets import make_net
 
@@ -40,12 +41,21 @@ def test_free_coordinates_are_the_first_layer_columns_of_always_zero_inputs():
                             x) is None
 
 
+def test_shift_blocks_are_the_output_layers_weight_and_bias():
+    net = make_net("fc2", [6], 2, 8, "leaky")
+    layout = param_layout(dict(net.named_parameters()))
+    assert shift_blocks(net, layout) == [(48 + 8 + 64 + 8, 2, 8), (48 + 8 + 64 + 8 + 16, 2, 1)]
+    assert shift_blocks(nn.Sequential(nn.Linear(6, 2), nn.Tanh()), [("0.weight", (2, 6)), ("0.bias", (2,))]) == []
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_free_weights_follow_the_prior_and_the_rest_of_the_chain_is_unchanged(temperature, one_thread):
     """Each chain's squared norm of the 16 free weights, over its draws, is T s^2 chi^2_16: mean 16 T s^2 and
     variance 32 (T s^2)^2 (within 4 and 5 standard errors); without the block SGHMC leaves them where they started,
-    near PyTorch's initialisation (variance 1/(3 fan_in) per weight, far below the prior's). The other weights
-    are the same draws either way: the sampler never reads the free ones."""
+    near PyTorch's initialisation (variance 1/(3 fan_in) per weight, far below the prior's). The output layer's
+    class means (8 of the weight, 1 of the bias) give K ||m||^2 / (T s^2) ~ chi^2_9. Everything else (the other
+    weights, the output layer's deviations from its class means) is the same draws either way: the sampler never
+    reads the free directions, and the block only rewrites the kept copies."""
     x, y = data()
     kw = dict(cycles=60, burnin_cycles=10, epochs_per_cycle=2, lr=0.1, batch_size=50, num_chains=4,
               temperature=temperature, prior_scale=1.5, seed=3, **quiet)
@@ -58,9 +68,20 @@ def test_free_weights_follow_the_prior_and_the_rest_of_the_chain_is_unchanged(te
     assert abs(sq.mean().item() - 16 * s2) < 4 * math.sqrt(32 * s2**2 / n)
     assert sq.var().item() == pytest.approx(32 * s2**2, rel=5 * math.sqrt(2 / (n - 1)))
     assert plain.params["1.weight"][:, :, [1, 4]].square().sum((1, 2)).mean() < 0.2 * 16 * s2
+    means = torch.cat([exact.params["5.weight"].mean(1), exact.params["5.bias"].mean(1, keepdim=True)], 1)
+    shift = 2 * means.double().square().sum(-1) / s2  # (draws,) ~ chi^2_9
+    assert abs(shift.mean().item() - 9) < 4 * math.sqrt(18 / n)
+    assert shift.var().item() == pytest.approx(18, rel=5 * math.sqrt(2 / (n - 1)))
+
+    def rest(post, name):
+        t = post.params[name]
+        if name == "1.weight":
+            return t[:, :, [0, 2, 3, 5]]
+        return t - t.mean(1, keepdim=True) if name in ("5.weight", "5.bias") else t
+
     for name in exact.params:
-        keep = exact.params[name] if name != "1.weight" else exact.params[name][:, :, [0, 2, 3, 5]]
-        ref = plain.params[name] if name != "1.weight" else plain.params[name][:, :, [0, 2, 3, 5]]
-        assert torch.equal(keep, ref), name
+        assert torch.allclose(rest(exact, name), rest(plain, name), atol=1e-6), name
+        if not name.startswith("5."):
+            assert torch.equal(rest(exact, name), rest(plain, name)), name
     assert exact.meta["sghmc"]["exact_free_weights"] is True and "exact_free_weights" not in plain.meta["sghmc"]
     assert exact.accuracy(x, y) == plain.accuracy(x, y)  # the free weights see only zeros

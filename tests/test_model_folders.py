@@ -34,6 +34,9 @@ FOLDERS = {
     ("train-bnn", "--inference", "sghmc", "--friction", "0.3", "--exact_free_weights", "True"):
         "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0_fric=0.3"
         "_free=exact",
+    ("train-bnn", "--inference", "sghmc", "--integrator", "baoab", "--adaptive_friction", "True"):
+        "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=40x1ep_burnin=10_samp=1_lr=0.1_T=1.0_int=baoab"
+        "_fric=noise",
     ("train-bnn", "--inference", "sghmc", "--cycles", "8", "--init_from", "somefolder", "--temperature", "0.5"):
         "mnist_bnn_sghmc_hid=512_act=leaky_arch=conv_chains=4_cycles=8x1ep_burnin=10_samp=1_lr=0.1_T=0.5_from=ab9c8de8",
     ("train-bnn", "--arch", "tests.factories:small_conv", "--arch_kwargs", '{"channels": 2}'):
@@ -48,7 +51,7 @@ STUDY_FOLDERS = {
         "ensemble": "mnist_ensemble_hid=512_act=leaky_arch=fc2_size=10",
         "vi": "mnist_bnn_svi_hid=512_act=leaky_arch=fc2_ep=10_lr=0.01",
         "mcmc": "mnist_bnn_sghmc_hid=512_act=leaky_arch=fc2_chains=4_cycles=400x1ep_burnin=100_samp=1_lr=0.2_T=1.0"
-                "_grad=bfloat16"},
+                "_free=exact_int=baoab_fric=noise_grad=bfloat16"},
     ("mnist", "paper"): {
         "vi": "mnist_bnn_svi_hid=512_act=leaky_arch=conv_ep=5_lr=0.01",
         "mcmc": "mnist_bnn_hmc_hid=512_act=leaky_arch=fc2_samp=200_warm=500_stepsize=0.005_numsteps=20"},

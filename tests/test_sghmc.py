@@ -1,5 +1,6 @@
 """Cyclical SGHMC: exact answers on a conjugate model, the full-batch HMC predictive on a small BNN, resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -167,19 +168,24 @@ def moons(n=300):
 def test_bnn_predictive_close_to_full_batch_hmc():
     """On a small BNN whose posterior is dominated by the prior's scale (weights of rms ~1 under HMC), SGHMC
     with long cycles and a large step is close to full-batch HMC's predictive, while short minibatch cycles
-    stay near the initialisation's scale and far from it: the fidelity check is needed, and it tells."""
+    stay near the initialisation's scale and far from it: the fidelity check is needed, and it tells. With the
+    friction matched to the minibatch noise (BAOAB), the same short minibatch cycles come as close as the
+    long full-batch ones: the weights the data constrain little move at the prior's scale."""
     data, arch = moons()
     quiet = dict(log=lambda *_: None)
     ref = run_hmc(arch, data.x_train, data.y_train, n_samples=400, warmup=100, step_size=0.01, num_steps=20,
                   num_chains=4, **quiet)
     check = lambda **sghmc: validate_against_hmc(arch, data.x_train, data.y_train, data.x_test[:300],  # noqa: E731
-                                                 reference=ref, sghmc=dict(sghmc, num_chains=4, burnin_cycles=0),
+                                                 reference=ref, sghmc={"burnin_cycles": 0, **sghmc, "num_chains": 4},
                                                  **quiet)
     good = check(cycles=10, epochs_per_cycle=200, samples_per_cycle=2, lr=0.1, batch_size=300, explore_fraction=0.0)
     assert good["hmc_halves_tv_mean"] < 0.02, good  # the reference agrees with itself
     assert good["tv_mean"] < 0.07, good
     poor = check(cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03, batch_size=100)
     assert poor["tv_mean"] > 2 * good["tv_mean"], (poor, good)
+    adaptive = check(cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03, batch_size=100, burnin_cycles=2,
+                     integrator="baoab", adaptive_friction=True)
+    assert adaptive["tv_mean"] < 0.07 and adaptive["tv_mean"] < poor["tv_mean"] / 2, (adaptive, poor, good)
 
 
 def test_run_sghmc_posterior_and_diagnostics():
@@ -199,9 +205,26 @@ def test_run_sghmc_posterior_and_diagnostics():
     assert even.n_samples == 16 and odd.n_samples == 8
 
 
-def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
-    import robustbnn.inference.sghmc as sghmc_module
+def interrupt_at_step(n: int, run) -> None:
+    """Call `run()` with sghmc.step raising KeyboardInterrupt at its n-th call; the run must stop with it."""
+    calls = {"n": 0}
+    original = sghmc.step
 
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    sghmc.step = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        sghmc.step = original
+
+
+def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
     data, arch = moons(200)
     kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=0, lr=0.05, batch_size=40, num_chains=2,
               checkpoint_seconds=0, log=lambda *_: None)  # a checkpoint after every step
@@ -209,21 +232,8 @@ def test_seed_fixes_the_run_and_resume_is_exact(tmp_path):
     b = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
 
-    calls = {"n": 0}
-    original = sghmc_module.step
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 27:  # in cycle 3 (10 steps per cycle), after two draws were kept
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    sghmc_module.step = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw)
-    finally:
-        sghmc_module.step = original
+    # in cycle 3 (10 steps per cycle), after two draws were kept
+    interrupt_at_step(27, lambda: run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw))
     # every checkpoint wrote the draws kept since the one before as a part, and no draw twice
     state = load_checkpoint(tmp_path)
     parts = state["state"]["parts"]
@@ -407,3 +417,98 @@ def test_train_bnn_init_from_extends_a_saved_run(tmp_path, capsys):
     hmc = base[:9] + ["--inference", "hmc", "--n_samples", "2", "--warmup", "2", "--savedir", tmp_path]
     code, _, err = run_cli(hmc + ["--init_from", first], capsys)
     assert code != 0 and "--init_from extends SGHMC chains" in err and "Traceback" not in err
+
+
+def fixed_step_chain(grad, cfg, q0, steps, seed=0):
+    """Positions of `steps` SGHMC steps all taken at the first step of the schedule (a constant step size eta_0),
+    after a warm-up of steps // 10: (steps - steps // 10, C, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = sghmc.init(q0)
+    batch = torch.zeros(q0.shape[0], cfg.batch_size, dtype=torch.long)
+    kept = []
+    for i in range(steps):
+        state = sghmc.step(dataclasses.replace(state, it=0), batch, grad, cfg, gen)
+        if i >= steps // 10:
+            kept.append(state.q)
+    return torch.stack(kept)
+
+
+def test_baoab_samples_a_stiff_gaussian_exactly():
+    """U(q) = lambda q^2 / 2 at a constant step with eta lambda = 3 (stable up to 4): the BAOAB splitting's
+    positions have variance T / lambda (within 5%), where the Euler-type update, with the same friction 0.1,
+    samples that direction (2 - alpha) / (2 - alpha - eta lambda / 2) = 4.75 times too hot (within 10%)."""
+    lam = torch.tensor([3.0e4], dtype=torch.float64)
+    ratios = {}
+    for integrator in sghmc.INTEGRATORS:
+        cfg = SGHMCSettings(cycles=2, steps_per_cycle=100, samples_per_cycle=1, lr=1e-4, friction=0.1,
+                            temperature=0.5, explore_fraction=0.0, n_data=1, batch_size=1, integrator=integrator)
+        assert cfg.eta(0) * lam.item() == pytest.approx(3.0)
+        qs = fixed_step_chain(lambda q, idx: q * lam, cfg, torch.zeros(64, 1, dtype=torch.float64), 6000)
+        ratios[integrator] = (qs.var() * lam / cfg.temperature).item()
+    assert abs(ratios["baoab"] - 1) < 0.05, ratios
+    assert ratios["euler"] == pytest.approx(1.9 / (1.9 - 1.5), rel=0.1), ratios
+
+
+def test_noise_estimate_is_the_minibatch_gradients_variance():
+    """At a fixed position, the adaptive friction's estimate V of each coordinate's minibatch-gradient variance
+    (from half-batch differences) matches the variance of the minibatch gradient over independently drawn
+    minibatches, computed directly (within 10%)."""
+    x, y, mean, _ = linear_regression(n=1000, d=2)
+    grad = regression_grad(x, y)
+    cfg = SGHMCSettings(cycles=2, steps_per_cycle=2000, samples_per_cycle=1, lr=1e-3, friction=0.1,
+                        temperature=1.0, explore_fraction=0.0, n_data=len(x), batch_size=25, burnin_cycles=1,
+                        integrator="baoab", adaptive_friction=True)
+    gen = torch.Generator().manual_seed(0)
+    q = mean.expand(4, 2).clone()
+    state = sghmc.init(q)
+    for k in range(cfg.steps_per_cycle):  # the whole first cycle measures; the position is put back each step
+        batch, _ = sghmc.next_batch(sghmc.Minibatches(), cfg, 4, gen)
+        state = dataclasses.replace(sghmc.step(state, batch, grad, cfg, gen), q=q.clone())
+    direct = torch.stack([grad(q[:1], torch.randint(len(x), (1, 25), generator=gen))[0] for _ in range(4000)])
+    ratio = state.noise_var / direct.var(0)
+    assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
+
+
+def test_adaptive_friction_removes_the_minibatch_heat_and_frees_the_unseen_weight():
+    """Linear regression with a third input that is 0 in every data point: its weight's posterior is the prior
+    N(0, 1), and no minibatch moves it. With small minibatches and a large step, the Euler-type sampler at
+    friction 0.1 samples the two data weights over 10 times too hot (the minibatch noise it does not correct
+    for) and leaves the free weight far below the prior's spread (it relaxes over friction / eta steps). With
+    the friction matched to the noise and BAOAB, all three variances are within 25% of the posterior's and the
+    free weight's draws are 5 times as many effective samples; with half of each cycle an exploration stage
+    (no injected noise), the free weight keeps the prior's spread."""
+    x, y, mean, cov = linear_regression(n=1000, d=2)
+    x3 = torch.cat([x, torch.zeros(len(x), 1, dtype=x.dtype)], 1)
+    var3 = torch.cat([cov.diag(), torch.ones(1, dtype=x.dtype)])
+    out = {}
+    for integrator, adaptive, explore in (("euler", False, 0.0), ("baoab", True, 0.0), ("baoab", True, 0.5)):
+        cfg = SGHMCSettings(cycles=60, steps_per_cycle=100, samples_per_cycle=1, lr=0.05, friction=0.1,
+                            temperature=1.0, explore_fraction=explore, n_data=len(x), batch_size=20, burnin_cycles=10,
+                            integrator=integrator, adaptive_friction=adaptive)
+        run = run_sgmcmc(regression_grad(x3, y), torch.zeros(16, 3, dtype=x.dtype), cfg, seed=1, log=lambda *_: None)
+        draws = run["samples"]["q"]
+        out[adaptive, explore] = (draws.reshape(-1, 3).var(0) / var3,
+                                  effective_sample_size(draws, chain_dim=1, sample_dim=0))
+    (hot, ess_fixed), (ratio, ess), (explored, _) = out[False, 0.0], out[True, 0.0], out[True, 0.5]
+    assert (hot[:2] > 10).all() and hot[2] < 0.8, hot
+    assert ((ratio > 0.75) & (ratio < 1.25)).all(), ratio
+    assert ess[2] > 5 * ess_fixed[2], (ess, ess_fixed)
+    assert 0.75 < explored[2] < 1.25, explored
+
+
+def test_adaptive_friction_resumes_exactly_and_records_its_settings(tmp_path):
+    """The noise estimate is part of the saved state: a run stopped in its second cycle (the friction already
+    read from the first cycle's estimate) resumes to the uninterrupted draws; the posterior records the options."""
+    data, arch = moons(200)
+    kw = dict(cycles=3, epochs_per_cycle=2, samples_per_cycle=1, burnin_cycles=1, lr=0.05, batch_size=40, num_chains=2,
+              integrator="baoab", adaptive_friction=True, checkpoint_seconds=0, log=lambda *_: None)
+    a = run_sghmc(arch, data.x_train, data.y_train, seed=3, **kw)
+    assert a.meta["sghmc"]["integrator"] == "baoab" and a.meta["sghmc"]["adaptive_friction"] is True
+    # in cycle 2 (10 steps per cycle)
+    interrupt_at_step(14, lambda: run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, **kw))
+    assert load_checkpoint(tmp_path)["state"]["noise_steps"] == 10
+    b = run_sghmc(arch, data.x_train, data.y_train, seed=3, checkpoint=tmp_path, resume=True, **kw)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    plain = run_sghmc(arch, data.x_train, data.y_train, seed=3, **dict(kw, integrator="euler", adaptive_friction=False))
+    assert not any(torch.equal(a.params[k], plain.params[k]) for k in a.params)
+    assert "integrator" not in plain.meta["sghmc"] and "adaptive_friction" not in plain.meta["sghmc"]

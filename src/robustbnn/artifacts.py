@@ -160,6 +160,8 @@ def model_name(model_type: str, dataset: str, hidden_size, activation: str, arch
                        + (f"_fric={g['friction']}" if g.get("friction", 0.1) != 0.1 else "")
                        + (f"_explore={g['explore_fraction']}" if g.get("explore_fraction", 0.5) != 0.5 else "")
                        + ("_free=exact" if g.get("exact_free_weights") else "")
+                       + (f"_int={g['integrator']}" if g.get("integrator", "euler") != "euler" else "")
+                       + ("_fric=noise" if g.get("adaptive_friction") else "")
                        + (f"_from={g['init_from']}" if g.get("init_from") else "") + grad) + tail
     return name + f"_ep={epochs}_lr={lr}" + tail
 

@@ -80,7 +80,8 @@ def preset(table: dict, idx: int, what: str) -> dict:
 # Neither dataset's chains reach the prior's scale in the directions the data leave free: the weight norms' R-hat
 # stays near 2. Run times and convergence: docs/study.md.
 SGHMC_STUDY = {"mnist": dict(num_chains=4, cycles=400, burnin_cycles=100, epochs_per_cycle=1, samples_per_cycle=1,
-                             lr=0.2, batch_size=500, grad_dtype="bfloat16"),
+                             lr=0.2, batch_size=500, grad_dtype="bfloat16", integrator="baoab",
+                             adaptive_friction=True, exact_free_weights=True),
                "fashion_mnist": dict(num_chains=4, cycles=400, burnin_cycles=100, epochs_per_cycle=1,
                                      samples_per_cycle=1, lr=0.15, batch_size=500, grad_dtype="bfloat16",
                                      extends=dict(cycles=600, burnin_cycles=300))}

@@ -67,6 +67,8 @@ SGHMC_FLAGS = {
     "temperature": 1.0,
     "explore_fraction": 0.5,
     "exact_free_weights": False,
+    "integrator": "euler",
+    "adaptive_friction": False,
     "init_from": None,
 }
 # The settings `run_sghmc` takes (besides data, seed and device).
@@ -272,7 +274,7 @@ def check_run(s: dict, data, folder: Path, device, seed: int):
         raise UserError(f"--batch_size must lie between 1 and the number of training points ({n}), got {batch}")
     SGHMCSettings(int(s["cycles"]), int(s["epochs_per_cycle"]) * (n // batch), int(s["samples_per_cycle"]),
                   float(s["lr"]), float(s["friction"]), float(s["temperature"]), float(s["explore_fraction"]), n,
-                  batch, int(s["burnin_cycles"]))
+                  batch, int(s["burnin_cycles"]), s["integrator"], bool(s["adaptive_friction"]))
     if not s.get("init_from"):
         return None
     source = init_folder(s["init_from"], folder)

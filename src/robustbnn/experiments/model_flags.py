@@ -12,6 +12,7 @@ from robustbnn import runs
 from robustbnn.experiments.common import (PROGRESS, json_object, nonneg_float, nonneg_int, positive_float,
                                           positive_int, str2bool)
 from robustbnn.inference.mlp_grad import GRAD_DTYPES
+from robustbnn.inference.sghmc import INTEGRATORS
 from robustbnn.nets import ACTIVATIONS, ARCHITECTURES
 
 DATASET_CHOICES = ("mnist", "fashion_mnist", "cifar10", "half_moons")
@@ -74,8 +75,14 @@ SGHMC_FLAG_ARGS = {
     "friction": dict(type=positive_float, help="SGHMC: friction alpha (momentum 1 - alpha)"),
     "temperature": dict(type=positive_float, help="SGHMC: posterior temperature T (1 = Bayes; < 1 = cold)"),
     "explore_fraction": dict(type=nonneg_float, help="SGHMC: first fraction of each cycle run without noise"),
-    "exact_free_weights": dict(type=str2bool, help="SGHMC: draw the first-layer weights on inputs that are 0 in "
-                               "every training image exactly from the prior, their posterior (default: False)"),
+    "exact_free_weights": dict(type=str2bool, help="SGHMC: draw the weights the likelihood never sees (first-layer "
+                               "weights on inputs that are 0 in every training image, the output layer's means over "
+                               "the classes) exactly from the prior, their posterior (default: False)"),
+    "integrator": dict(choices=INTEGRATORS, help="SGHMC: euler = Chen et al.'s update; baoab = the friction "
+                       "integrated exactly (Leimkuhler & Matthews' splitting; default: euler)"),
+    "adaptive_friction": dict(type=str2bool, help="SGHMC: each weight's friction matched to its minibatch "
+                              "gradient noise, measured in the burn-in, down to critical damping at the prior's "
+                              "scale, with independent minibatches; --friction holds only in the first cycle (default: False)"),
     "init_from": dict(metavar="FOLDER", help="SGHMC: extend the chains of this saved SGHMC (or HMC) model of the "
                       "same architecture and --num_chains: each chain starts at its last draw"),
 }

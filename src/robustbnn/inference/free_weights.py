@@ -1,19 +1,28 @@
-"""Exact draws of the weights the data never reach: a Gibbs block beside a sampler.
+"""Exact draws of the weights the likelihood never sees: a Gibbs block beside a sampler.
 
-A perceptron's first layer sees an input x only through W x = sum_j W[:, j] x_j. Where x_j = 0 for every
-training input (the 67 border pixels of MNIST that are 0 in all 60000 images), the column W[:, j] does not enter
-the likelihood: with the Gaussian prior N(0, s^2) independent across weights, the posterior factorises,
+Two kinds of direction in a perceptron's weights do not enter its likelihood at all:
 
-    p(W_free, w_rest | D)  proportional to  p(D | w_rest) p(w_rest) * p(W_free),
+- **Weights on always-zero inputs.** The first layer sees an input x only through W x = sum_j W[:, j] x_j. Where
+  x_j = 0 for every training input (the 67 border pixels of MNIST that are 0 in all 60000 images), the column
+  W[:, j] does not enter the likelihood.
+- **The output layer's class shift.** The softmax is unchanged when the same number is added to every class's
+  logit, so the output layer z = W a + b is seen only through W - 1 m^T and b - 1 c, with m = mean_k W[k, :] and
+  c = mean_k b[k] the means over the K classes. The H + 1 numbers (m, c) do not enter the likelihood.
 
-so W_free is independent of everything else and distributed as its prior; at temperature T (target
-exp(-U / T)) as N(0, T s^2). Drawing W_free from that distribution is an exact Gibbs step: it leaves the joint
-target invariant whatever the other coordinates' sampler does, and the other coordinates' dynamics never read
-W_free (their gradient does not depend on it). SGHMC would instead relax these weights towards the prior with a
-time constant of friction x N / eta_0 steps (about 500 epochs at the MNIST study's settings), which is the
+With the Gaussian prior N(0, s^2) independent across weights, the posterior factorises in both cases,
+
+    p(w_free, w_rest | D)  proportional to  p(D | w_rest) p(w_rest) * p(w_free),
+
+(for the shift, because W = (W - 1 m^T) + 1 m^T is an orthogonal split, under which an isotropic Gaussian
+factorises), so w_free is independent of everything else and distributed as its prior: at temperature T
+(target exp(-U / T)), each free column N(0, T s^2) and each class mean N(0, T s^2 / K). Putting a draw of that
+distribution in a kept draw's place is an exact Gibbs step: it leaves the joint target invariant whatever the
+other coordinates' sampler does. SGHMC would instead relax these directions towards the prior with a time
+constant of friction x N / eta_0 steps (about 500 epochs at the MNIST study's settings), which is part of the
 weight-norm drift its diagnostics report.
 
-`free_coordinates` finds them in the flat parameter layout; `draw_free` redraws them in place.
+`free_coordinates` finds the first kind in the flat parameter layout, `shift_blocks` the second; `draw_free`
+redraws both.
 """
 
 from __future__ import annotations
@@ -24,6 +33,15 @@ import torch
 from torch import nn
 
 from robustbnn.forward import _mlp_layers
+
+
+def _offsets(layout) -> dict:
+    """{name: (start in the flat vector, shape)} of a `forward.param_layout`."""
+    out, start = {}, 0
+    for name, shape in layout:
+        out[name] = (start, tuple(shape))
+        start += math.prod(shape)
+    return out
 
 
 def free_coordinates(net: nn.Module, layout, x: torch.Tensor) -> torch.Tensor | None:
@@ -45,21 +63,40 @@ def free_coordinates(net: nn.Module, layout, x: torch.Tensor) -> torch.Tensor | 
     free = (flat == 0).all(0).nonzero().flatten()
     if not len(free):
         return None
-    offset, shape = 0, None
-    for name, s in layout:
-        if name == f"{first}.weight":
-            shape = s
-            break
-        offset += math.prod(s)
+    offset, shape = _offsets(layout)[f"{first}.weight"]
     rows = torch.arange(shape[0], device=free.device)
     return (offset + rows[:, None] * shape[1] + free.to(rows.device)[None, :]).flatten()
 
 
-def draw_free(q: torch.Tensor, free: torch.Tensor, scale: float, seed: int) -> None:
-    """q[:, free] <- N(0, scale^2) for every chain (q (C, D), in place). `scale` is sqrt(T) times the prior's
-    standard deviation. The noise comes from a generator of its own seeded with `seed` (on the CPU, so that a seed
-    gives the same draws on every device): the sampler's own random stream, and so the other coordinates' draws,
-    stay as they are without the block, and a resumed run draws the same numbers."""
+def shift_blocks(net: nn.Module, layout) -> list[tuple[int, int, int]]:
+    """[(start, K, H)]: the output layer's weight (K classes x H inputs) and bias (K x 1) as blocks of the flat
+    parameter vector, whose means over the K rows the softmax never sees; [] for a network that does not end in a
+    Linear layer."""
+    layers = _mlp_layers(net)
+    if not layers or not isinstance(layers[-1][1], nn.Linear):
+        return []
+    name, last = layers[-1]
+    offsets = _offsets(layout)
+    blocks = [(offsets[f"{name}.weight"][0], last.out_features, last.in_features)]
+    if last.bias is not None:
+        blocks.append((offsets[f"{name}.bias"][0], last.out_features, 1))
+    return blocks
+
+
+def draw_free(q: torch.Tensor, free: torch.Tensor | None, shifts, scale: float, seed: int) -> torch.Tensor:
+    """q with the free directions redrawn from their posterior, in place, and returned (q (C, D)):
+    q[:, free] <- N(0, scale^2), and in each shift block (start, K, H) the mean over its K rows <- N(0, scale^2 / K)
+    (the rows' deviations from their mean kept). `scale` is sqrt(T) times the prior's standard deviation. The
+    noise comes from a generator of its own seeded with `seed` (on the CPU, so that a seed gives the same draws on
+    every device): the sampler's own random stream, and so the other coordinates' draws, stay as they are without
+    the block, and a resumed run draws the same numbers."""
     gen = torch.Generator().manual_seed(int(seed) % 2**63)
-    noise = torch.randn(q.shape[0], len(free), generator=gen, dtype=q.dtype)
-    q[:, free.to(q.device)] = noise.to(q.device) * scale
+    c = q.shape[0]
+    if free is not None:
+        noise = torch.randn(c, len(free), generator=gen, dtype=q.dtype)
+        q[:, free.to(q.device)] = noise.to(q.device) * scale
+    for start, k, h in shifts:
+        w = q[:, start:start + k * h].view(c, k, h)
+        mean = torch.randn(c, 1, h, generator=gen, dtype=q.dtype).to(q.device) * (scale / math.sqrt(k))
+        w.sub_(w.mean(1, keepdim=True)).add_(mean)
+    return q

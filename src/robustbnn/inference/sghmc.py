@@ -23,6 +23,34 @@ stage"), and `samples_per_cycle` draws are kept, evenly spaced in the sampling s
 of the cycle. eta_0 is given per data point (`lr`): eta = lr / N on U, which is the usual SGD learning rate
 on the mean minibatch loss, so that the settings carry over between data sizes.
 
+Two options make the friction do what Chen et al. ask of it (`integrator="baoab"`, `adaptive_friction=True`):
+
+- **Friction matched to the minibatch noise, per coordinate.** The minibatch gradient's own noise, of variance
+  V_i per step in coordinate i, already acts as friction beta_i = eta V_i / (2 T) (Chen et al.'s B-hat in these
+  units). Each coordinate gets alpha_i = max(2 beta_i, alpha_crit) and only the noise that the minibatch does not
+  supply is injected, so the chain samples at temperature T whatever V_i is (while eta V_i / T < 1). alpha_crit
+  = 2 sqrt(eta lambda_min) damps the slowest direction, of curvature lambda_min (the prior's 1 / s^2), critically.
+  Coordinates that no minibatch moves, such as weights on inputs the data leave (almost) 0, so relax at HMC's
+  rate of about 1 / sqrt(eta lambda_min) steps instead of Langevin's alpha / (eta lambda_min) (30000 steps at
+  the MNIST study's alpha = 0.1 and eta_0 = 0.2). V_i is estimated during the burn-in (the first cycle when
+  there is none) from two half-minibatch gradients, G1 and G2, whose sum is the step's gradient and whose
+  difference carries the noise: E (G1 - G2)^2 = 4 V for equal halves, averaged over chains and over the last
+  cycle's steps; the friction uses it from the second cycle on and it is frozen once the burn-in ends. The
+  minibatches are drawn independently (with replacement): within a reshuffled epoch the minibatch noise sums to 0,
+  and a friction matched to its per-step variance then cools the chain (to about T / 2 on a linear regression).
+  In the exploration stage, which injects no noise, the friction is the minibatch noise's own, 2 beta_i, alone:
+  friction without noise would cool the directions that no minibatch moves, with no noise to recover by.
+- **Friction integrated exactly** (the BAOAB splitting of Leimkuhler & Matthews, "Rational construction of
+  stochastic numerical methods for molecular sampling", AMRX 2013, with one minibatch gradient per step):
+
+      v <- v - eta grad U~(q);  q <- q + v / 2;  v <- exp(-alpha) v + sigma xi;  q <- q + v / 2,
+      sigma^2 = (1 - exp(-2 alpha)) eta T - eta^2 V
+
+  The Ornstein-Uhlenbeck step is exact for any alpha, and for a Gaussian target the positions' stationary
+  distribution is exact at any stable step (eta lambda < 4), where the Euler-type update above samples a
+  direction of curvature lambda at temperature T (2 - alpha) / (2 - alpha - eta lambda / 2) (the stationary
+  solution of its linear recursion): the stiff directions that set the step size are the ones it heats.
+
 The sampler is two functions over a typed state, as HMC's (`hmc_kernel`) and the `posteriors` library's:
 
     state = init(q0)                                    # positions q0 (C, D), velocities 0, step 0
@@ -51,7 +79,7 @@ from robustbnn.inference import hmc_diagnostics
 from robustbnn.inference.bnn_target import bnn_loglik, check_run, initial_positions, run_fingerprint
 from robustbnn.inference.checkpoint import (checkpoint_seconds as resolve_checkpoint_seconds, interrupt_between_steps,
                                             load_checkpoint, load_part, save_checkpoint, save_part, tensor_digest)
-from robustbnn.inference.free_weights import draw_free, free_coordinates
+from robustbnn.inference.free_weights import draw_free, free_coordinates, shift_blocks
 from robustbnn.inference.mlp_grad import grad_dtype as as_grad_dtype
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.nets import template
@@ -75,6 +103,9 @@ class SGHMCSettings:
     n_data: int
     batch_size: int
     burnin_cycles: int = 0
+    integrator: str = "euler"
+    adaptive_friction: bool = False
+    min_curvature: float = 1.0
 
     def __post_init__(self):
         if not 0 <= self.burnin_cycles < self.cycles:
@@ -86,6 +117,13 @@ class SGHMCSettings:
             raise UserError(f"the SGHMC friction must lie in (0, 1], got {self.friction}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.temperature) and self.temperature > 0):
             raise UserError(f"lr and temperature must be positive numbers, got {self.lr} and {self.temperature}")
+        if self.integrator not in INTEGRATORS:
+            raise UserError(f"the SGHMC integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
+        if self.adaptive_friction and self.batch_size < 2:
+            raise UserError("adaptive friction estimates the minibatch noise from two half-batches: it needs a batch "
+                            "size of at least 2")
+        if not (math.isfinite(self.min_curvature) and self.min_curvature > 0):
+            raise UserError(f"the smallest curvature must be a positive number, got {self.min_curvature}")
         if not 0 <= self.explore_fraction < 1:
             raise UserError(f"explore_fraction must lie in [0, 1), got {self.explore_fraction}")
         if len(self.sample_steps) < self.samples_per_cycle:
@@ -115,6 +153,23 @@ class SGHMCSettings:
         r = (step % self.steps_per_cycle) / self.steps_per_cycle
         return self.lr / self.n_data * 0.5 * (math.cos(math.pi * r) + 1.0)
 
+    def estimates_noise(self, step: int) -> bool:
+        """Whether step `step` measures the minibatch noise for the adaptive friction: every step of the burn-in
+        cycles, or of the first cycle when there is no burn-in."""
+        return self.adaptive_friction and step // self.steps_per_cycle < max(1, self.burnin_cycles)
+
+    def record(self) -> dict:
+        """The settings as a dict, without the options that are at their defaults (so that runs from before they
+        existed keep their fingerprint)."""
+        out = asdict(self)
+        for name, default in (("integrator", "euler"), ("adaptive_friction", False), ("min_curvature", 1.0)):
+            if out[name] == default:
+                del out[name]
+        return out
+
+
+INTEGRATORS = ("euler", "baoab")  # Chen et al.'s update; the BAOAB splitting with the friction exact
+
 
 # --------------------------------------------------------------------------------------------------
 # The state and its transition
@@ -123,12 +178,15 @@ class SGHMCSettings:
 @dataclass(frozen=True, eq=False)
 class SGHMCState:
     """What SGHMC carries from one step to the next, for C chains in D dimensions: positions q (C, D),
-    velocities v (C, D) (q moves by v each step) and it, the steps done, which places the next step in the
-    cyclical schedule."""
+    velocities v (C, D) (q moves by v each step), it, the steps done, which places the next step in the
+    cyclical schedule, and for the adaptive friction noise_var (D,), the estimated variance V of each
+    coordinate's minibatch gradient, from noise_steps steps (None and 0 before the first)."""
 
     q: torch.Tensor
     v: torch.Tensor
     it: int = 0
+    noise_var: torch.Tensor | None = None
+    noise_steps: int = 0
 
 
 def init(q0: torch.Tensor) -> SGHMCState:
@@ -150,7 +208,8 @@ def step(state: SGHMCState, batch: torch.Tensor, minibatch_grad, cfg: SGHMCSetti
         q <- q + v
 
     where grad U~(q) = minibatch_grad(q, batch) is the minibatch estimate of the potential's gradient, and the
-    noise term is there only in each cycle's sampling stage (mod(k, K) >= cfg.noise_from).
+    noise term is there only in each cycle's sampling stage (mod(k, K) >= cfg.noise_from). cfg.integrator
+    "baoab" and cfg.adaptive_friction change the update as the module docstring says (`_friction`).
 
     By default the input state is left as it was. `inplace=True` updates its q and v in place instead (the run
     loop does: they hold millions of numbers, and a fresh tensor per operation costs more than the minibatch's
@@ -158,18 +217,81 @@ def step(state: SGHMCState, batch: torch.Tensor, minibatch_grad, cfg: SGHMCSetti
     """
     k = state.it
     eta = cfg.eta(k)
-    grad = minibatch_grad(state.q, batch)
+    noise_var, noise_steps = state.noise_var, state.noise_steps
+    if cfg.estimates_noise(k):
+        grad, sample = _split_grad(minibatch_grad, state.q, batch)
+        noise_steps += 1  # a running mean that forgets what came before the last cycle
+        rate = max(1.0 / noise_steps, 1.0 / cfg.steps_per_cycle)
+        noise_var = sample if noise_var is None else noise_var + rate * (sample - noise_var)
+    else:
+        grad = minibatch_grad(state.q, batch)
     q, v = (state.q, state.v) if inplace else (state.q.clone(), state.v.clone())
-    v.mul_(1.0 - cfg.friction).add_(grad, alpha=-eta)
-    if k % cfg.steps_per_cycle >= cfg.noise_from:
+    sampling = k % cfg.steps_per_cycle >= cfg.noise_from
+    decay, sigma = _friction(cfg, eta, state.noise_var if k >= cfg.steps_per_cycle else None, sampling)
+    xi = None
+    if sampling:
         xi = torch.empty_like(q) if noise is None else noise
         if xi.device.type == "cpu":
             xi.normal_(generator=gen)
         else:  # the generator lives on the CPU so that a seed gives the same draws on every device
             xi.copy_(torch.randn(q.shape, generator=gen, dtype=q.dtype))
-        v.add_(xi, alpha=math.sqrt(2.0 * cfg.friction * eta * cfg.temperature))
-    q.add_(v)
-    return SGHMCState(q=q, v=v, it=k + 1)
+    if cfg.integrator == "euler":
+        v.mul_(decay).add_(grad, alpha=-eta)
+        _add_noise(v, xi, sigma)
+        q.add_(v)
+    else:  # B A O A, the velocity (h_k p for momentum p and h_k = sqrt(eta_k)) first carried to this step's h_k
+        if k > 0:
+            v.mul_(math.sqrt(eta / cfg.eta(k - 1)))
+        v.add_(grad, alpha=-eta)
+        q.add_(v, alpha=0.5)
+        _add_noise(v.mul_(decay), xi, sigma)
+        q.add_(v, alpha=0.5)
+    return SGHMCState(q=q, v=v, it=k + 1, noise_var=noise_var, noise_steps=noise_steps)
+
+
+def _add_noise(v: torch.Tensor, xi: torch.Tensor | None, sigma) -> None:
+    """v <- v + sigma xi in place, sigma a number or one scale per coordinate; nothing when xi is None."""
+    if xi is not None:
+        v.add_(xi, alpha=sigma) if isinstance(sigma, float) else v.addcmul_(xi, sigma)
+
+
+def _split_grad(minibatch_grad, q: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad U~(q) on `batch` (C, B), V (D,)): the gradient from two half-batch gradients G1, G2 (sizes h and
+    B - h, each scaled to N points as minibatch_grad scales it), G = (h G1 + (B - h) G2) / B, and a one-step
+    estimate of the variance V of the B-point gradient, averaged over the chains. With per-point gradient
+    variance s^2, Var G1 = N^2 s^2 / h, Var G2 = N^2 s^2 / (B - h) and V = N^2 s^2 / B, so
+    V = E (G1 - G2)^2 h (B - h) / B^2 (the prior's gradient, in both, cancels in the difference)."""
+    b = batch.shape[1]
+    h = b // 2
+    g1, g2 = minibatch_grad(q, batch[:, :h]), minibatch_grad(q, batch[:, h:])
+    sample = (g1 - g2).square_().mean(0).mul_(h * (b - h) / b**2)
+    return g1.mul_(h / b).add_(g2, alpha=(b - h) / b), sample
+
+
+def _friction(cfg: SGHMCSettings, eta: float, noise_var: torch.Tensor | None, sampling: bool):
+    """(decay, sigma): the velocity's factor and the injected noise's scale of this step, numbers or (D,) tensors.
+
+    Constant friction alpha: euler decay 1 - alpha, sigma^2 = 2 alpha eta T; baoab decay exp(-alpha), sigma^2 =
+    (1 - exp(-2 alpha)) eta T. Adaptive (once the noise variance V is known): per coordinate
+    alpha_i = max(2 beta_i, alpha_crit), beta_i = eta V_i / (2 T), alpha_crit = 2 sqrt(eta lambda_min), and eta^2 V_i,
+    the variance the minibatch already adds, taken off sigma^2 (at 0 where it is more). Outside the sampling stage
+    sigma is 0, and with adaptive friction alpha_i = 2 beta_i: the minibatch noise then keeps each direction at
+    about T / 2, and a direction no minibatch moves keeps its energy."""
+    t = cfg.temperature
+    if noise_var is None:
+        alpha = cfg.friction
+        decay = 1.0 - alpha if cfg.integrator == "euler" else math.exp(-alpha)
+        var = 2 * alpha * eta * t if cfg.integrator == "euler" else -math.expm1(-2 * alpha) * eta * t
+        return decay, math.sqrt(var) if sampling else 0.0
+    alpha = (noise_var * (eta / t)).clamp_(min=2 * math.sqrt(eta * cfg.min_curvature) if sampling else 0.0)
+    if cfg.integrator == "euler":
+        decay = (1.0 - alpha).clamp_(min=0.0)
+        var = alpha * (2 * eta * t)
+    else:
+        decay = torch.exp(-alpha)
+        var = (1.0 - decay.square()).mul_(eta * t)
+    sigma = var.sub_(noise_var, alpha=eta**2).clamp_(min=0.0).sqrt_() if sampling else 0.0
+    return decay, sigma
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,6 +308,8 @@ def next_batch(batches: Minibatches, cfg: SGHMCSettings, chains: int,
     """Each chain's next minibatch (C, B) of indices, and where the chains are then. A new epoch, with a fresh
     permutation of the N points per chain drawn from `gen`, starts once the N // B whole minibatches of the
     last are used: the last incomplete batch is dropped, so that every step uses B points."""
+    if cfg.adaptive_friction:  # independent minibatches: the noise the friction is matched to is then white
+        return torch.randint(cfg.n_data, (chains, cfg.batch_size), generator=gen), batches
     perm, pos = batches.perm, batches.pos
     if perm is None or pos >= cfg.n_data // cfg.batch_size:
         perm, pos = torch.argsort(torch.rand(chains, cfg.n_data, generator=gen), dim=1), 0
@@ -229,8 +353,9 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     gradient of (N / B) sum_{i in idx[c]} -log p(y_i | q_c) - log p(q_c). Each chain reshuffles the data
     every epoch (one generator seeded with `seed` drives every draw, so a seed fixes the run). After every
     kept draw, `on_draw(q)` may return a dict of per-chain statistics (C,) to keep with it (e.g. the
-    log-likelihood of all data). `exact_block(q, k)`, if given, redraws in place, before the draw kept at step k,
-    the coordinates of q whose conditional it samples exactly (`free_weights.draw_free`: a Gibbs step). Returns
+    log-likelihood of all data). `exact_block(q, k)`, if given, takes a copy of the draw kept at step k and
+    returns it with the coordinates whose conditional it samples exactly redrawn (`free_weights.draw_free`: a
+    Gibbs step; the chain goes on from its own state). Returns
     {"samples" {name: (draws, C, *shape)}, "stats" {name: (C, draws)}, "time_s"}: the draws split by `layout`
     ((name, shape) pairs covering q's D numbers in order; default one block "q" of shape (D,)), draw-major so
     that `samples[name].reshape(-1, *shape)` is every draw in the interleaved order of `Posterior` (draw 0 of
@@ -245,7 +370,7 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
     every = resolve_checkpoint_seconds(checkpoint_seconds)
     c, d = q0.shape
     gen = torch.Generator().manual_seed(seed)
-    fingerprint = dict(fingerprint or {}, sghmc=asdict(cfg), seed=seed, init=tensor_digest(q0))
+    fingerprint = dict(fingerprint or {}, sghmc=cfg.record(), seed=seed, init=tensor_digest(q0))
     per_cycle = cfg.sample_steps
     n_draws = (cfg.cycles - cfg.burnin_cycles) * len(per_cycle)
     layout = layout or [("q", (d,))]
@@ -287,9 +412,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
             stepped = time.perf_counter()
             cycle_time["steps"] += stepped - started
             if within in per_cycle and k // cfg.steps_per_cycle >= cfg.burnin_cycles:
-                if exact_block is not None:
-                    exact_block(state.q, k)
-                draws.record(state.q, layout, on_draw(state.q) if on_draw else {})
+                kept = state.q if exact_block is None else exact_block(state.q.clone(), k)
+                draws.record(kept, layout, on_draw(kept) if on_draw else {})
                 cycle_time["draws"] += time.perf_counter() - stepped
             bar.update(1)
             stop = interrupted()  # Ctrl-C or SIGTERM: save this step's state, then stop
@@ -316,8 +440,10 @@ def _checkpoint_state(state: SGHMCState, batches: Minibatches, draws: Draws) -> 
     """The checkpoint's "state" entry, on the CPU: the flat dict that earlier versions saved (q, v, it, perm, pos,
     kept, elapsed, stats, parts), so that their checkpoints and these read the same way."""
     perm = None if batches.perm is None else batches.perm.cpu()
+    noise_var = None if state.noise_var is None else state.noise_var.cpu()
     return dict(q=state.q.cpu(), v=state.v.cpu(), it=state.it, perm=perm, pos=batches.pos, kept=draws.kept,
-                elapsed=draws.elapsed, stats=draws.stats, parts=draws.parts)
+                elapsed=draws.elapsed, stats=draws.stats, parts=draws.parts, noise_var=noise_var,
+                noise_steps=state.noise_steps)
 
 
 def _restore(saved: dict, draws: Draws, checkpoint, layout, device) -> tuple[SGHMCState, Minibatches]:
@@ -335,7 +461,10 @@ def _restore(saved: dict, draws: Draws, checkpoint, layout, device) -> tuple[SGH
         part = load_part(checkpoint, f"draws_{start}")
         for name in draws.samples:
             draws.samples[name][start:end] = part.pop(name).to(device)
-    state = SGHMCState(q=saved["q"].to(device), v=saved["v"].to(device), it=saved["it"])
+    noise_var = saved.get("noise_var")
+    state = SGHMCState(q=saved["q"].to(device), v=saved["v"].to(device), it=saved["it"],
+                       noise_var=None if noise_var is None else noise_var.to(device),
+                       noise_steps=saved.get("noise_steps", 0))
     return state, Minibatches(saved["perm"], saved["pos"])
 
 
@@ -379,7 +508,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
               samples_per_cycle: int = 1, burnin_cycles: int = 10, lr: float = 0.1, friction: float = 0.1,
               temperature: float = 1.0, explore_fraction: float = 0.5, batch_size: int = 500, num_chains: int = 4,
               prior_scale: float = 1.0, grad_dtype: str = "float32", seed: int = 0, device="cpu", x_eval=None,
-              init: Posterior | None = None, exact_free_weights: bool = False, checkpoint=None, resume: bool = False,
+              init: Posterior | None = None, exact_free_weights: bool = False, integrator: str = "euler",
+              adaptive_friction: bool = False, checkpoint=None, resume: bool = False,
               checkpoint_seconds: float | None = None, progress: bool = False, log=print) -> Posterior:
     """Sample the BNN posterior of `arch` on (x, y) with cyclical SGHMC; return a `Posterior` of kind mcmc.
 
@@ -389,9 +519,12 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     numbers come from `seed` mixed with a digest of those draws, so that they differ from the earlier run's
     even with the same seed); each runs `cycles` cycles of `epochs_per_cycle` epochs of minibatches of
     `batch_size`, keeping `samples_per_cycle` draws per cycle after the first `burnin_cycles` (see the
-    module docstring for the schedule); `exact_free_weights` draws the first-layer weights on input
-    coordinates that are 0 in every training input exactly from their posterior, the prior, at every kept draw
-    (`free_weights`: a Gibbs block, for perceptrons); `grad_dtype` "bfloat16" runs the
+    module docstring for the schedule); `exact_free_weights` draws the directions the likelihood never sees
+    (the first-layer weights on input coordinates that are 0 in every training input, the output layer's means
+    over the classes) exactly from their posterior, the prior, at every kept draw (`free_weights`: a Gibbs
+    block, for perceptrons); `integrator` "baoab" integrates the friction exactly
+    and `adaptive_friction` matches each weight's friction to its minibatch noise (module docstring; the
+    slowest direction's curvature is the prior's, 1 / prior_scale^2); `grad_dtype` "bfloat16" runs the
     gradients' matrix products in bfloat16 (`bnn_minibatch_grad`). The Posterior holds all
     (cycles - burnin_cycles) * samples_per_cycle * num_chains draws, interleaved across chains (draw 0 of
     every chain first, so any prefix spans every chain). The defaults are the MNIST study's settings.
@@ -419,12 +552,18 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
                     explore_fraction=float(explore_fraction), batch_size=int(batch_size), num_chains=int(num_chains),
                     prior_scale=float(prior_scale), grad_dtype=str(grad_dtype), seed=int(seed),
                     extends_chains=init is not None)
-    if exact_free_weights:  # recorded only when on, so that runs and checkpoints from before it keep their fingerprint
+    # recorded only when not at their defaults, so that runs and checkpoints from before them keep their fingerprint
+    if exact_free_weights:
         settings["exact_free_weights"] = True
+    if integrator != "euler":
+        settings["integrator"] = str(integrator)
+    if adaptive_friction:
+        settings["adaptive_friction"] = True
     dtype = as_grad_dtype(grad_dtype)
     cfg = SGHMCSettings(int(cycles), int(epochs_per_cycle) * (len(x) // int(batch_size)), int(samples_per_cycle),
                         float(lr), float(friction), float(temperature), float(explore_fraction), len(x),
-                        int(batch_size), int(burnin_cycles))
+                        int(batch_size), int(burnin_cycles), str(integrator), bool(adaptive_friction),
+                        1.0 / float(prior_scale)**2)
     layout, q0 = initial_positions(arch, int(num_chains), seed, device)
     if init is not None:  # each chain continues from its last draw in `init`
         q0 = last_draws(init, layout, int(num_chains)).to(device)
@@ -434,14 +573,17 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     log(f"sghmc: {num_chains} chain(s) x {cycles} cycle(s) x {epochs_per_cycle} epochs ({cfg.steps_per_cycle} steps "
         f"of {batch_size} points per cycle), {samples_per_cycle} draw(s) per cycle after {burnin_cycles} burn-in "
         f"cycle(s), {q0.shape[1]} parameters, "
-        f"{len(x)} training points, T = {temperature}, gradients in {grad_dtype}")
+        f"{len(x)} training points, T = {temperature}, gradients in {grad_dtype}, {integrator} integrator, "
+        + ("friction matched to the minibatch noise" if adaptive_friction else f"friction {friction}"))
     loglik = bnn_loglik(arch, x, y)
     exact = None
     if exact_free_weights:
-        free = free_coordinates(template(arch), layout, x)
+        free, shifts = free_coordinates(template(arch), layout, x), shift_blocks(template(arch), layout)
         scale = math.sqrt(temperature) * prior_scale
-        log(f"sghmc: {0 if free is None else len(free)} first-layer weights on always-zero inputs drawn exactly")
-        exact = None if free is None else (lambda q, k: draw_free(q, free, scale, seed * 1_000_003 + k))
+        log(f"sghmc: {0 if free is None else len(free)} first-layer weights on always-zero inputs and "
+            f"{sum(h for *_, h in shifts)} class means of the output layer drawn exactly")
+        if free is not None or shifts:
+            exact = lambda q, k: draw_free(q, free, shifts, scale, seed * 1_000_003 + k)  # noqa: E731
     run = run_sgmcmc(bnn_minibatch_grad(arch, x, y, prior_scale, dtype), q0, cfg, seed=seed,
                      on_draw=lambda q: {"loglik": loglik(q)}, exact_block=exact, layout=layout, checkpoint=checkpoint,
                      resume=resume, fingerprint=fingerprint, checkpoint_seconds=checkpoint_seconds, progress=progress,
