@@ -39,7 +39,10 @@ Two options make the friction do what Chen et al. ask of it (`integrator="baoab"
   minibatches are drawn independently (with replacement): within a reshuffled epoch the minibatch noise sums to 0,
   and a friction matched to its per-step variance then cools the chain (to about T / 2 on a linear regression).
   In the exploration stage, which injects no noise, the friction is the minibatch noise's own, 2 beta_i, alone:
-  friction without noise would cool the directions that no minibatch moves, with no noise to recover by.
+  friction without noise would cool the directions that no minibatch moves, with no noise to recover by (to 0.3
+  of the prior's variance on a linear regression). The chains that reach the prior's scale are harder to keep
+  stable: Fashion-MNIST's fc2-1024 chains diverged within 22 to 54 epochs at eta_0 0.05, 0.1 and 0.15, with and
+  without an exploration stage, where the constant friction 0.1 is stable at 0.15 (docs/study.md).
 - **Friction integrated exactly** (the BAOAB splitting of Leimkuhler & Matthews, "Rational construction of
   stochastic numerical methods for molecular sampling", AMRX 2013, with one minibatch gradient per step):
 
@@ -275,8 +278,8 @@ def _friction(cfg: SGHMCSettings, eta: float, noise_var: torch.Tensor | None, sa
     (1 - exp(-2 alpha)) eta T. Adaptive (once the noise variance V is known): per coordinate
     alpha_i = max(2 beta_i, alpha_crit), beta_i = eta V_i / (2 T), alpha_crit = 2 sqrt(eta lambda_min), and eta^2 V_i,
     the variance the minibatch already adds, taken off sigma^2 (at 0 where it is more). Outside the sampling stage
-    sigma is 0, and with adaptive friction alpha_i = 2 beta_i: the minibatch noise then keeps each direction at
-    about T / 2, and a direction no minibatch moves keeps its energy."""
+    sigma is 0, and adaptive friction is the minibatch noise's own, alpha_i = 2 beta_i: that noise then keeps each
+    direction at about T / 2, and a direction no minibatch moves keeps its energy."""
     t = cfg.temperature
     if noise_var is None:
         alpha = cfg.friction
@@ -290,8 +293,7 @@ def _friction(cfg: SGHMCSettings, eta: float, noise_var: torch.Tensor | None, sa
     else:
         decay = torch.exp(-alpha)
         var = (1.0 - decay.square()).mul_(eta * t)
-    sigma = var.sub_(noise_var, alpha=eta**2).clamp_(min=0.0).sqrt_() if sampling else 0.0
-    return decay, sigma
+    return decay, var.sub_(noise_var, alpha=eta**2).clamp_(min=0.0).sqrt_() if sampling else 0.0
 
 
 @dataclass(frozen=True, eq=False)
