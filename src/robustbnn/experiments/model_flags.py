@@ -82,7 +82,8 @@ SGHMC_FLAG_ARGS = {
                        "integrated exactly (Leimkuhler & Matthews' splitting; default: euler)"),
     "adaptive_friction": dict(type=str2bool, help="SGHMC: each weight's friction matched to its minibatch "
                               "gradient noise, measured in the burn-in, down to critical damping at the prior's "
-                              "scale, with independent minibatches; --friction holds only in the first cycle (default: False)"),
+                              "scale, with independent minibatches; --friction holds only in the first cycle "
+                              "(default: False)"),
     "init_from": dict(metavar="FOLDER", help="SGHMC: extend the chains of this saved SGHMC (or HMC) model of the "
                       "same architecture and --num_chains: each chain starts at its last draw"),
 }

@@ -40,9 +40,9 @@ Two options make the friction do what Chen et al. ask of it (`integrator="baoab"
   and a friction matched to its per-step variance then cools the chain (to about T / 2 on a linear regression).
   In the exploration stage, which injects no noise, the friction is the minibatch noise's own, 2 beta_i, alone:
   friction without noise would cool the directions that no minibatch moves, with no noise to recover by (to 0.3
-  of the prior's variance on a linear regression). The chains that reach the prior's scale are harder to keep
-  stable: Fashion-MNIST's fc2-1024 chains diverged within 22 to 54 epochs at eta_0 0.05, 0.1 and 0.15, with and
-  without an exploration stage, where the constant friction 0.1 is stable at 0.15 (docs/study.md).
+  of the prior's variance on a linear regression). Chains that reach the prior's scale can be harder to keep
+  stable: Fashion-MNIST's fc2-1024 diverged at every eta_0 tried, where the constant friction did not
+  (docs/study.md).
 - **Friction integrated exactly** (the BAOAB splitting of Leimkuhler & Matthews, "Rational construction of
   stochastic numerical methods for molecular sampling", AMRX 2013, with one minibatch gradient per step):
 
@@ -254,8 +254,12 @@ def step(state: SGHMCState, batch: torch.Tensor, minibatch_grad, cfg: SGHMCSetti
 
 def _add_noise(v: torch.Tensor, xi: torch.Tensor | None, sigma) -> None:
     """v <- v + sigma xi in place, sigma a number or one scale per coordinate; nothing when xi is None."""
-    if xi is not None:
-        v.add_(xi, alpha=sigma) if isinstance(sigma, float) else v.addcmul_(xi, sigma)
+    if xi is None:
+        return
+    if isinstance(sigma, float):
+        v.add_(xi, alpha=sigma)
+    else:
+        v.addcmul_(xi, sigma)
 
 
 def _split_grad(minibatch_grad, q: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
