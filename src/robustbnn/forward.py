@@ -281,6 +281,15 @@ def param_layout(params: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, 
     return [(k, tuple(v.shape)) for k, v in params.items()]
 
 
+def layout_offsets(layout) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{name: (start in the flat vector, shape)} of every parameter of a `param_layout`."""
+    out, start = {}, 0
+    for name, shape in layout:
+        out[name] = (start, tuple(shape))
+        start += math.prod(shape)
+    return out
+
+
 def flatten(params: dict[str, torch.Tensor], layout, batch_dims: int = 0) -> torch.Tensor:
     """Concatenate parameters (each (*batch, *shape)) into (*batch, D)."""
     return torch.cat([params[k].reshape(*params[k].shape[:batch_dims], -1) for k, _ in layout], dim=-1)

@@ -32,16 +32,7 @@ import math
 import torch
 from torch import nn
 
-from robustbnn.forward import _mlp_layers
-
-
-def _offsets(layout) -> dict:
-    """{name: (start in the flat vector, shape)} of a `forward.param_layout`."""
-    out, start = {}, 0
-    for name, shape in layout:
-        out[name] = (start, tuple(shape))
-        start += math.prod(shape)
-    return out
+from robustbnn.forward import _mlp_layers, layout_offsets
 
 
 def free_coordinates(net: nn.Module, layout, x: torch.Tensor) -> torch.Tensor | None:
@@ -63,7 +54,7 @@ def free_coordinates(net: nn.Module, layout, x: torch.Tensor) -> torch.Tensor | 
     free = (flat == 0).all(0).nonzero().flatten()
     if not len(free):
         return None
-    offset, shape = _offsets(layout)[f"{first}.weight"]
+    offset, shape = layout_offsets(layout)[f"{first}.weight"]
     rows = torch.arange(shape[0], device=free.device)
     return (offset + rows[:, None] * shape[1] + free.to(rows.device)[None, :]).flatten()
 
@@ -76,7 +67,7 @@ def shift_blocks(net: nn.Module, layout) -> list[tuple[int, int, int]]:
     if not layers or not isinstance(layers[-1][1], nn.Linear):
         return []
     name, last = layers[-1]
-    offsets = _offsets(layout)
+    offsets = layout_offsets(layout)
     blocks = [(offsets[f"{name}.weight"][0], last.out_features, last.in_features)]
     if last.bias is not None:
         blocks.append((offsets[f"{name}.bias"][0], last.out_features, 1))

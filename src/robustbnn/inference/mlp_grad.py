@@ -24,13 +24,11 @@ Python-side cost is when the network is small (benchmarks/hmc.py). Any other net
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from robustbnn.errors import UserError
-from robustbnn.forward import _mlp_layers, reusable
+from robustbnn.forward import _mlp_layers, layout_offsets, reusable
 
 aten = torch.ops.aten
 LOG_FLOOR = 60.0  # see the softmax head of `nll_and_grad`
@@ -65,10 +63,7 @@ def mlp_plan(net: nn.Module, layout, input_shape) -> list | None:
     layers = _mlp_layers(net)
     if not layers:
         return None
-    offsets, start = {}, 0
-    for name, shape in layout:
-        offsets[name] = (start, tuple(shape))
-        start += math.prod(shape)
+    offsets = layout_offsets(layout)
     plan, used, flat = [], [], len(tuple(input_shape)) == 1
     for name, m in layers:
         if isinstance(m, (nn.Identity, nn.Flatten)):
