@@ -164,14 +164,12 @@ class SGHMCSettings:
     def record(self) -> dict:
         """The settings as a dict, without the options that are at their defaults (so that runs from before they
         existed keep their fingerprint)."""
-        out = asdict(self)
-        for name, default in (("integrator", "euler"), ("adaptive_friction", False), ("min_curvature", 1.0)):
-            if out[name] == default:
-                del out[name]
-        return out
+        return {k: v for k, v in asdict(self).items() if k not in OPTION_DEFAULTS or v != OPTION_DEFAULTS[k]}
 
 
 INTEGRATORS = ("euler", "baoab")  # Chen et al.'s update; the BAOAB splitting with the friction exact
+# Options added after runs were saved, with the defaults under which a setting is not recorded.
+OPTION_DEFAULTS = dict(integrator="euler", adaptive_friction=False, min_curvature=1.0, exact_free_weights=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,7 +442,8 @@ def run_sgmcmc(minibatch_grad, q0: torch.Tensor, cfg: SGHMCSettings, *, seed: in
 
 def _checkpoint_state(state: SGHMCState, batches: Minibatches, draws: Draws) -> dict:
     """The checkpoint's "state" entry, on the CPU: the flat dict that earlier versions saved (q, v, it, perm, pos,
-    kept, elapsed, stats, parts), so that their checkpoints and these read the same way."""
+    kept, elapsed, stats, parts), so that their checkpoints and these read the same way, with the adaptive
+    friction's noise_var and noise_steps (None and 0 without it; `_restore` reads their absence so)."""
     perm = None if batches.perm is None else batches.perm.cpu()
     noise_var = None if state.noise_var is None else state.noise_var.cpu()
     return dict(q=state.q.cpu(), v=state.v.cpu(), it=state.it, perm=perm, pos=batches.pos, kept=draws.kept,
@@ -559,12 +558,9 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
                     prior_scale=float(prior_scale), grad_dtype=str(grad_dtype), seed=int(seed),
                     extends_chains=init is not None)
     # recorded only when not at their defaults, so that runs and checkpoints from before them keep their fingerprint
-    if exact_free_weights:
-        settings["exact_free_weights"] = True
-    if integrator != "euler":
-        settings["integrator"] = str(integrator)
-    if adaptive_friction:
-        settings["adaptive_friction"] = True
+    options = dict(exact_free_weights=bool(exact_free_weights), integrator=str(integrator),
+                   adaptive_friction=bool(adaptive_friction))
+    settings.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
     dtype = as_grad_dtype(grad_dtype)
     cfg = SGHMCSettings(int(cycles), int(epochs_per_cycle) * (len(x) // int(batch_size)), int(samples_per_cycle),
                         float(lr), float(friction), float(temperature), float(explore_fraction), len(x),
