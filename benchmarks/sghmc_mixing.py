@@ -7,6 +7,10 @@ Targets:
   posterior is the prior N(0, 1), and no minibatch moves it); minibatches of 20 of 1000 points. Metrics: each
   weight's sampled variance over the closed-form posterior variance (1 is exact), and the free weight's ESS per
   1000 minibatch gradients.
+- shared_factor: a linear regression whose 8 inputs share one factor, so that the minibatch noise is nearly rank
+  one, along the posterior's stiffest direction u (as a hidden unit's weights share their inputs' principal
+  directions). Metrics: the sampled variance along u, and the mean over the other eigenvectors, over the closed
+  form's: a per-weight friction damps u by 1 / d of its noise.
 - moons: a fc2-16 BNN on 300 half-moons points, short minibatch cycles; metric: the mean total-variation distance
   between its test predictive and that of full-batch HMC (`fidelity.validate_against_hmc`), beside the HMC
   chain halves' own distance (the floor).
@@ -42,6 +46,18 @@ SAMPLERS = {"euler": dict(integrator="euler", adaptive_friction=False),
 QUIET = dict(log=lambda *_: None)
 
 
+def regression_grad(x, y, noise: float):
+    """Minibatch gradient of U(w) = sum_i (y_i - x_i w)^2 / (2 noise^2) + |w|^2 / 2, per chain (C, B indices)."""
+    n = len(x)
+
+    def grad(q, idx):
+        xb, yb = x[idx], y[idx]
+        resid = (xb @ q.unsqueeze(-1)).squeeze(-1) - yb
+        return (n / idx.shape[1]) * (xb * resid.unsqueeze(-1)).sum(1) / noise**2 + q
+
+    return grad
+
+
 def regression(cycles: int):
     gen = torch.Generator().manual_seed(0)
     n, noise = 1000, 0.5
@@ -51,16 +67,12 @@ def regression(cycles: int):
     cov = torch.linalg.inv(x[:, :2].T @ x[:, :2] / noise**2 + torch.eye(2, dtype=x.dtype))
     var = torch.cat([cov.diag(), torch.ones(1, dtype=x.dtype)])
 
-    def grad(q, idx):
-        xb, yb = x[idx], y[idx]
-        resid = (xb @ q.unsqueeze(-1)).squeeze(-1) - yb
-        return (n / idx.shape[1]) * (xb * resid.unsqueeze(-1)).sum(1) / noise**2 + q
-
     out = {}
     for name, opts in SAMPLERS.items():
         cfg = SGHMCSettings(cycles=cycles, steps_per_cycle=100, samples_per_cycle=1, lr=0.05, friction=0.1,
                             temperature=1.0, explore_fraction=0.5, n_data=n, batch_size=20, burnin_cycles=10, **opts)
-        draws = run_sgmcmc(grad, torch.zeros(16, 3, dtype=x.dtype), cfg, seed=1, **QUIET)["samples"]["q"]
+        draws = run_sgmcmc(regression_grad(x, y, noise), torch.zeros(16, 3, dtype=x.dtype), cfg, seed=1,
+                           **QUIET)["samples"]["q"]
         ess = effective_sample_size(draws, chain_dim=1, sample_dim=0)
         out[name] = (draws.reshape(-1, 3).var(0) / var, ess[2].item() * 1000 / (cfg.steps * 16))
     base = out["euler"]
@@ -70,6 +82,33 @@ def regression(cycles: int):
                  round(base[0][i].item(), 3))
         emit("sghmc_mixing", f"regression_free_ess_per_1000_grads_{name}", round(ess, 3), "ESS/1000 grad",
              round(base[1], 3), round(ess / base[1], 2))
+
+
+def shared_factor(cycles: int):
+    """Eight inputs that share one factor (the minibatch noise nearly rank one, along the posterior's stiffest
+    direction u): each sampler's variance along u and, averaged, along the other eigenvectors, over the exact."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, noise = 1000, 8, 0.5
+    x = torch.randn(n, 1, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(n, d, generator=gen,
+                                                                                    dtype=torch.float64)
+    y = x @ torch.linspace(-1, 1, d, dtype=torch.float64) + noise * torch.randn(n, generator=gen, dtype=torch.float64)
+    cov = torch.linalg.inv(x.T @ x / noise**2 + torch.eye(d, dtype=x.dtype))
+    mean = cov @ x.T @ y / noise**2
+    eig, vec = torch.linalg.eigh(cov)
+
+    out = {}
+    for name, opts in SAMPLERS.items():
+        cfg = SGHMCSettings(cycles=cycles, steps_per_cycle=200, samples_per_cycle=10, lr=3e-4, friction=0.1,
+                            temperature=1.0, explore_fraction=0.0, n_data=n, batch_size=20, burnin_cycles=10, **opts)
+        draws = run_sgmcmc(regression_grad(x, y, noise), mean.expand(16, -1).clone(), cfg, seed=1,
+                           **QUIET)["samples"]["q"].reshape(-1, d)
+        ratio = (vec.T @ torch.cov((draws - mean).T) @ vec).diag() / eig
+        out[name] = (ratio[0].item(), ratio[1:].mean().item())
+    base = out["euler"]
+    for name, (stiff, rest) in out.items():
+        emit("sghmc_mixing", f"shared_factor_u_variance_over_exact_{name}", round(stiff, 3), "ratio", round(base[0], 3))
+        emit("sghmc_mixing", f"shared_factor_rest_variance_over_exact_{name}", round(rest, 3), "ratio",
+             round(base[1], 3))
 
 
 def moons(cycles: int):
@@ -132,6 +171,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     regression(60 if args.quick else 200)
+    shared_factor(60 if args.quick else 200)
     moons(10)
     mnist_cost(120 if args.quick else 600)
 

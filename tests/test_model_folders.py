@@ -51,7 +51,7 @@ STUDY_FOLDERS = {
         "ensemble": "mnist_ensemble_hid=512_act=leaky_arch=fc2_size=10",
         "vi": "mnist_bnn_svi_hid=512_act=leaky_arch=fc2_ep=10_lr=0.01",
         "mcmc": "mnist_bnn_sghmc_hid=512_act=leaky_arch=fc2_chains=4_cycles=400x1ep_burnin=100_samp=1_lr=0.2_T=1.0"
-                "_free=exact_int=baoab_fric=noise_grad=bfloat16"},
+                "_grad=bfloat16"},
     ("mnist", "paper"): {
         "vi": "mnist_bnn_svi_hid=512_act=leaky_arch=conv_ep=5_lr=0.01",
         "mcmc": "mnist_bnn_hmc_hid=512_act=leaky_arch=fc2_samp=200_warm=500_stepsize=0.005_numsteps=20"},

@@ -5,7 +5,8 @@ in equivalent but different modes). The log-likelihood of the training data, the
 probabilities on test inputs and the squared norm of each parameter tensor are invariant to those
 symmetries, so they are what we summarise. The norms see what the other two cannot: weights that
 still drift in directions the data do not constrain (towards the prior's scale, slowly for SG-MCMC's
-small steps) leave the fit and the test predictive almost unchanged. Split R-hat (Gelman et al., BDA3
+small steps) leave the fit and the test predictive almost unchanged. None of the three sees draws that are
+too hot where the data constrain the weights most; `output_layer_temperature` does, for the output layer. Split R-hat (Gelman et al., BDA3
 section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
 sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's `effective_sample_size` to float
 rounding but in memory linear in the draws: Pyro's takes the cumulative minimum of the N/2 autocorrelation
@@ -231,3 +232,40 @@ def class_traces(probs: torch.Tensor, y_eval: torch.Tensor | None = None) -> tor
         y_eval = probs.mean(dim=(0, 1)).argmax(-1)
     idx = y_eval.to(probs.device).long().view(1, 1, -1, 1).expand(*probs.shape[:3], 1)
     return probs.gather(-1, idx).squeeze(-1)
+
+
+@torch.no_grad()
+def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor,
+                             y: torch.Tensor, prior_scale: float = 1.0, chunk: int = 10000):
+    """(|grad U|^2 (S,), tr Hess U (S,)) over the last Linear layer's weights and bias theta, for each of the S
+    draws in `params` ({name: (S, *shape)}) of the network `net` (a Sequential ending in a Linear), with
+    U = -sum_i log p(y_i | x_i) + |theta|^2 / (2 s^2) on all of (x, y).
+
+    Their means' ratio is the configurational temperature of that layer, mean |grad U|^2 / mean tr Hess U: for any
+    target exp(-U / T), E |grad U|^2 = T E tr Hess U (integration by parts), so draws from the posterior give 1 and
+    draws that are too hot (or still drifting) more. Given the features h of the layer before, the logits are
+    linear in theta, so with p_i = softmax(z_i) the gradient is sum_i (p_i - e_{y_i}) [h_i; 1]^T + theta / s^2 and
+    tr Hess U = sum_i sum_c p_ic (1 - p_ic) (|h_i|^2 + 1) + dim(theta) / s^2, both exact: the activations' kinks,
+    which autograd's Hessian misses elsewhere, do not enter. In float64 from float32 features."""
+    last = len(net) - 1
+    if not isinstance(net[last], torch.nn.Linear) or net[last].bias is None:
+        raise ValueError("the output-layer temperature needs a Sequential ending in a Linear layer with a bias")
+    w_name, b_name = f"{last}.weight", f"{last}.bias"
+    body = net[:last]
+    grad_sq, trace = [], []
+    for s in range(len(params[w_name])):
+        draw = {k: v[s] for k, v in params.items()}
+        w, b = draw[w_name].double(), draw[b_name].double()
+        g_w, g_b = w / prior_scale**2, b / prior_scale**2
+        tr = (w.numel() + b.numel()) / prior_scale**2
+        for lo in range(0, len(x), chunk):
+            h = torch.func.functional_call(body, {k: t for k, t in draw.items() if k not in (w_name, b_name)},
+                                           (x[lo:lo + chunk],)).flatten(1).double()
+            p = (h @ w.T + b).softmax(-1)
+            pq = (p * (1 - p)).sum(1)
+            p[torch.arange(len(p)), y[lo:lo + chunk]] -= 1
+            g_w, g_b = g_w + p.T @ h, g_b + p.sum(0)
+            tr += (pq * (h.square().sum(1) + 1)).sum().item()
+        grad_sq.append(g_w.square().sum() + g_b.square().sum())
+        trace.append(tr)
+    return torch.stack(grad_sq), torch.tensor(trace, dtype=torch.float64)

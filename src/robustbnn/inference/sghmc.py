@@ -40,14 +40,25 @@ Two options make the friction do what Chen et al. ask of it (`integrator="baoab"
   and a friction matched to its per-step variance then cools the chain (to about T / 2 on a linear regression).
   In the exploration stage, which injects no noise, the friction is the minibatch noise's own, 2 beta_i, alone:
   friction without noise would cool the directions that no minibatch moves, with no noise to recover by (to 0.3
-  of the prior's variance on a linear regression). Chains that reach the prior's scale can be harder to keep
-  stable: Fashion-MNIST's fc2-1024 diverged at every eta_0 tried, where the constant friction did not
-  (docs/study.md).
+  of the prior's variance on a linear regression).
+  Its limit: the friction is diagonal and the minibatch noise is not. A hidden unit's weights move together along
+  their inputs' principal directions, so the noise covariance has a few large eigenvalues lambda_k, and the
+  friction along such a direction u, sum_i u_i^2 alpha_i, is far below the eta lambda_k / T its noise calls for
+  (on the study's MLPs 40 to 2600 times below; `benchmarks/sghmc_noise.py`). On a linear regression whose d inputs
+  share one factor it samples that direction (1 + d) / 2 times too hot (tests/test_sghmc.py); on MNIST the
+  output layer's configurational temperature comes out at 110 T (the constant friction's at 19 T), and
+  Fashion-MNIST's chains diverge (docs/study.md). The study's posteriors therefore use the constant friction.
 - **Friction integrated exactly** (the BAOAB splitting of Leimkuhler & Matthews, "Rational construction of
   stochastic numerical methods for molecular sampling", AMRX 2013, with one minibatch gradient per step):
 
       v <- v - eta grad U~(q);  q <- q + v / 2;  v <- exp(-alpha) v + sigma xi;  q <- q + v / 2,
-      sigma^2 = (1 - exp(-2 alpha)) eta T - eta^2 V
+      sigma^2 = (1 - exp(-2 alpha)) eta T - eta^2 V (1 + exp(-alpha))^2 / 4
+
+  The minibatch's kick eta zeta (variance eta^2 V) moves q by (1 + exp(-alpha)) / (2 (1 - exp(-alpha))) times
+  itself in all, the friction step's noise by 1 / (1 - exp(-alpha)) times itself, so this sigma gives the positions
+  the diffusion of temperature T (for directions of small eta lambda), and is at least 0 while eta V / T <= 4
+  tanh(alpha / 2). Taking off eta^2 V, as the Euler-type update must, samples such a direction too cold: at 0.54 of
+  its variance for eta V / T = alpha = 1 (tests/test_sghmc.py).
 
   The Ornstein-Uhlenbeck step is exact for any alpha, and for a Gaussian target the positions' stationary
   distribution is exact at any stable step (eta lambda < 4), where the Euler-type update above samples a
@@ -278,8 +289,9 @@ def _friction(cfg: SGHMCSettings, eta: float, noise_var: torch.Tensor | None, sa
 
     Constant friction alpha: euler decay 1 - alpha, sigma^2 = 2 alpha eta T; baoab decay exp(-alpha), sigma^2 =
     (1 - exp(-2 alpha)) eta T. Adaptive (once the noise variance V is known): per coordinate
-    alpha_i = max(2 beta_i, alpha_crit), beta_i = eta V_i / (2 T), alpha_crit = 2 sqrt(eta lambda_min), and eta^2 V_i,
-    the variance the minibatch already adds, taken off sigma^2 (at 0 where it is more). Outside the sampling stage
+    alpha_i = max(2 beta_i, alpha_crit), beta_i = eta V_i / (2 T), alpha_crit = 2 sqrt(eta lambda_min), and what the
+    minibatch already adds taken off sigma^2 (at 0 where it is more): eta^2 V_i for euler, and for baoab
+    eta^2 V_i (1 + exp(-alpha_i))^2 / 4 (module docstring). Outside the sampling stage
     sigma is 0, and adaptive friction is the minibatch noise's own, alpha_i = 2 beta_i: that noise then keeps each
     direction at about T / 2, and a direction no minibatch moves keeps its energy."""
     t = cfg.temperature
@@ -291,11 +303,11 @@ def _friction(cfg: SGHMCSettings, eta: float, noise_var: torch.Tensor | None, sa
     alpha = (noise_var * (eta / t)).clamp_(min=2 * math.sqrt(eta * cfg.min_curvature) if sampling else 0.0)
     if cfg.integrator == "euler":
         decay = (1.0 - alpha).clamp_(min=0.0)
-        var = alpha * (2 * eta * t)
+        var = alpha.mul(2 * eta * t).sub_(noise_var, alpha=eta**2)
     else:
         decay = torch.exp(-alpha)
-        var = (1.0 - decay.square()).mul_(eta * t)
-    return decay, var.sub_(noise_var, alpha=eta**2).clamp_(min=0.0).sqrt_() if sampling else 0.0
+        var = (1.0 - decay.square()).mul_(eta * t).sub_((1.0 + decay).square_().mul_(noise_var), alpha=eta**2 / 4)
+    return decay, var.clamp_(min=0.0).sqrt_() if sampling else 0.0
 
 
 @dataclass(frozen=True, eq=False)
