@@ -57,3 +57,25 @@ def test_draws_at_a_temperature_give_it(temperature):
     mode = mode.reshape(1, k, d + 1).float()
     g0, t0 = output_layer_temperature(net, {"0.weight": mode[:, :, :d], "0.bias": mode[:, :, d]}, x, y)
     assert (g0 / t0).item() < 0.01
+
+
+def test_samplers_report_it_and_warn_when_hot():
+    """HMC and SGHMC put the output layer's temperature in their diagnostics: on half moons HMC's draws give about
+    1; SGHMC's with a per-weight noise-matched friction and a large step are hot, and the warnings say so."""
+    from robustbnn.data import load_dataset
+    from robustbnn.inference.hmc import run_hmc
+    from robustbnn.inference.hmc_diagnostics import convergence_warnings
+    from robustbnn.inference.sghmc import run_sghmc
+
+    data = load_dataset("half_moons", 300)
+    arch = dict(architecture="fc2", input_shape=list(data.input_shape), num_classes=2, hidden_size=16,
+                activation="leaky")
+    quiet = dict(log=lambda *_: None)
+    hmc = run_hmc(arch, data.x_train, data.y_train, n_samples=800, warmup=400, step_size=0.01, num_steps=20,
+                  num_chains=4, **quiet).meta["diagnostics"]
+    assert 0.8 < hmc["output_temperature"] < 1.3, hmc["output_temperature"]
+    hot = run_sghmc(arch, data.x_train, data.y_train, cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03,
+                    batch_size=100, num_chains=4, burnin_cycles=2, integrator="baoab", adaptive_friction=True,
+                    **quiet).meta["diagnostics"]
+    assert hot["output_temperature"] > 2 * hmc["output_temperature"], (hot["output_temperature"], hmc)
+    assert any("output-layer configurational temperature" in line for line in convergence_warnings(hot, "x"))

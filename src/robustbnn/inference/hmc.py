@@ -286,6 +286,7 @@ def run_hmc(arch, x: torch.Tensor, y: torch.Tensor, *, n_samples: int, warmup: i
     kept = interleaved_draws(samples, layout, rows)
     norms = hmc_diagnostics.norm_traces(kept, num_chains) if legacy is None else None
     diag.update(hmc_diagnostics.summarise(loglik, eval_probs, norms))
+    diag["output_temperature"] = hmc_diagnostics.output_temperature(template(arch), kept, x, y, float(prior_scale))
     log(_summary_line(diag))
     return Posterior.from_arch(arch, kept, kind="mcmc", meta={"inference": "hmc", "hmc": settings, "diagnostics": diag})
 

@@ -6,8 +6,8 @@ probabilities on test inputs and the squared norm of each parameter tensor are i
 symmetries, so they are what we summarise. The norms see what the other two cannot: weights that
 still drift in directions the data do not constrain (towards the prior's scale, slowly for SG-MCMC's
 small steps) leave the fit and the test predictive almost unchanged. None of the three sees draws that are
-too hot where the data constrain the weights most; `output_layer_temperature` does, for the output layer. Split R-hat (Gelman et al., BDA3
-section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
+too hot where the data constrain the weights most; `output_layer_temperature` does, for the output layer.
+Split R-hat (Gelman et al., BDA3 section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
 sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's `effective_sample_size` to float
 rounding but in memory linear in the draws: Pyro's takes the cumulative minimum of the N/2 autocorrelation
 pair sums through an (N/2) x (N/2) matrix per series (`pyro.ops.stats._cummin`), which grows with the square
@@ -174,6 +174,8 @@ def summarise(loglik: torch.Tensor, eval_probs: torch.Tensor | None = None,
 
 RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1.01; the warnings use 1.1
 MIN_ESS = 10
+TEMPERATURE_LIMIT = 1.5  # the output layer's configurational temperature (1 on the posterior)
+TEMPERATURE_DRAWS = 100  # draws it is estimated from, evenly spaced (each costs a pass over the training data)
 
 
 def _fmt(value, spec: str) -> str:
@@ -188,6 +190,8 @@ def summary_line(sampler: str, diag: dict, head: str = "") -> str:
         text += f"; log-lik R-hat {diag['loglik_rhat']:.3f}, ESS {_fmt(diag['loglik_ess'], '.0f')}"
     if diag.get("norm_rhat_max") is not None and diag.get("num_chains", 1) > 1:
         text += f"; weight-norm R-hat max {diag['norm_rhat_max']:.3f}"
+    if diag.get("output_temperature") is not None:
+        text += f"; output-layer temperature {diag['output_temperature']:.2f}"
     if diag.get("pred_rhat_below_1.1") is not None:
         text += (f"; predictive R-hat max {_fmt(diag['pred_rhat_max'], '.3f')}, below 1.1 for "
                  f"{100 * diag['pred_rhat_below_1.1']:.2f}% of {diag['pred_points']} (point, class) pairs")
@@ -196,8 +200,9 @@ def summary_line(sampler: str, diag: dict, head: str = "") -> str:
 
 def convergence_warnings(diag: dict, advice: str) -> list[str]:
     """One-line warnings for a run whose chains have not mixed: R-hat above 1.1 (log-likelihood, a parameter
-    tensor's squared norm, or more than 1% of the predictive pairs), ESS below 10, or (HMC) an acceptance
-    rate below 0.5 or divergences after warm-up. `advice` names the flag to change."""
+    tensor's squared norm, or more than 1% of the predictive pairs), an output-layer temperature above 1.5, ESS
+    below 10, or (HMC) an acceptance rate below 0.5 or divergences after warm-up. `advice` names the flag to
+    change."""
     out = []
     lr = diag.get("loglik_rhat")
     if lr is not None and lr > RHAT_LIMIT:
@@ -212,6 +217,11 @@ def convergence_warnings(diag: dict, advice: str) -> list[str]:
     if below is not None and below < 0.99:
         out.append(f"predictive R-hat > {RHAT_LIMIT} for {100 * (1 - below):.1f}% of (test point, class) pairs "
                    f"(max {_fmt(diag.get('pred_rhat_max'), '.2f')}); {advice}")
+    temp = diag.get("output_temperature")
+    if temp is not None and temp > TEMPERATURE_LIMIT:
+        out.append(f"output-layer configurational temperature {temp:.1f} > {TEMPERATURE_LIMIT} (1 on the posterior): "
+                   "the draws are hot where the data constrain the weights most (SG-MCMC: a smaller --lr or a "
+                   "larger --batch_size cools them)")
     ess = [v for v in (diag.get("loglik_ess"), diag.get("pred_ess_min")) if v is not None]
     if ess and min(ess) < MIN_ESS:
         out.append(f"effective sample size {min(ess):.1f} < {MIN_ESS}: too few independent draws; {advice}")
@@ -269,3 +279,17 @@ def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.T
         grad_sq.append(g_w.square().sum() + g_b.square().sum())
         trace.append(tr)
     return torch.stack(grad_sq), torch.tensor(trace, dtype=torch.float64)
+
+
+def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       prior_scale: float = 1.0) -> float | None:
+    """The output layer's configurational temperature of a posterior's draws (`output_layer_temperature`), from
+    up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains);
+    None for a network that is not a Sequential ending in a Linear layer with a bias."""
+    if not (isinstance(net, torch.nn.Sequential) and isinstance(net[-1], torch.nn.Linear) and net[-1].bias is not None):
+        return None
+    n = len(next(iter(params.values())))
+    rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()
+    draws = {k: v[rows.to(v.device)].to(x.device) for k, v in params.items()}
+    grad_sq, trace = output_layer_temperature(net, draws, x, y.to(x.device), prior_scale)
+    return float(grad_sq.mean() / trace.mean())

@@ -552,7 +552,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
 
     `post.meta`: "inference": "sghmc", the settings ("sghmc") and "diagnostics": time, gradient evaluations
     (minibatch gradients per chain), the log-likelihood of all training data at every draw with its
-    split R-hat and ESS across chains, the R-hat of each parameter tensor's squared norm, and with `x_eval`
+    split R-hat and ESS across chains, the R-hat of each parameter tensor's squared norm, the output layer's
+    configurational temperature (`hmc_diagnostics.output_temperature`), and with `x_eval`
     those of the test predictive probabilities of every (test point, class) pair (`hmc_diagnostics.summarise`).
     """
     if int(epochs_per_cycle) < 1:
@@ -611,6 +612,7 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     post = Posterior.from_arch(arch, params, kind="mcmc", meta={"inference": "sghmc", "sghmc": settings})
     diag.update(hmc_diagnostics.summarise(trace, chain_probs(post, int(num_chains), x_eval),
                                           hmc_diagnostics.norm_traces(post.params, int(num_chains))))
+    diag["output_temperature"] = hmc_diagnostics.output_temperature(post.net, post.params, x, y, float(prior_scale))
     post.meta["diagnostics"] = diag
     log(hmc_diagnostics.summary_line("sghmc", diag))
     return post
