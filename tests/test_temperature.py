@@ -14,7 +14,7 @@ def test_gradient_and_trace_match_autograd():
     net = nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(), nn.Linear(5, 6), nn.LeakyReLU(), nn.Linear(6, 2))
     x, y = torch.randn(40, 3), torch.randint(2, (40,))
     params = {k: v.detach().unsqueeze(0) for k, v in net.named_parameters()}
-    grad_sq, trace = output_layer_temperature(net, params, x, y, prior_scale=2.0, chunk=16)
+    grad_sq, trace = output_layer_temperature(net, params, x, y, prior_scale=2.0, budget=96)
     h = net[:4](x).double()
 
     def u(theta):

@@ -7,11 +7,11 @@ symmetries, so they are what we summarise. The norms see what the other two cann
 still drift in directions the data do not constrain (towards the prior's scale, slowly for SG-MCMC's
 small steps) leave the fit and the test predictive almost unchanged. None of the three sees draws that are
 too hot where the data constrain the weights most; `output_layer_temperature` does, for the output layer.
-Split R-hat (Gelman et al., BDA3 section 11.4) comes from `pyro.ops.stats`; the effective sample size (Geyer 1992, the initial monotone
-sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's `effective_sample_size` to float
-rounding but in memory linear in the draws: Pyro's takes the cumulative minimum of the N/2 autocorrelation
-pair sums through an (N/2) x (N/2) matrix per series (`pyro.ops.stats._cummin`), which grows with the square
-of the draws (docs/benchmarks.md).
+Split R-hat (Gelman et al., BDA3 section 11.4) comes from `pyro.ops.stats`; the effective sample size
+(Geyer 1992, the initial monotone sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's
+`effective_sample_size` to float rounding but in memory linear in the draws: Pyro's takes the cumulative
+minimum of the N/2 autocorrelation pair sums through an (N/2) x (N/2) matrix per series
+(`pyro.ops.stats._cummin`), which grows with the square of the draws (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import math
 
 import torch
 from pyro.ops.stats import split_gelman_rubin
+
+from robustbnn.forward import stacked_logits
 
 # Float64 trace values per pass of `rhat_ess` (8 MB): the FFT of the autocovariance holds a few copies of its
 # input padded to twice the draws, so a pass peaks at ~80 bytes per value (~100 MB), whatever the number of draws.
@@ -244,9 +246,15 @@ def class_traces(probs: torch.Tensor, y_eval: torch.Tensor | None = None) -> tor
     return probs.gather(-1, idx).squeeze(-1)
 
 
+def _last_linear(net: torch.nn.Module) -> int | None:
+    """The index of the output layer of a Sequential that ends in a Linear layer with a bias, else None."""
+    ok = isinstance(net, torch.nn.Sequential) and isinstance(net[-1], torch.nn.Linear) and net[-1].bias is not None
+    return len(net) - 1 if ok else None
+
+
 @torch.no_grad()
 def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor,
-                             y: torch.Tensor, prior_scale: float = 1.0, chunk: int = 10000):
+                             y: torch.Tensor, prior_scale: float = 1.0, budget: int = 2**24):
     """(|grad U|^2 (S,), tr Hess U (S,)) over the last Linear layer's weights and bias theta, for each of the S
     draws in `params` ({name: (S, *shape)}) of the network `net` (a Sequential ending in a Linear), with
     U = -sum_i log p(y_i | x_i) + |theta|^2 / (2 s^2) on all of (x, y).
@@ -256,29 +264,27 @@ def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.T
     draws that are too hot (or still drifting) more. Given the features h of the layer before, the logits are
     linear in theta, so with p_i = softmax(z_i) the gradient is sum_i (p_i - e_{y_i}) [h_i; 1]^T + theta / s^2 and
     tr Hess U = sum_i sum_c p_ic (1 - p_ic) (|h_i|^2 + 1) + dim(theta) / s^2, both exact: the activations' kinks,
-    which autograd's Hessian misses elsewhere, do not enter. In float64 from float32 features."""
-    last = len(net) - 1
-    if not isinstance(net[last], torch.nn.Linear) or net[last].bias is None:
+    which autograd's Hessian misses elsewhere, do not enter. All draws at once (`forward.stacked_logits` for the
+    features), in chunks of the data of about `budget` features, summed in float64."""
+    last = _last_linear(net)
+    if last is None:
         raise ValueError("the output-layer temperature needs a Sequential ending in a Linear layer with a bias")
-    w_name, b_name = f"{last}.weight", f"{last}.bias"
-    body = net[:last]
-    grad_sq, trace = [], []
-    for s in range(len(params[w_name])):
-        draw = {k: v[s] for k, v in params.items()}
-        w, b = draw[w_name].double(), draw[b_name].double()
-        g_w, g_b = w / prior_scale**2, b / prior_scale**2
-        tr = (w.numel() + b.numel()) / prior_scale**2
-        for lo in range(0, len(x), chunk):
-            h = torch.func.functional_call(body, {k: t for k, t in draw.items() if k not in (w_name, b_name)},
-                                           (x[lo:lo + chunk],)).flatten(1).double()
-            p = (h @ w.T + b).softmax(-1)
-            pq = (p * (1 - p)).sum(1)
-            p[torch.arange(len(p)), y[lo:lo + chunk]] -= 1
-            g_w, g_b = g_w + p.T @ h, g_b + p.sum(0)
-            tr += (pq * (h.square().sum(1) + 1)).sum().item()
-        grad_sq.append(g_w.square().sum() + g_b.square().sum())
-        trace.append(tr)
-    return torch.stack(grad_sq), torch.tensor(trace, dtype=torch.float64)
+    w, b = params[f"{last}.weight"].double(), params[f"{last}.bias"].double()  # (S, K, H), (S, K)
+    body = {k: v for k, v in params.items() if k not in (f"{last}.weight", f"{last}.bias")}
+    s, h_dim = w.shape[0], w.shape[-1]
+    g_w, g_b = w / prior_scale**2, b / prior_scale**2
+    trace = torch.full((s,), (w[0].numel() + b[0].numel()) / prior_scale**2, dtype=torch.float64, device=w.device)
+    rows = max(1, budget // (s * h_dim))
+    for lo in range(0, len(x), rows):
+        xc, yc = x[lo:lo + rows], y[lo:lo + rows]
+        h = stacked_logits(net[:last], body, xc) if body else xc.flatten(1).expand(s, len(xc), -1)
+        h = h.flatten(2).double()  # (S, B, H)
+        p = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)).softmax(-1)
+        trace += ((p * (1 - p)).sum(-1) * (h.square().sum(-1) + 1)).sum(1)
+        p -= torch.nn.functional.one_hot(yc, p.shape[-1]).to(p)
+        g_w += torch.bmm(p.transpose(1, 2), h)
+        g_b += p.sum(1)
+    return g_w.square().sum((1, 2)) + g_b.square().sum(1), trace
 
 
 def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -286,7 +292,7 @@ def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x:
     """The output layer's configurational temperature of a posterior's draws (`output_layer_temperature`), from
     up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains);
     None for a network that is not a Sequential ending in a Linear layer with a bias."""
-    if not (isinstance(net, torch.nn.Sequential) and isinstance(net[-1], torch.nn.Linear) and net[-1].bias is not None):
+    if _last_linear(net) is None:
         return None
     n = len(next(iter(params.values())))
     rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()
