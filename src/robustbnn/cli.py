@@ -35,6 +35,9 @@ COMMANDS = {
                                "train the half-moons HMC grid (as Dask jobs), then expected gradients (and attacks)"),
     "plot-half-moons-overparam": ("plot_half_moons_overparam", None, "plot_halfMoons_overparam.py",
                                   "Figure 1: half moons towards the over-parametrised limit"),
+    "resample-output": ("resample_output", None, None,
+                        "an MCMC posterior's output layer redrawn from its exact conditional (a Gibbs block) for "
+                        "evenly spaced draws, into a new model folder"),
     "evaluate": ("evaluate", None, None, "the robustness verdict: APGD, Square, worst case per input, masking flags"),
     "study": ("study", None, None, "are BNNs robust? NN, ensemble, VI and MCMC on MNIST or Fashion-MNIST under the "
               "paper's evaluation and the correct one: one verdict table"),
