@@ -93,6 +93,7 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     before, after = og.layer_temperature(draws, "before"), og.layer_temperature(draws, "after")
     assert before > 5 and after < min(2.5, before / 4), (before, after)
     assert (tmp_path / "gibbs" / "config.json").exists() and "temperature" in out
+    assert not (tmp_path / "gibbs" / "checkpoint.safetensors").exists()  # cleared once the posterior is saved
     post.member(0).save(tmp_path / "network")
     for model in ("nowhere", "network"):  # no model; a network, not an MCMC posterior
         code, _, err = run_cli(["resample-output", "--model", tmp_path / model, "--out", tmp_path / "x"], capsys)
@@ -110,3 +111,35 @@ def test_loglik_and_residual_keep_their_resolution_when_saturated():
     assert logits.log_softmax(-1)[0, 0] == 0  # what float32 log_softmax gives
     assert torch.allclose(log_py.double(), ref[torch.arange(4), y], rtol=1e-5, atol=0)
     assert torch.allclose(residual.double(), ref_residual, rtol=1e-5, atol=0)
+
+
+def test_an_interrupted_resample_continues_to_the_same_draws(tmp_path):
+    """Stopped after 2 of 4 draws (the checkpoint holds them), a rerun continues from draw 3 and ends where an
+    uninterrupted run does, bit for bit; a rerun with other settings is a one-line error, not a silent reuse."""
+    from robustbnn.data import load_dataset
+    from robustbnn.errors import UserError
+    from robustbnn.nets import init_params
+    from robustbnn.posterior import Posterior
+
+    data = load_dataset("half_moons", 200)
+    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=8, activation="tanh")
+    draws = [init_params(spec, seed) for seed in range(4)]
+    post = Posterior.from_arch(spec, {k: torch.stack([d[k] for d in draws]) for k in draws[0]}, kind="mcmc")
+    kw = dict(rounds=1, warmup=6, num_steps=5, seed=3)
+    whole = og.resample(post, data.x_train, data.y_train, log=lambda *_: None, **kw)
+
+    def stop_after_two(message):
+        if "draw 2 of" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        og.resample(post, data.x_train, data.y_train, checkpoint=tmp_path, log=stop_after_two, **kw)
+    lines = []
+    resumed = og.resample(post, data.x_train, data.y_train, checkpoint=tmp_path, log=lines.append, **kw)
+    assert "after draw 2 of 4" in lines[0] and len(lines) == 3
+    for name in post.params:
+        assert torch.equal(resumed.params[name], whole.params[name])
+    assert not torch.equal(whole.params["5.weight"], post.params["5.weight"])
+    with pytest.raises(UserError):
+        og.resample(post, data.x_train, data.y_train, checkpoint=tmp_path, log=lambda *_: None,
+                    **dict(kw, num_steps=6))

@@ -4,7 +4,8 @@ Takes `--samples` draws evenly spaced over every chain of a saved posterior (a p
 fc, fc2 or your own), replaces each draw's output layer by a draw of its exact conditional given that draw's other
 layers and the first `--train_inputs` training points (`inference.output_gibbs`: Metropolis-adjusted HMC on a
 softmax regression, whitened by its Hessian), and writes the new posterior to `--out` (posterior.safetensors and
-config.json), ready for `evaluate --model`. Prints each draw's output-layer configurational temperature (1 on the
+config.json), ready for `evaluate --model`; the finished draws are saved as it goes, so a rerun after an
+interruption continues where it stopped. Prints each draw's output-layer configurational temperature (1 on the
 posterior) and training log-likelihood before and after. The prior scale and temperature are the model's own when it
 records them (an SGHMC or HMC run does), else --prior_scale and --temperature.
 """
@@ -18,6 +19,7 @@ from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, positive_float, positive_int, settings_of, setup
 from robustbnn.inference import output_gibbs
+from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.runs import DEFAULT_N_INPUTS
 from robustbnn.storage import load
 
@@ -63,9 +65,10 @@ def run(args) -> dict:
           f"points of {dataset}, prior scale {prior_scale:g}, temperature {temperature:g}")
     new = output_gibbs.resample(post, data.x_train.to(device), data.y_train.to(device), prior_scale=prior_scale,
                                 temperature=temperature, rounds=args.rounds, warmup=args.warmup,
-                                num_steps=args.num_steps, seed=args.seed)
+                                num_steps=args.num_steps, seed=args.seed, checkpoint=out)
     new.save(out)
     write_config(out, settings_of(args))
+    clear_checkpoint(out)
     draws = new.meta["output_gibbs"]["draws"]
     mean = lambda key: sum(d[key] for d in draws) / len(draws)  # noqa: E731
     return {"model": str(out), "samples": len(draws),

@@ -39,6 +39,7 @@ from torch import nn
 from robustbnn.errors import UserError
 from robustbnn.forward import stacked_logits
 from robustbnn.inference import hmc_kernel
+from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
 from robustbnn.inference.hmc_diagnostics import _last_linear, output_layer_temperature
 
 
@@ -118,7 +119,7 @@ def conditional_value_and_grad(g: torch.Tensor, y: torch.Tensor, chol: torch.Ten
 
 
 def resample_layer(g: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, *, prior_scale: float = 1.0,
-                   temperature: float = 1.0, rounds: int = 3, warmup: int = 15, num_steps: int = 20,
+                   temperature: float = 1.0, rounds: int = 2, warmup: int = 15, num_steps: int = 50,
                    seed: int = 0) -> tuple[torch.Tensor, dict]:
     """A draw of the conditional exp(-U(theta) / T) (module docstring) by HMC from theta (K, H + 1) on the
     features g (N, H + 1) and labels y: `rounds` rounds, each a fresh Hessian whitening at the current point and
@@ -140,20 +141,28 @@ def resample_layer(g: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, *, pri
 
 
 def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0, temperature: float = 1.0,
-             rounds: int = 2, warmup: int = 15, num_steps: int = 50, seed: int = 0, log=print):
+             rounds: int = 2, warmup: int = 15, num_steps: int = 50, seed: int = 0, checkpoint=None, log=print):
     """`post` (a `Posterior` of a Sequential ending in a Linear layer with a bias) with every draw's output layer
     replaced by a draw of its conditional given that draw's other layers and the training data (x, y)
     (`resample_layer`); the other layers are kept as they are. The settings and, per draw, the output layer's
     configurational temperature's parts (`layer_temperature`) and log-likelihood before and after go in
-    meta["output_gibbs"]."""
+    meta["output_gibbs"]. With `checkpoint` (a folder) the finished draws are saved after each one, and a rerun with
+    the same draws, data and settings continues from them (other ones are a one-line error naming what differs)."""
     last = _last_linear(post.net)
     if last is None:
         raise UserError("the output-layer Gibbs block needs a perceptron ending in a Linear layer with a bias")
     names = f"{last}.weight", f"{last}.bias"
     x, y = x.to(post.device), y.to(post.device)
-    new_w, new_b, per_draw = [], [], []
-    started = time.perf_counter()
-    for i in range(post.n_samples):
+    settings = dict(prior_scale=prior_scale, temperature=temperature, rounds=rounds, warmup=warmup,
+                    num_steps=num_steps, seed=seed, train_points=len(x))
+    fingerprint = dict(settings, data=tensor_digest(x) + tensor_digest(y),
+                       draws={k: tensor_digest(v) for k, v in sorted(post.params.items())})
+    saved = load_checkpoint(checkpoint, fingerprint=fingerprint) if checkpoint is not None else None
+    layers, per_draw = (list(saved["layers"]), saved["draws"]) if saved else ([], [])
+    started = time.perf_counter() - (saved["time_s"] if saved else 0.0)
+    if saved:
+        log(f"output-gibbs: continuing from {checkpoint} after draw {len(layers)} of {post.n_samples}")
+    for i in range(len(layers), post.n_samples):
         draw = {k: v[i] for k, v in post.params.items()}
         g = features(post.net, draw, x)
         theta = torch.cat([draw[names[0]], draw[names[1]][:, None]], 1).to(g.dtype)
@@ -161,18 +170,20 @@ def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0
         theta, stats = resample_layer(g, y, theta, prior_scale=prior_scale, temperature=temperature, rounds=rounds,
                                       warmup=warmup, num_steps=num_steps, seed=seed * 1_000_003 + i)
         after = _temperature_and_loglik(theta, g, y, prior_scale)
-        new_w.append(theta[:, :-1].to(draw[names[0]].dtype))
-        new_b.append(theta[:, -1].to(draw[names[1]].dtype))
+        layers.append(theta.cpu())
         per_draw.append({"grad_sq_before": before[0], "trace_before": before[1], "loglik_before": before[2],
                          "grad_sq_after": after[0], "trace_after": after[1], "loglik_after": after[2],
                          "accept": [r["accept"] for r in stats["rounds"]]})
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"fingerprint": fingerprint, "layers": tuple(layers), "draws": per_draw,
+                                         "time_s": time.perf_counter() - started})
         log(f"output-gibbs: draw {i + 1} of {post.n_samples}: output-layer temperature so far "
             f"{layer_temperature(per_draw, 'before'):.2f} -> {layer_temperature(per_draw, 'after'):.2f}, "
             f"log-likelihood {before[2]:.1f} -> {after[2]:.1f} ({time.perf_counter() - started:.0f}s in all)")
-    params = dict(post.params, **{names[0]: torch.stack(new_w), names[1]: torch.stack(new_b)})
-    record = {"settings": dict(prior_scale=prior_scale, temperature=temperature, rounds=rounds, warmup=warmup,
-                               num_steps=num_steps, seed=seed, train_points=len(x)),
-              "draws": per_draw, "time_s": time.perf_counter() - started}
+    theta = torch.stack(layers).to(post.device)
+    params = dict(post.params, **{names[0]: theta[:, :, :-1].to(post.params[names[0]].dtype).contiguous(),
+                                  names[1]: theta[:, :, -1].to(post.params[names[1]].dtype).contiguous()})
+    record = {"settings": settings, "draws": per_draw, "time_s": time.perf_counter() - started}
     return post.with_params(params, meta={"output_gibbs": record})
 
 
