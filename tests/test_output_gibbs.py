@@ -69,7 +69,7 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     evenly spaced draws' own, the output layer is new and no longer hot (SGHMC's short cycles leave it at a
     configurational temperature of about 13 here; on 8 draws of a 34-weight layer bounded by near-separated points
     the estimate after the block spreads over 0.5-2 with the seed, so the test asks for below 2.5 and a quarter of
-    before); a missing model or a network is a one-line error that writes nothing."""
+    before); a missing model, a network, or --out at the model's own folder is a one-line error that writes nothing."""
     from robustbnn.data import load_dataset
     from robustbnn.inference.sghmc import run_sghmc
     from robustbnn.posterior import Posterior
@@ -98,6 +98,10 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     for model in ("nowhere", "network"):  # no model; a network, not an MCMC posterior
         code, _, err = run_cli(["resample-output", "--model", tmp_path / model, "--out", tmp_path / "x"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), err
+    saved = (tmp_path / "sghmc" / "posterior.safetensors").read_bytes()
+    code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "sghmc"], capsys)
+    assert code == 2 and "another folder" in err
+    assert (tmp_path / "sghmc" / "posterior.safetensors").read_bytes() == saved
 
 
 def test_loglik_and_residual_keep_their_resolution_when_saturated():

@@ -21,7 +21,7 @@ from robustbnn.experiments.common import add_common, positive_float, positive_in
 from robustbnn.inference import output_gibbs
 from robustbnn.inference.checkpoint import clear_checkpoint
 from robustbnn.runs import DEFAULT_N_INPUTS
-from robustbnn.storage import load
+from robustbnn.storage import WEIGHTS_FILE, load
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +50,9 @@ def run(args) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    model = Path(args.model)
+    if (out / WEIGHTS_FILE).resolve() == (model / WEIGHTS_FILE if model.is_dir() else model).resolve():
+        raise UserError(f"--out {out} holds the model itself; write the new posterior to another folder")
     post = load(args.model, device=device, arch=args.arch)
     if getattr(post, "kind", None) != "mcmc":
         raise UserError(f"{args.model} is not an MCMC posterior; the output-layer Gibbs block redraws MCMC draws")
