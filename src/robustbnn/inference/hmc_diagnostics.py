@@ -246,7 +246,7 @@ def class_traces(probs: torch.Tensor, y_eval: torch.Tensor | None = None) -> tor
     return probs.gather(-1, idx).squeeze(-1)
 
 
-def _last_linear(net: torch.nn.Module) -> int | None:
+def output_layer_index(net: torch.nn.Module) -> int | None:
     """The index of the output layer of a Sequential that ends in a Linear layer with a bias, else None."""
     ok = isinstance(net, torch.nn.Sequential) and isinstance(net[-1], torch.nn.Linear) and net[-1].bias is not None
     return len(net) - 1 if ok else None
@@ -266,7 +266,7 @@ def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.T
     tr Hess U = sum_i sum_c p_ic (1 - p_ic) (|h_i|^2 + 1) + dim(theta) / s^2, both exact: the activations' kinks,
     which autograd's Hessian misses elsewhere, do not enter. All draws at once (`forward.stacked_logits` for the
     features), in chunks of the data of about `budget` features, summed in float64."""
-    last = _last_linear(net)
+    last = output_layer_index(net)
     if last is None:
         raise ValueError("the output-layer temperature needs a Sequential ending in a Linear layer with a bias")
     w, b = params[f"{last}.weight"].double(), params[f"{last}.bias"].double()  # (S, K, H), (S, K)
@@ -292,7 +292,7 @@ def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x:
     """The output layer's configurational temperature of a posterior's draws (`output_layer_temperature`), from
     up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains);
     None for a network that is not a Sequential ending in a Linear layer with a bias."""
-    if _last_linear(net) is None:
+    if output_layer_index(net) is None:
         return None
     n = len(next(iter(params.values())))
     rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()

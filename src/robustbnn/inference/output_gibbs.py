@@ -40,12 +40,12 @@ from robustbnn.errors import UserError
 from robustbnn.forward import stacked_logits
 from robustbnn.inference import hmc_kernel
 from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
-from robustbnn.inference.hmc_diagnostics import _last_linear, output_layer_temperature
+from robustbnn.inference.hmc_diagnostics import output_layer_index, output_layer_temperature
 
 
 def features(net: nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 10000):
     """g = [h; 1] (N, H + 1), the inputs of the output layer of one draw ({name: tensor}, no sample dimension)."""
-    last = _last_linear(net)
+    last = output_layer_index(net)
     body = {k: v[None] for k, v in params.items() if not k.startswith(f"{last}.")}
     rows = []
     with torch.no_grad():
@@ -148,7 +148,7 @@ def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0
     configurational temperature's parts (`layer_temperature`) and log-likelihood before and after go in
     meta["output_gibbs"]. With `checkpoint` (a folder) the finished draws are saved after each one, and a rerun with
     the same draws, data and settings continues from them (other ones are a one-line error naming what differs)."""
-    last = _last_linear(post.net)
+    last = output_layer_index(post.net)
     if last is None:
         raise UserError("the output-layer Gibbs block needs a perceptron ending in a Linear layer with a bias")
     names = f"{last}.weight", f"{last}.bias"
