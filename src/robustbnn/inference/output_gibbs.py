@@ -23,7 +23,11 @@ and costs a few seconds. A Kronecker-factored curvature (K-FAC) is cheaper but l
 over 2e4 on MNIST, no better than none. Even whitened, the adapted step is small (about 0.015 on MNIST): a point the
 model is sure of carries no curvature until a move brings it near the decision boundary, and then carries
 p (1 - p) |g_i|^2, with |g_i| about 60 to 130 on MNIST, a wall the local Hessian cannot see. Hence long
-trajectories (50 steps of 15 iterations per round). The metric and the gradient (its denormals flushed, or not)
+trajectories (50 steps of 15 iterations per round). The walls are also why the gradient cannot be cut down to the
+points near the boundary (trajectories on that subset's gradient, Metropolis test on the exact U): a trajectory
+moves the weights by about 1 in the directions with no curvature, which moves a confident point's margin by tens,
+and on MNIST the adapted step fell 15 to 20 times with the points of margin below 20 or 40 (2,200 and 9,700 of
+60,000), so a round cost more per unit of distance, not less. The metric and the gradient (its denormals flushed, or not)
 only shape the proposals: every move is accepted or rejected on U itself (float32 logits, each log p_y in a form
 that keeps its resolution as p_y -> 1, sums in float64), so the chain's limit is the conditional. The step size
 adapts by dual averaging within a round; the draw kept is the chain's state after the last round.
