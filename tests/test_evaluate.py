@@ -2,6 +2,7 @@
 models that are known to mask gradients."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from robustbnn import Posterior
 from robustbnn.attacks import apgd, ce_loss, dlr_loss, margin, pgd, square
-from robustbnn.attacks.apgd import checkpoints
+from robustbnn.attacks.apgd import checkpoints, halvings
 from robustbnn.attacks.losses import logp_objective_grad
 from robustbnn.errors import UserError
 from robustbnn.verdict import Settings, evaluate
@@ -39,6 +40,15 @@ def test_checkpoints_follow_the_paper():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # AutoAttack: ceil(0.57 * 100) = 57
     assert checkpoints(1000) == [220, 410, 570, 700, 800, 870, 930, 990]
+
+
+def test_apgd_halves_as_the_paper_and_autoattack():
+    """Condition (2), "neither eta nor the best f changed since the last checkpoint", holds only where the step was
+    not halved at the last checkpoint; condition (1) is fewer than 0.75 of the steps increasing f."""
+    best_then, best_now = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 2.0, 1.0])
+    successes = torch.tensor([16.0, 16.0, 16.0, 14.0])  # of 19 steps: 0.75 * 19 = 14.25
+    halved_last = torch.tensor([True, False, False, True])
+    assert halvings(successes, 19, halved_last, best_then, best_now).tolist() == [False, True, False, True]
 
 
 def test_dlr_hand_values_and_invariance():
@@ -97,6 +107,28 @@ def test_square_breaks_inputs_from_queries_alone():
     assert info["broken"].float().mean() > 0.5
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6
     assert torch.equal(info["broken"], post.log_predictive(x_adv).argmax(-1) != y)
+
+
+def test_square_queries_only_candidates_that_change_the_point(monkeypatch):
+    """Late in the schedule a 1 x 1 square on a pixel of 0 (x - eps clamps to 0 again) often draws the value the
+    point already has; such a candidate gets new signs instead of costing a query."""
+    post = conv_ensemble()
+    x = torch.zeros(1, 1, 8, 8)
+    y = post.log_predictive(x).argmax(-1)
+    queried = []
+    log_predictive = Posterior.log_predictive
+
+    def recording(self, z, *args, **kwargs):
+        queried.append(z.clone())
+        return log_predictive(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(Posterior, "log_predictive", recording)
+    module = sys.modules["robustbnn.attacks.square"]  # (the package's `square` is the function)
+    monkeypatch.setattr(module, "margin", lambda logp, y: torch.ones(len(logp)))  # no candidate is ever better
+    _, info = square(post, x, y, 0.1, queries=400, return_info=True)
+    start = queried[0]  # the stripes, never replaced since no candidate lowers the margin
+    assert len(queried) > 300 and all((q != start).any() for q in queried[1:])
+    assert info["queries"].item() == len(queried)
 
 
 class Quantised(nn.Module):

@@ -102,9 +102,10 @@ class Settings:
 
 def effort_round(s: Settings, k: int) -> Settings:
     """Effort round k >= 1: the battery's APGD attacks with 2^k times its iterations and k more restarts (and
-    another seed, so that the restarts start elsewhere)."""
+    another seed, so that the restarts start elsewhere: seed + 10^6 k, clear of the restarts' seed + r and APGD-T's
+    seed + 1000 t)."""
     return replace(s, attacks=tuple(a for a in s.attacks if a in APGD_ATTACKS), iterations=s.iterations * 2**k,
-                   restarts=s.restarts + k, seed=s.seed + k, effort_rounds=0)
+                   restarts=s.restarts + k, seed=s.seed + 1_000_000 * k, effort_rounds=0)
 
 
 def effort_label(name: str, k: int) -> str:

@@ -9,7 +9,9 @@ size (2 eps at first) and alpha = 0.75:
 
 At the checkpoints w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06),
 eta is halved and the iterate reset to the best point so far when (1) fewer than rho = 0.75 of the
-steps since the last checkpoint increased f, or (2) neither eta nor the best f changed since then.
+steps since the last checkpoint increased f, or (2) neither eta nor the best f changed since then, i.e. eta was
+not halved at the last checkpoint and the best f is the same (`halvings`; as AutoAttack reads it, (2) does not
+apply at the first checkpoint).
 The best point per input is kept (the first misclassified iterate, else the highest objective), never
 the last. Restarts begin from random points of the ball and run on the inputs not yet broken.
 
@@ -45,6 +47,14 @@ def checkpoints(iterations: int) -> list[int]:
     while p[-1] < 100:
         p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
     return sorted({-(-q * int(iterations) // 100) for q in p[1:] if q <= 100})
+
+
+def halvings(successes: torch.Tensor, steps: int, halved_last: torch.Tensor, f_best_then: torch.Tensor,
+             f_best_now: torch.Tensor) -> torch.Tensor:
+    """Which inputs halve their step at a checkpoint: (1) fewer than rho of the `steps` steps since the last
+    checkpoint increased f (`successes` of them did), or (2) the step was not halved at the last checkpoint
+    (`halved_last`) and the best f has not changed since then."""
+    return (successes < RHO * steps) | (~halved_last & (f_best_then == f_best_now))
 
 
 def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce", iterations: int = 100,
@@ -107,7 +117,7 @@ def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: st
         x_prev = x_k.clone()
         marks = checkpoints(int(iterations))
         last_mark, successes = 0, torch.zeros(len(xs), device=xs.device)
-        eta_at_mark, f_best_at_mark = eta.clone(), f_best.clone()
+        halved, f_best_at_mark = torch.ones(len(xs), dtype=torch.bool, device=xs.device), f_best.clone()
         for k in range(int(iterations)):
             z = project(x_k + eta * g_k.sign())
             a = 1.0 if k == 0 else ALPHA
@@ -121,14 +131,12 @@ def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: st
             x_best[improved], f_best[improved], g_best[improved] = x_new[improved], f_new[improved], g_new[improved]
             x_prev, x_k, f_k, g_k = x_k, x_new, f_new, g_new
             if k + 1 in marks:
-                few = successes < RHO * (k + 1 - last_mark)
-                stuck = (eta_at_mark.flatten() == eta.flatten()) & (f_best_at_mark == f_best)
-                halve = few | stuck
+                halve = halvings(successes, k + 1 - last_mark, halved, f_best_at_mark, f_best)
                 eta[halve] /= 2
                 x_k[halve], f_k[halve], g_k[halve] = x_best[halve], f_best[halve], g_best[halve]
                 x_prev[halve] = x_k[halve]  # no momentum across a reset
                 last_mark, successes = k + 1, torch.zeros_like(successes)
-                eta_at_mark, f_best_at_mark = eta.clone(), f_best.clone()
+                halved, f_best_at_mark = halve, f_best.clone()
         out = torch.where(hit.view(view), x_adv, x_best)
         if r == 0:
             best[todo] = out

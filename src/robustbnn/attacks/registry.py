@@ -70,14 +70,16 @@ def _apgd(loss: str) -> Callable:
 def _apgd_targeted(model, x, y, eps, *, targets: int = 9, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """APGD-T: APGD on the draw-averaged margin towards the t-th most likely wrong class of the clean predictive,
     t = 1 .. `targets`, each on the inputs the targets before it did not break (AutoAttack's APGD-T, with the
-    per-draw margin in place of the targeted DLR; for one network, the targeted Carlini-Wagner margin)."""
-    out, cost = x.clone(), torch.zeros(len(x))
+    per-draw margin in place of the targeted DLR; for one network, the targeted Carlini-Wagner margin). Each target's
+    random starts come from their own seeds (seed + 1000 t), as they would from AutoAttack's one random stream."""
+    out, cost, seed = x.clone(), torch.zeros(len(x)), int(kw.pop("seed", 0))
     wrong = fixed_samples(model).log_predictive(x).scatter(-1, y.unsqueeze(-1), -math.inf).argsort(-1, descending=True)
     todo = torch.arange(len(x), device=x.device)
     for t in range(min(int(targets), wrong.shape[-1] - 1)):
         if not len(todo):
             break
-        adv, info = apgd(model, x[todo], y[todo], eps, loss="margin", target=wrong[todo, t], return_info=True, **kw)
+        adv, info = apgd(model, x[todo], y[todo], eps, loss="margin", target=wrong[todo, t], return_info=True,
+                         seed=seed + 1000 * t, **kw)
         cost[todo.cpu()] += info["gradient_evals"]
         hit = info["broken"].to(x.device)
         out[todo[hit]] = adv[hit]

@@ -4,9 +4,11 @@ square updates at the corners of the eps-ball, accepted when they lower the marg
 Per input: start from vertical stripes x + eps * (+-1 per column and channel); at query i pick a
 square of side s_i = round(sqrt(p_i H W)) (p_i halves on a fixed schedule) at a random position and
 set it, per channel, to x + eps or x - eps; keep the change if the margin
-log p(x)_y - max_{k != y} log p(x)_k goes down. Only the predictive probabilities are queried, so
-masked or useless gradients do not stop it. Inputs that are not images (C, H, W) are treated as a
-1 x 1 x D strip.
+log p(x)_y - max_{k != y} log p(x)_k goes down. A candidate equal to the current point inside its square (a small
+square whose pixels already sit at the drawn corner, or clamp to the same value) gets new signs, up to
+SIGN_REDRAWS times, as AutoAttack redraws them; one still equal is not queried and costs no query. Only the
+predictive probabilities are queried, so masked or useless gradients do not stop it. Inputs that are not images
+(C, H, W) are treated as a 1 x 1 x D strip.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from robustbnn.forward import DEFAULT_BUDGET
 
 # The schedule of the paper for 10000 queries: p is halved after each of these query counts.
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+SIGN_REDRAWS = 10
 
 
 def p_schedule(p_init: float, i: int, queries: int) -> float:
@@ -79,8 +82,18 @@ def square(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, querie
         in_rows = (rows >= top[:, None]) & (rows < (top + side)[:, None])  # (k, h)
         in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (k, w)
         window = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (k, 1, h, w)
-        delta = torch.where(rand(k, c, 1, 1) < 0.5, -eps, eps)
-        cand = torch.where(window, (img[idx] + delta).clamp(lo, hi), best[idx])
+        cand = best[idx].clone()
+        same = torch.ones(k, dtype=torch.bool, device=xd.device)
+        for _ in range(SIGN_REDRAWS):
+            delta = torch.where(rand(k, c, 1, 1) < 0.5, -eps, eps)
+            new = torch.where(window, (img[idx] + delta).clamp(lo, hi), best[idx])
+            cand[same] = new[same]
+            same &= ~(cand != best[idx]).flatten(1).any(1)
+            if not same.any():
+                break
+        idx, cand = idx[~same], cand[~same]
+        if not len(idx):
+            continue
         yd_active[0] = yd[idx]
         m = score(cand)
         used[idx.cpu()] += 1
