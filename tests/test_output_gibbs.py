@@ -69,7 +69,9 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     evenly spaced draws' own, the output layer is new and no longer hot (SGHMC's short cycles leave it at a
     configurational temperature of about 13 here; on 8 draws of a 34-weight layer bounded by near-separated points
     the estimate after the block spreads over 0.5-2 with the seed, so the test asks for below 2.5 and a quarter of
-    before); a missing model, a network, or --out at the model's own folder is a one-line error that writes nothing."""
+    before); the training points and prior come from the model's record; a missing model, a network, an --out that
+    already holds a posterior (the model's own, or another) or a flag contradicting the record is a one-line error
+    that writes nothing."""
     from robustbnn.data import load_dataset
     from robustbnn.inference.sghmc import run_sghmc
     from robustbnn.posterior import Posterior
@@ -79,16 +81,18 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="leaky")
     post = run_sghmc(spec, data.x_train, data.y_train, cycles=24, burnin_cycles=8, epochs_per_cycle=4, lr=0.05,
                      batch_size=50, num_chains=4, seed=0, log=lambda *_: None)
-    post.meta["dataset"] = "half_moons"
+    post.meta.update(dataset="half_moons", settings={"n_inputs": 300})
     post.save(tmp_path / "sghmc")
     code, out, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "gibbs",
-                              "--samples", 8, "--train_inputs", 300, "--seed", 1], capsys)
+                              "--samples", 8, "--seed", 1], capsys)
     assert code == 0, err
     new = Posterior.load(tmp_path / "gibbs")
     old = post.samples(8)
     for name in ("1.weight", "1.bias", "3.weight", "3.bias"):
         assert torch.equal(new.params[name], old.params[name])
     assert not torch.equal(new.params["5.weight"], old.params["5.weight"])
+    assert new.meta["output_gibbs"]["settings"]["train_points"] == 300  # the record's, not the 60000 default
+    assert new.meta["diagnostics"]["num_chains"] == 4 and "loglik_rhat" in new.meta["output_gibbs"]["chain_diagnostics"]
     draws = new.meta["output_gibbs"]["draws"]
     before, after = og.layer_temperature(draws, "before"), og.layer_temperature(draws, "after")
     assert before > 5 and after < min(2.5, before / 4), (before, after)
@@ -98,10 +102,16 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     for model in ("nowhere", "network"):  # no model; a network, not an MCMC posterior
         code, _, err = run_cli(["resample-output", "--model", tmp_path / model, "--out", tmp_path / "x"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), err
-    saved = (tmp_path / "sghmc" / "posterior.safetensors").read_bytes()
-    code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "sghmc"], capsys)
-    assert code == 2 and "another folder" in err
-    assert (tmp_path / "sghmc" / "posterior.safetensors").read_bytes() == saved
+    for other in ("sghmc", "network"):  # the model's own folder, another model's
+        saved = (tmp_path / other / "posterior.safetensors").read_bytes()
+        code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / other], capsys)
+        assert code == 2 and "another folder" in err
+        assert (tmp_path / other / "posterior.safetensors").read_bytes() == saved
+    for flag in (["--temperature", 2], ["--train_inputs", 200]):
+        code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "y", *flag],
+                               capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "another posterior" in err, err
+        assert not (tmp_path / "y").exists()
 
 
 def test_loglik_and_residual_keep_their_resolution_when_saturated():

@@ -9,7 +9,7 @@ g_i = [h_i; 1] the features of input i. At temperature T the conditional posteri
 a softmax regression on fixed features: log-concave, without a closed form. Putting a draw of it in the place of a
 draw's output layer is a Gibbs step (Geman & Geman 1984): it leaves the joint posterior invariant whatever sampler
 produced the other layers, so the output layer becomes exact given them, whatever error a stochastic-gradient
-sampler left there (measured by `hmc_diagnostics.output_layer_temperature`, 1 on the conditional).
+sampler left there (measured by `hmc_diagnostics.output_layer_temperature`, T on the conditional).
 
 The conditional is sampled by Metropolis-adjusted HMC (`hmc_kernel`), one chain per draw started at the draw's own
 output layer, in coordinates whitened by the exact Hessian of U at the current point (a fixed metric, refreshed
@@ -27,10 +27,13 @@ trajectories (50 steps of 15 iterations per round). The walls are also why the g
 points near the boundary (trajectories on that subset's gradient, Metropolis test on the exact U): a trajectory
 moves the weights by about 1 in the directions with no curvature, which moves a confident point's margin by tens,
 and on MNIST the adapted step fell 15 to 20 times with the points of margin below 20 or 40 (2,200 and 9,700 of
-60,000), so a round cost more per unit of distance, not less. The metric and the gradient (its denormals flushed, or not)
-only shape the proposals: every move is accepted or rejected on U itself (float32 logits, each log p_y in a form
-that keeps its resolution as p_y -> 1, sums in float64), so the chain's limit is the conditional. The step size
-adapts by dual averaging within a round; the draw kept is the chain's state after the last round.
+60,000), so a round cost more per unit of distance, not less. The metric and the gradient (its denormals flushed,
+or not) only shape the proposals: every move is accepted or rejected on U itself (float32 logits, each log p_y in a
+form that keeps its resolution as p_y -> 1, sums in float64). The step size adapts by dual averaging within a round;
+the draw kept is the chain's state after the last round. Since the metric and the step are tuned from the draw's own
+starting point, a round's kernel depends on where it starts: like HMC after its warm-up, the block reaches the
+conditional as its rounds grow long, not after one step (a kernel tuned at a point that does not depend on the draw,
+such as the conditional's mode, would make every step exact; not done).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def hessian_whitening(theta: torch.Tensor, g: torch.Tensor, prior_scale: float, 
                       tol: float = 1e-9) -> torch.Tensor:
     """L (D, D) lower triangular with L L^T = Hess U(theta) / T (module docstring), D = K (H + 1), theta flattened
     row-major, in float64; the sum over points skips those with tr(diag p_i - p_i p_i^T) <= tol."""
-    p = (g @ theta.T).softmax(-1).double()
+    p = (g.double() @ theta.double().T).softmax(-1)  # (float32 rows sum to 1 +- 1e-7: curvature where there is none)
     keep = (p * (1 - p)).sum(1) > tol
     p, gk = p[keep], g[keep].double()
     k, d = theta.shape
@@ -160,6 +163,7 @@ def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0
     settings = dict(prior_scale=prior_scale, temperature=temperature, rounds=rounds, warmup=warmup,
                     num_steps=num_steps, seed=seed, train_points=len(x))
     fingerprint = dict(settings, data=tensor_digest(x) + tensor_digest(y),
+                       arch=None if post.arch is None else post.arch.to_json(),
                        draws={k: tensor_digest(v) for k, v in sorted(post.params.items())})
     saved = load_checkpoint(checkpoint, fingerprint=fingerprint) if checkpoint is not None else None
     layers, per_draw = (list(saved["layers"]), saved["draws"]) if saved else ([], [])
@@ -172,7 +176,7 @@ def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0
         theta = torch.cat([draw[names[0]], draw[names[1]][:, None]], 1).to(g.dtype)
         before = _temperature_and_loglik(theta, g, y, prior_scale)
         theta, stats = resample_layer(g, y, theta, prior_scale=prior_scale, temperature=temperature, rounds=rounds,
-                                      warmup=warmup, num_steps=num_steps, seed=seed * 1_000_003 + i)
+                                      warmup=warmup, num_steps=num_steps, seed=(seed * 1_000_003 + i) % 2**40)
         after = _temperature_and_loglik(theta, g, y, prior_scale)
         layers.append(theta.cpu())
         per_draw.append({"grad_sq_before": before[0], "trace_before": before[1], "loglik_before": before[2],
@@ -187,15 +191,21 @@ def resample(post, x: torch.Tensor, y: torch.Tensor, *, prior_scale: float = 1.0
     theta = torch.stack(layers).to(post.device)
     params = dict(post.params, **{names[0]: theta[:, :, :-1].to(post.params[names[0]].dtype).contiguous(),
                                   names[1]: theta[:, :, -1].to(post.params[names[1]].dtype).contiguous()})
-    record = {"settings": settings, "draws": per_draw, "time_s": time.perf_counter() - started}
-    return post.with_params(params, meta={"output_gibbs": record})
+    # the chains' diagnostics (R-hat, ESS, traces) describe the draws before the block: kept in the record, not as
+    # the new draws' own
+    chains = dict(post.meta.get("diagnostics") or {})
+    record = {"settings": settings, "draws": per_draw, "time_s": time.perf_counter() - started,
+              "chain_diagnostics": chains}
+    diagnostics = {"num_chains": chains.get("num_chains", 1),
+                   "output_temperature": layer_temperature(per_draw, "after")}
+    return post.with_params(params, meta={"output_gibbs": record, "diagnostics": diagnostics})
 
 
 def _temperature_and_loglik(theta: torch.Tensor, g: torch.Tensor, y: torch.Tensor, prior_scale: float):
     """(|grad U|^2, tr Hess U, log-likelihood) of one output layer theta (K, H + 1) on its features g: the
     configurational temperature's two parts (`hmc_diagnostics.output_layer_temperature`), whose means over draws
-    have ratio 1 on the posterior."""
-    layer = nn.Sequential(nn.Linear(g.shape[1] - 1, theta.shape[0]))
+    have ratio T on the posterior at temperature T."""
+    layer = nn.Sequential(nn.utils.skip_init(nn.Linear, g.shape[1] - 1, theta.shape[0]))  # (no global RNG draw)
     grad_sq, trace = output_layer_temperature(layer, {"0.weight": theta[None, :, :-1], "0.bias": theta[None, :, -1]},
                                               g[:, :-1], y, prior_scale)
     return float(grad_sq[0]), float(trace[0]), float(loglik_and_residual(g @ theta.T, y)[0].double().sum())
