@@ -1,6 +1,8 @@
 """The output-layer Gibbs block (`inference.output_gibbs`): its potential, gradient and metric against autograd, and
 its draws of a softmax regression against Pyro's NUTS on the same conditional."""
 
+import json
+
 import pyro
 import pytest
 import torch
@@ -96,7 +98,9 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
     draws = new.meta["output_gibbs"]["draws"]
     before, after = og.layer_temperature(draws, "before"), og.layer_temperature(draws, "after")
     assert before > 5 and after < min(2.5, before / 4), (before, after)
-    assert (tmp_path / "gibbs" / "config.json").exists() and "temperature" in out
+    config = json.loads((tmp_path / "gibbs" / "config.json").read_text())["settings"]
+    assert (config["train_inputs"], config["prior_scale"], config["temperature"]) == (300, 1.0, 1.0)  # as used
+    assert "temperature" in out
     assert not (tmp_path / "gibbs" / "checkpoint.safetensors").exists()  # cleared once the posterior is saved
     post.member(0).save(tmp_path / "network")
     for model in ("nowhere", "network"):  # no model; a network, not an MCMC posterior

@@ -89,7 +89,8 @@ def run(args) -> dict:
                                 temperature=temperature, rounds=args.rounds, warmup=args.warmup,
                                 num_steps=args.num_steps, seed=args.seed, checkpoint=out)
     new.save(out)
-    write_config(out, settings_of(args))
+    write_config(out, dict(settings_of(args), prior_scale=prior_scale, temperature=temperature, train_inputs=n_train,
+                           dataset=dataset))
     clear_checkpoint(out)
     draws = new.meta["output_gibbs"]["draws"]
     mean = lambda key: sum(d[key] for d in draws) / len(draws)  # noqa: E731
