@@ -156,6 +156,8 @@ def test_schedule_and_sample_steps():
         SGHMCSettings(1, 10, 7, 0.1, 0.1, 1.0, 0.5, 100, 10)
     with pytest.raises(UserError, match="friction"):
         SGHMCSettings(1, 10, 1, 0.1, 1.5, 1.0, 0.5, 100, 10)
+    with pytest.raises(UserError, match="no sampling stage"):  # ceil(0.995 * 120) = 120: every step explores
+        SGHMCSettings(1, 120, 1, 0.1, 0.1, 1.0, 0.995, 100, 10)
 
 
 def moons(n=300):

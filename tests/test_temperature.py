@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robustbnn.inference.hmc_diagnostics import output_layer_temperature
+from robustbnn.inference.hmc_diagnostics import output_layer_temperature, output_temperature
 
 
 def test_gradient_and_trace_match_autograd():
@@ -54,6 +54,9 @@ def test_draws_at_a_temperature_give_it(temperature):
     params = {"0.weight": draws[:, :, :d].float(), "0.bias": draws[:, :, d].float()}
     grad_sq, trace = output_layer_temperature(net, params, x, y)
     assert grad_sq.mean() / trace.mean() == pytest.approx(temperature, rel=0.1 if temperature == 1 else 0.2)
+    # the samplers' diagnostic is relative to the temperature they sample at: 1 on the posterior whatever T
+    relative = output_temperature(net, params, x, y, temperature=temperature)
+    assert relative == pytest.approx(1.0, rel=0.1 if temperature == 1 else 0.2)
     mode = mode.reshape(1, k, d + 1).float()
     g0, t0 = output_layer_temperature(net, {"0.weight": mode[:, :, :d], "0.bias": mode[:, :, d]}, x, y)
     assert (g0 / t0).item() < 0.01

@@ -288,14 +288,16 @@ def output_layer_temperature(net: torch.nn.Sequential, params: dict[str, torch.T
 
 
 def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       prior_scale: float = 1.0) -> float | None:
+                       prior_scale: float = 1.0, temperature: float = 1.0) -> float | None:
     """The output layer's configurational temperature of a posterior's draws (`output_layer_temperature`), from
-    up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains);
-    None for a network that is not a Sequential ending in a Linear layer with a bias."""
+    up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains),
+    relative to the `temperature` T they were drawn at (E |grad U|^2 = T E tr Hess U on exp(-U / T)), so that it
+    is 1 on the posterior whatever T; None for a network that is not a Sequential ending in a Linear layer with a
+    bias."""
     if output_layer_index(net) is None:
         return None
     n = len(next(iter(params.values())))
     rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()
     draws = {k: v[rows.to(v.device)].to(x.device) for k, v in params.items()}
     grad_sq, trace = output_layer_temperature(net, draws, x, y.to(x.device), prior_scale)
-    return float(grad_sq.mean() / trace.mean())
+    return float(grad_sq.mean() / trace.mean()) / temperature

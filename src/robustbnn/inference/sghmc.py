@@ -140,6 +140,9 @@ class SGHMCSettings:
             raise UserError(f"the smallest curvature must be a positive number, got {self.min_curvature}")
         if not 0 <= self.explore_fraction < 1:
             raise UserError(f"explore_fraction must lie in [0, 1), got {self.explore_fraction}")
+        if self.noise_from >= self.steps_per_cycle:
+            raise UserError(f"explore_fraction {self.explore_fraction} leaves no sampling stage in a cycle of "
+                            f"{self.steps_per_cycle} steps: use a smaller explore fraction or longer cycles")
         if len(self.sample_steps) < self.samples_per_cycle:
             raise UserError(f"{self.samples_per_cycle} draws per cycle do not fit in a sampling stage of "
                             f"{self.steps_per_cycle - self.noise_from} steps; use fewer samples per cycle, longer "
@@ -612,7 +615,8 @@ def run_sghmc(arch, x: torch.Tensor, y: torch.Tensor, *, cycles: int = 40, epoch
     post = Posterior.from_arch(arch, params, kind="mcmc", meta={"inference": "sghmc", "sghmc": settings})
     diag.update(hmc_diagnostics.summarise(trace, chain_probs(post, int(num_chains), x_eval),
                                           hmc_diagnostics.norm_traces(post.params, int(num_chains))))
-    diag["output_temperature"] = hmc_diagnostics.output_temperature(post.net, post.params, x, y, float(prior_scale))
+    diag["output_temperature"] = hmc_diagnostics.output_temperature(post.net, post.params, x, y, float(prior_scale),
+                                                                    float(temperature))
     post.meta["diagnostics"] = diag
     log(hmc_diagnostics.summary_line("sghmc", diag))
     return post
