@@ -42,6 +42,12 @@ def test_evaluate_writes_the_verdict_and_resumes(trained, capsys):
     assert code == 0 and "=== " not in printed
     pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary)
     assert stamp == (out / "parts").stat().st_mtime_ns
+    # two eps that print alike at 6 digits (8/255 and 0.0313725) are two parts: neither reuses the other's verdict
+    args = [a if a != "0.05,0.2" else "0.0313725490196,0.0313725" for a in args]
+    args[args.index("nn,ensemble")] = "nn"
+    code, printed, _ = run_cli(args, capsys)
+    assert code == 0 and printed.count("=== ") == 2
+    assert sorted(pd.read_csv(out / "summary.csv").eps) == [0.0313725, 0.0313725490196]
 
 
 @pytest.mark.parametrize("extra,needle", [

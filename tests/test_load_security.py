@@ -147,6 +147,20 @@ def test_integer_weights_are_refused(tmp_path):
     one_line(err)
 
 
+@pytest.mark.parametrize("kwargs, needle", [(dict(num_classes=-1), "cannot be built"),
+                                             (dict(input_shape=["a"]), "cannot be built")])
+def test_a_builtin_record_with_impossible_sizes_is_one_line(tmp_path, kwargs, needle):
+    with pytest.raises(UserError, match=needle) as err:
+        load(craft(tmp_path / "m", arch={"factory": nets.BUILTIN, "kwargs": FC | kwargs}))
+    one_line(err)
+
+
+def test_a_file_of_no_samples_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no samples") as err:
+        load(craft(tmp_path / "m", tensors={k: v[:0] for k, v in fc_weights().items()}))
+    one_line(err)
+
+
 def test_integer_buffers_of_the_template_still_load(tmp_path):
     post = Posterior.from_state_dicts([small_conv().state_dict()], arch="tests.factories:small_conv")
     assert post.params["1.num_batches_tracked"].dtype == torch.int64

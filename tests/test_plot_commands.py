@@ -176,6 +176,8 @@ def test_attack_files_record_their_settings(models, capsys):
     assert "iter=3" in folders[0].name and "alpha=auto" in folders[0].name
     with safe_open(str(folders[0] / "adversarial.safetensors"), "pt") as f:
         saved = json.loads(f.metadata()["attack"])
+    digests = saved.pop("attacker"), saved.pop("inputs")  # the weights and the inputs it was made from
+    assert all(isinstance(d, str) and len(d) == 16 for d in digests)
     assert saved == dict(method="pgd", loss="predictive", eps=0.1, attack_samples=10, iterations=3, alpha=None,
                          random_start=False, pgd_legacy=False, seed=0, avg_posterior=False)
     # reloading (--attack=False) with other settings than the file's: one line, naming the setting

@@ -1,8 +1,10 @@
 """Deterministic networks and ensembles: seeding, stacked training, resume."""
 
+import pytest
 import torch
 from sklearn.datasets import make_moons
 
+from robustbnn.errors import UserError
 from robustbnn.inference.sgd import member_groups, train_nets
 
 SPEC = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="leaky")
@@ -47,6 +49,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [h["epoch"] for h in hist] == [1, 1, 2, 2, 3, 3, 4, 4]
     for k in full.params:
         torch.testing.assert_close(resumed.params[k], full.params[k])
+    for other in (dict(batch_size=32), dict(lr=0.02)):  # another run's checkpoint is refused, not continued
+        with pytest.raises(UserError, match="different settings"):
+            train_nets(SPEC, x, y, seeds=[0, 1], epochs=4, log=quiet, checkpoint=tmp_path, resume=True,
+                       **dict(dict(lr=0.01, batch_size=64), **other))
 
 
 def test_member_groups_respect_budget():

@@ -139,6 +139,9 @@ class Architecture:
                 net = fn(**self.kwargs)
             except TypeError as exc:
                 raise UserError(f"the architecture {self.factory} does not take {self.kwargs}: {exc}") from None
+            except (ValueError, RuntimeError) as exc:  # e.g. a negative or non-numeric size in a record
+                raise UserError(f"the architecture {self.factory} cannot be built from {self.kwargs}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if not isinstance(net, nn.Module):
             raise UserError(f"the architecture {self.factory} returned a {type(net).__name__}, not a torch nn.Module")
         return net.eval().requires_grad_(False)

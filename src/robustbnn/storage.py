@@ -111,6 +111,20 @@ def _save(folder, tensors: dict, stored: str, obj) -> Path:
     return folder
 
 
+def saved_meta(path) -> dict:
+    """The `meta` of a saved model's record, read from the file's header without its tensors ({} where the file
+    cannot be read as one)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            record = json.loads((f.metadata() or {})[METADATA_KEY])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return {}
+    meta = record.get("meta") if isinstance(record, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -188,6 +202,9 @@ def _check_numbers(file: Path, tensors: dict, net: nn.Module | None = None) -> N
                 raise UserError(f"{file} holds {k!r} as {str(v.dtype).removeprefix('torch.')}, not as "
                                 "floating-point weights: it is not a model robustbnn can use")
         return
+    empty = [k for k, v in tensors.items() if v.dim() > 0 and v.shape[0] == 0]
+    if empty:  # (zero samples: every prediction would fail later)
+        raise UserError(f"{file} holds no samples of {empty[0]!r}: it is not a model robustbnn can use")
     step = 1 << 24  # in pieces: a mask of a 9 GB file at once would take 2 GB more
     for k, v in tensors.items():
         if v.is_floating_point():

@@ -40,7 +40,8 @@ from robustbnn.inference.checkpoint import CHECKPOINT_FILE
 from robustbnn.posterior import Posterior
 from robustbnn.presets import STUDY
 from robustbnn.reports import markdown_table
-from robustbnn.storage import WEIGHTS_FILE
+from robustbnn.inference.checkpoint import tensor_digest
+from robustbnn.storage import WEIGHTS_FILE, saved_meta
 
 MODELS = ("nn", "ensemble", "vi", "mcmc")
 DATASETS = tuple(STUDY)
@@ -137,8 +138,14 @@ def load_data(spec: dict, data_dir=None) -> Dataset:
 
 
 def _config_matches(folder: Path, settings: dict, seed: int) -> list[str]:
-    """The settings that differ between `settings` (and seed) and the model folder's config.json."""
-    saved = (_read_json(folder / "config.json") or {}).get("settings")
+    """The settings that differ between `settings` (and seed) and the model the folder holds: its file's own record
+    when there is one (config.json is written when a training starts, so after an interrupted retraining it names
+    settings the stored model was not trained with), else config.json (an interrupted training's)."""
+    if (folder / WEIGHTS_FILE).exists():
+        meta = saved_meta(folder / WEIGHTS_FILE)
+        saved = dict(meta["settings"], seed=meta.get("seed")) if isinstance(meta.get("settings"), dict) else None
+    else:
+        saved = (_read_json(folder / "config.json") or {}).get("settings")
     saved = _with_new_flags(saved if isinstance(saved, dict) else {})
     want = _plain(dict(settings, seed=seed))
     return sorted(k for k in want if saved.get(k) != want[k])
@@ -254,6 +261,7 @@ class Steps:
             self.timings.append(dict(model=model, step=what, time_s=old.get("time_s"), reused=True))
             return old, True
         self.log(f"{head} ...")
+        Path(path).unlink(missing_ok=True)  # its files change now: an interruption must not leave it marking them done
         t0 = time.perf_counter()
         result = compute()
         record = {"settings": settings, "result": result, "time_s": time.perf_counter() - t0}
@@ -300,7 +308,9 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
         record["settings"]["stamp"] = model_stamp(folder)
         write_json(results / "train.json", record)
     ev = dict(model=settings, seed=seed, stamp=model_stamp(folder), n_test=spec["n_test"], samples=spec["samples"],
-              draws="evenly spaced")
+              draws="evenly spaced", battery_version=battery.VERSION,
+              inputs=tensor_digest(torch.cat([data.x_test[:spec["n_test"]].flatten(),
+                                              data.y_test[:spec["n_test"]].float()])))
     s = battery_settings(spec, seed)
     cache = {}
 

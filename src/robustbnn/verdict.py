@@ -51,6 +51,9 @@ from robustbnn.guide import FreshSamples
 from robustbnn.measures import paper_evaluation
 from robustbnn.posterior import Posterior
 
+# Changed whenever an attack's algorithm changes, so that cached verdicts of older code are computed again
+# (`evaluate` and `study` put it in their keys). 2: APGD's halving rule and Square's redrawn signs (2026-12-07).
+VERSION = 2
 ATTACKS = tuple(REGISTRY)  # the attacks a battery may hold (`attacks.registry`)
 APGD_ATTACKS = tuple(a for a in ATTACKS if a.startswith("apgd-"))
 GRADIENT_ATTACKS = tuple(a for a in ATTACKS if REGISTRY[a].gradient)

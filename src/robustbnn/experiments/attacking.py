@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from robustbnn import attacks, measures
 from robustbnn.artifacts import atomic_path, read_csv
 from robustbnn.errors import UserError
+from robustbnn.inference.checkpoint import tensor_digest
 from robustbnn.experiments.common import add_common, add_format_flag, positive_float, positive_int, str2bool
 
 ADVERSARIAL_FILE = "adversarial.safetensors"
@@ -92,6 +93,17 @@ def adversarial(attacker, x, y, s: dict, bounds, gradient=None) -> torch.Tensor:
     return attacks.attack(attacker, x, y, s["method"], s["eps"], bounds=bounds, **attack_kwargs(s))
 
 
+def weights_digest(model) -> str:
+    """A hash of the weights an attack was made with: a posterior's samples, or a fresh-sample defence's guide (its
+    means and scales) and seed."""
+    guide = getattr(model, "guide", None)
+    if guide is not None:
+        tensors = [*guide.loc.values(), *guide.scale.values(), torch.tensor(float(getattr(model, "seed", 0)))]
+    else:
+        tensors = list(model.params.values())
+    return tensor_digest(torch.cat([t.detach().flatten().float().cpu() for t in tensors]))
+
+
 def save_adversarial(folder: Path, x_adv: torch.Tensor, s: dict) -> None:
     with atomic_path(Path(folder) / ADVERSARIAL_FILE) as tmp:
         save_file({"x_adv": x_adv.detach().cpu().contiguous()}, str(tmp), metadata={"attack": json.dumps(s)})
@@ -135,11 +147,12 @@ def attack_and_evaluate(attacker, defenders: dict, x, y, s: dict, bounds, folder
     The adversarial inputs are saved in `folder`. Returns them and the per-input table (one row per
     defence count d and input; `columns`, the sample counts and `legacy_robustness` on every row).
     """
+    made = dict(s, attacker=weights_digest(attacker), inputs=tensor_digest(torch.cat([x.flatten(), y.float()])))
     if compute:
         x_adv = adversarial(attacker, x, y, s, bounds, gradient)
-        save_adversarial(folder, x_adv, s)
+        save_adversarial(folder, x_adv, made)
     else:
-        x_adv = load_adversarial(folder, x, s)
+        x_adv = load_adversarial(folder, x, made)
     tables = []
     for d, defender in defenders.items():
         res = measures.evaluate_attack(defender, x, y, x_adv, legacy_robustness=legacy_robustness)

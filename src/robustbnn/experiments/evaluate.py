@@ -174,8 +174,9 @@ def run(args) -> dict:
     if args.certify and args.fresh_samples:
         raise UserError("--certify bounds the predictive of fixed samples; drop --fresh_samples")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
-    record = dict(vars(settings), n_inputs=args.n_inputs, fresh_samples=args.fresh_samples, samples=args.samples,
-                  legacy=args.paper_eval, attacks=None if attacks is None else list(attacks), certify=args.certify)
+    record = dict(vars(settings), battery_version=battery.VERSION, n_inputs=args.n_inputs,
+                  fresh_samples=args.fresh_samples, samples=args.samples, legacy=args.paper_eval,
+                  attacks=None if attacks is None else list(attacks), certify=args.certify)
     summaries, per_inputs, certified, flags, notes = [], [], [], [], {}
     for name, (model, dataset, file) in models(args, device).items():
         data = load_dataset(dataset, None, args.data_dir, splits=("test",))
@@ -188,8 +189,8 @@ def run(args) -> dict:
         key = dict(record, model_file=file_digest(file), inputs=tensors_digest(x, y),
                    defender=tensors_digest(*(v for _, v in sorted(fixed_samples(defender).params.items()))))
         for eps in args.eps:
-            part = out / "parts" / name / f"eps={eps:g}"
-            cached = _cached_part(part, key)
+            part = out / "parts" / name / f"eps={float(eps)!r}"  # (every digit: 8/255 and 0.0313725 are two parts)
+            cached = _cached_part(part, dict(key, eps=float(eps)))
             if cached is None:
                 (part / "settings.json").unlink(missing_ok=True)  # the part's files change: no longer marked done
                 print(f"\n=== {name}: eps = {eps:g} ({', '.join(settings.for_model(defender).attacks)})")
@@ -200,7 +201,7 @@ def run(args) -> dict:
                 for table, frame in zip(PART_TABLES, cached):
                     if frame is not None:
                         write_csv(part / table, frame)
-                write_json(part / "settings.json", key)  # last: it marks the part done
+                write_json(part / "settings.json", dict(key, eps=float(eps)))  # last: it marks the part done
             summaries.append(cached[0])
             per_inputs.append(cached[1])
             if args.certify:

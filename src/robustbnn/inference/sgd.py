@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from robustbnn.data import validate_xy
 from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint
+from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.forward import DEFAULT_BUDGET, activation_numel
 from robustbnn.posterior import Posterior
@@ -85,7 +85,11 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
     x, y = validate_xy(x, y, spec.get("input_shape"), spec.get("num_classes"))
     check_net(arch, x, spec.get("num_classes"), y)
     x, y = x.to(device), y.to(device)  # once: each step then gathers on the device
-    state = load_checkpoint(checkpoint) if (checkpoint and resume) else None
+    # a checkpoint continues only the same run: architecture, members, optimiser settings and data (more epochs
+    # continue it: Adam's rate is constant, so a run stopped at epoch e is the first e epochs of a longer one)
+    fingerprint = dict(arch=as_architecture(arch).to_json(), seeds=list(seeds), lr=float(lr),
+                       batch_size=int(batch_size), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    state = load_checkpoint(checkpoint, fingerprint=fingerprint) if (checkpoint and resume) else None
     done = state["done"] if state else {}
     history = state["history"] if state else []
     groups = member_groups(arch, list(seeds), batch_size, input_shape=x.shape[1:])
@@ -95,7 +99,7 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
             continue
         partial = state.get("group") if state and state.get("group_key") == key else None
         done[key], history = _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, partial,
-                                          done, history, progress, log)
+                                          done, history, progress, log, fingerprint)
     params = {k: torch.cat([done[",".join(map(str, g))][k] for g in groups]) for k in done[next(iter(done))]}
     meta = {"inference": "nn" if len(seeds) == 1 else "ensemble", "seeds": list(seeds), "epochs": int(epochs),
             "lr": float(lr), "batch_size": int(batch_size), "history": history}
@@ -104,7 +108,7 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
 
 
 def _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
-                 log):
+                 log, fingerprint=None):
     net = template(arch).to(device)
     if partial:
         params = {k: v.to(device).requires_grad_() for k, v in partial["params"].items()}
@@ -155,7 +159,7 @@ def _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, 
             f"train acc {accs.mean():.2f}%  ({elapsed:.1f}s)")
         if checkpoint:
             save_checkpoint(checkpoint, dict(
-                done=done, history=history, group_key=",".join(map(str, group)),
+                fingerprint=fingerprint, done=done, history=history, group_key=",".join(map(str, group)),
                 group=dict(params={k_: v.detach().cpu() for k_, v in params.items()}, optimizer=opt.state_dict(),
                            generators=[g.get_state() for g in gens], epoch=epoch + 1)))
     return {k_: v.detach().cpu() for k_, v in params.items()}, history
