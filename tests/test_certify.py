@@ -127,6 +127,37 @@ def test_the_predictive_bound_keeps_its_resolution_on_saturated_draws():
     assert predictive_margin_bound(lower, upper, y).item() == pytest.approx(1 / 3, abs=1e-20)
 
 
+@pytest.mark.parametrize("method", ["crown", "ibp"])
+def test_an_in_place_relu_does_not_certify_what_is_not_robust(method):
+    """z1 - z0 = |x - 0.5| - 0.25 on [0, 1]: x = 0.5 is classified 0, but x' = 0 is classified 1. With the ReLU built
+    with inplace=True the bounds must stay those of the plain ReLU (before the fix, CROWN relaxed it as the identity
+    and certified the input)."""
+    def net(inplace):
+        m = nn.Sequential(nn.Linear(1, 2), nn.ReLU(inplace=inplace), nn.Linear(2, 2))
+        with torch.no_grad():
+            m[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            m[0].bias.copy_(torch.tensor([-0.5, 0.5]))
+            m[2].weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+            m[2].bias.copy_(torch.tensor([0.0, -0.25]))
+        return Posterior.from_module(m)
+
+    x, y = torch.tensor([[0.5]]), torch.tensor([0])
+    plain, in_place = (certify(net(flag), x, y, 0.5, method=method) for flag in (False, True))
+    assert not plain["certified"].item() and not in_place["certified"].item()
+    assert in_place["bound"].item() == pytest.approx(plain["bound"].item())
+
+
+def test_a_float32_tie_is_not_certified():
+    """Two draws with logit gaps 24 and 23 for classes 1 and 0: the exact margin p_1 - p_0 is 6.5e-11 > 0, but the
+    float32 predictive ties them (and argmax picks class 0), so the input must not count as certified."""
+    m = nn.Linear(1, 2)
+    post = Posterior.from_state_dicts([{"weight": torch.zeros(2, 1), "bias": torch.tensor(b)}
+                                       for b in ([0.0, 24.0], [23.0, 0.0])], m)
+    x, y = torch.zeros(1, 1), torch.tensor([1])
+    res = certify(post, x, y, 0.1)
+    assert 0 < res["bound"].item() < 1e-9 and not res["certified"].item()
+
+
 def test_only_perceptrons_of_fixed_samples_are_certified(monkeypatch):
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     post = Posterior.from_module(conv)

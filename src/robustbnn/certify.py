@@ -25,13 +25,16 @@ certified is at most the share no attack breaks: robust accuracy lies in [certif
        m_sj = (1 - e^{u_j}) / (1 + e^{u_j} + sum_{k not in {y, j}} e^{v_k}),   v_k = u_k if u_j <= 0 else l_k.
    Every d_s(x'), x' in B, lies in that product, so p_sy(x') - p_sj(x') >= m_sj.
 3. p_y(x') - p_j(x') = (1/S) sum_s (p_sy - p_sj)(x') >= (1/S) sum_s m_sj, a sum of minima being at most the
-   minimum of the sum. The input is certified when this bound is above 0 for every j != y. For one network it
-   is the usual condition u_j < 0 for every j; for a posterior a draw may be unsure (m_sj < 0) when the others
-   outweigh it. The bound is combined in float64 from log-space terms, so a saturated draw keeps it positive.
+   minimum of the sum. The input is certified when this bound is above MARGIN (1e-4) for every j != y: the model
+   computes its predictive in float32, where two probabilities closer than its rounding can compare either way
+   (two draws with logit gaps 24 and 23 tie exactly in float32 where the exact margin is 6.5e-11). For one network
+   it is the usual condition u_j < 0 for every j, up to that margin; for a posterior a draw may be unsure
+   (m_sj < 0) when the others outweigh it. The bound is combined in float64 from log-space terms, so a saturated
+   draw keeps it positive.
 
 Multilayer perceptrons only (Flatten, Linear and monotone elementwise activations; CROWN for ReLU and leaky ReLU,
 IBP for sigmoid, tanh, ELU and softplus). The bounds hold in exact arithmetic and are computed in the weights'
-dtype (float32: relative rounding near 1e-7, far below any margin that certifies).
+dtype (float32: relative rounding near 1e-7, whose effect on a probability margin is far below MARGIN).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from robustbnn.errors import UserError
 from robustbnn.posterior import Posterior
 
 METHODS = ("auto", "crown", "ibp")
+MARGIN = 1e-4  # the least bound on min_j p_y - p_j that certifies (module docstring, step 3)
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU)
 MONOTONE = (*PIECEWISE_LINEAR, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Softplus)
 # Floats held by one chunk's largest coefficient tensor (S, B, rows, features): 128 MiB in float32.
@@ -107,7 +111,8 @@ def _relax(act: nn.Module, l: torch.Tensor, u: torch.Tensor):
 
 def _output_box(act: nn.Module, l: torch.Tensor, u: torch.Tensor):
     """Centre and radius of the box an increasing activation maps [l, u] to."""
-    hl, hu = (l, u) if isinstance(act, nn.Identity) else (act(l), act(u))
+    # (copies: an activation built with inplace=True would overwrite the pre-activation bounds CROWN relaxes next)
+    hl, hu = (l, u) if isinstance(act, nn.Identity) else (act(l.clone()), act(u.clone()))
     return (hu + hl) / 2, (hu - hl) / 2
 
 
@@ -266,8 +271,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, bounds=(0.0, 1.
     check_model(model, method)
     started = time.perf_counter()
     lower, upper = logit_difference_bounds(model, x, y, eps, bounds, method, budget)
-    bound = predictive_margin_bound(lower, upper, y.to(lower.device))
-    certified = bound > 0
+    bound = predictive_margin_bound(lower, upper, y.to(lower.device, torch.long))
+    certified = bound > MARGIN
     return {"certified": certified, "bound": bound, "certified_acc": 100.0 * certified.double().mean().item(),
             "seconds": time.perf_counter() - started}
 
