@@ -603,3 +603,8 @@ def test_rhat_and_ess_in_passes_equal_one_pass(monkeypatch):
     assert rhat.shape == ess.shape == (30, 7)
     torch.testing.assert_close(rhat, split_gelman_rubin(traces.double(), chain_dim=0, sample_dim=1))
     torch.testing.assert_close(ess, effective_sample_size(traces.double(), chain_dim=0, sample_dim=1))
+    # antithetic draws (rho_1 near -1, as HMC can give): tau is bounded below as Stan bounds it, so the ESS is large
+    # and positive (Geyer's sum alone gives tau = 1 + 2 rho_1 < 0, a negative ESS)
+    flip = (-1.0) ** torch.arange(200) * 3 + 0.1 * torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
+    ess = hmc_diagnostics.rhat_ess(flip[..., None])[1]
+    assert ess.item() == pytest.approx(4 * 200 * math.log10(200))

@@ -79,7 +79,8 @@ def effective_sample_size(traces: torch.Tensor) -> torch.Tensor:
     tau = -1 + 2 * pairs[:, 0]
     if pairs.shape[1] > 1:  # truncated at the first negative pair sum, made monotone (Geyer 1992, 1.18-1.19)
         tau = tau + 2 * torch.cummin(pairs[:, 1:].clamp(min=0), dim=1).values.sum(1)
-    return c * n / tau
+    # as Stan: tau >= 1 / log10(N), so that antithetic draws (rho_1 < -1/2) give a large ESS, not a negative one
+    return c * n / tau.clamp(min=1 / math.log10(n))
 
 
 def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
