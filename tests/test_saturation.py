@@ -65,6 +65,42 @@ def test_saturated_posterior_keeps_the_gradient_direction_where_the_cross_entrop
         assert (cosine(g_draws, float64_objective_grad(post, x, y, per_draw=True)) > 0.9999).all()
 
 
+def test_the_log_likelihood_gradient_keeps_the_label_component_where_p_y_rounds_to_1():
+    """Margins 18 to 60 over 9 other classes: p_y rounds to 1 in float32 but the other probabilities do not, and the
+    logit gradient of log p_y, which FGSM and PGD on the predictive and expected losses follow, matches float64 (its
+    label component w (1 - p_y) was exactly 0, which dropped the -grad z_y part of the input gradient)."""
+    from robustbnn.attacks.losses import _predictive_grad, loglik_logit_grad
+
+    margins = torch.tensor([18.0, 25.0, 40.0, 60.0])
+    logits = torch.zeros(1, 4, C)
+    logits[0, :, 3] = margins
+    y, w = torch.full((4,), 3), torch.ones(1, 4)
+    assert (logits.softmax(-1)[0, :, 3] == 1).all()  # the case
+    got = loglik_logit_grad(logits, y, w)
+    want = -logits.double().softmax(-1)
+    rest = (C - 1) * torch.exp(-margins.double())
+    want[0, :, 3] = rest / (1 + rest)  # 1 - p_y in closed form (float64's 1 - p_y rounds to 0 too at margin 40)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert (got[0, :, 3] > 0).all()
+    # the predictive loss's input gradient on a linear posterior with margins in that range, against float64
+    post = linear_posterior(scale=20.0)
+    x = torch.rand(256, D, generator=torch.Generator().manual_seed(2))
+    y = post.log_predictive(x).argmax(-1)
+    margin = (-draw_margin(post.logits(x), y)).amin(0)
+    keep = (margin > 18) & (margin < 30)  # (above 37 float64's own 1 - p_y rounds to 0: no reference there)
+    assert keep.sum() >= 10
+    x, y = x[keep], y[keep]
+    wd, bd = post.params["weight"].double(), post.params["bias"].double()
+    xg = x.double().requires_grad_(True)
+    logits64 = torch.einsum("scd,bd->sbc", wd, xg) + bd[:, None, :]
+    logp64 = torch.logsumexp(logits64.log_softmax(-1), 0) - torch.log(torch.tensor(float(len(wd)), dtype=torch.double))
+    (want,) = torch.autograd.grad(-logp64.gather(-1, y[:, None]).sum(), xg)
+    got = _predictive_grad(post, x, y, post.n_samples).double()
+    unit = lambda g: g / g.norm(dim=1, keepdim=True)  # noqa: E731  (norms down to 1e-40: cosine_similarity's eps)
+    cos = (unit(got) * unit(want)).sum(1)
+    assert (cos > 0.999).all(), cos.min()
+
+
 @pytest.mark.parametrize("targeted", [False, True])
 def test_draw_averaged_margin_gradient_equals_a_per_sample_loop(targeted):
     post = conv_ensemble(5)
