@@ -43,6 +43,13 @@ FOLDERS = {
         "mnist_bnn_svi_arch=tests.factories.small_conv_kw=69d231a0_ep=5_lr=0.01",
     ("evaluate", "--model_type", "bnn", "--train_inputs", "1000", "--train_seed", "2"):
         "mnist_bnn_svi_hid=512_act=leaky_arch=conv_inp=1000_ep=5_lr=0.01_seed=2",
+    # settings outside the seed's names are named when they are not the default (a VI run of the paper's likelihood
+    # would otherwise overwrite the default one's folder)
+    ("train-bnn", "--likelihood", "legacy", "--prior_scale", "0.5", "--seed", "2"):
+        "mnist_bnn_svi_hid=512_act=leaky_arch=conv_ep=5_lr=0.01_likelihood=legacy_prior_scale=0.5_seed=2",
+    ("train-bnn", "--model_idx", "9", "--hmc_mode", "legacy"):
+        "fashion_mnist_bnn_hmc_hid=512_act=leaky_arch=fc_samp=100_warm=100_stepsize=0.005_numsteps=10"
+        "_hmc_mode=legacy",
 }
 
 STUDY_FOLDERS = {

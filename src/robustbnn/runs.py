@@ -194,6 +194,13 @@ def model_folder(savedir: str, settings: dict) -> Path:
                           sghmc=dict({k: s.get(k) for k in ("num_chains", "prior_scale", *SGHMC_FLAGS)},
                                      init_from=init_label(s.get("init_from")))
                           if s["inference"] == "sghmc" else None, grad_dtype=s.get("grad_dtype", "float32"))
+        # settings that change a VI or HMC posterior but are not in the seed's names: named when not the default, so
+        # that such a run never shares (and overwrites) the folder of the default one
+        variant = {"vi": ("likelihood", "prior_scale"), "hmc": ("hmc_mode", "prior_scale")}.get(s["inference"], ())
+        tail = "".join(f"_{k}={s[k]}" for k in variant if s.get(k, BNN_FLAGS[k]) != BNN_FLAGS[k])
+        if tail:
+            seed_tail = f"_seed={s['seed']}" if s.get("seed") else ""
+            name = name[:len(name) - len(seed_tail)] + tail + seed_tail
     return resolve_savedir(savedir) / name
 
 
