@@ -165,6 +165,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     hist_again = again.meta["history"]
     assert all(torch.equal(full.loc[k], again.loc[k]) for k in full.loc)
     assert hist_again == hist_full
+    # asking for fewer epochs than the checkpoint holds returns its guide, recorded with the epochs it has
+    fewer = train_vi(SPEC, x, y, epochs=2, checkpoint=tmp_path / "full", resume=True, **kw)
+    assert fewer.meta["epochs"] == 3 and all(torch.equal(full.loc[k], fewer.loc[k]) for k in full.loc)
     # A checkpoint of other settings is refused rather than silently mixed in.
     with pytest.raises(UserError, match="different settings"):
         train_vi(SPEC, x, y, epochs=4, checkpoint=tmp_path / "part", resume=True, **dict(kw, lr=0.02))

@@ -273,7 +273,8 @@ def train_vi(arch, x, y, *, epochs: int, lr: float, batch_size: int, seed: int =
         categorical_observe(net), init_loc, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         prior_scale=prior_scale, likelihood=likelihood, init_scale=init_scale, checkpoint=checkpoint,
         resume=resume, progress=progress, log=log)
-    meta = {"inference": "vi", "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
+    trained = max((int(h["epoch"]) for h in history), default=int(epochs))  # (a resumed checkpoint may hold more)
+    meta = {"inference": "vi", "epochs": max(int(epochs), trained), "lr": float(lr), "batch_size": int(batch_size),
             "seed": int(seed), "prior_scale": float(prior_scale), "likelihood": likelihood,
             "init_scale": float(init_scale), "n_train": len(x), "n_samples": int(n_samples), "history": history}
     return MeanFieldGuide(net, loc, scale, meta, as_architecture(arch), tuple(x.shape[1:]))
