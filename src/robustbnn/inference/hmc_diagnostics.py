@@ -80,7 +80,10 @@ def effective_sample_size(traces: torch.Tensor) -> torch.Tensor:
     if pairs.shape[1] > 1:  # truncated at the first negative pair sum, made monotone (Geyer 1992, 1.18-1.19)
         tau = tau + 2 * torch.cummin(pairs[:, 1:].clamp(min=0), dim=1).values.sum(1)
     # as Stan: tau >= 1 / log10(N), so that antithetic draws (rho_1 < -1/2) give a large ESS, not a negative one
-    return c * n / tau.clamp(min=1 / math.log10(n))
+    # (below N = 10 that bound exceeds 1: there only a tau that is not positive is replaced, keeping Pyro's values)
+    floor = 1 / math.log10(max(n, 2))
+    tau = tau.clamp(min=floor) if n >= 10 else torch.where(tau > 0, tau, torch.full_like(tau, floor))
+    return c * n / tau
 
 
 def rhat_ess(traces: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
