@@ -40,7 +40,7 @@ from robustbnn.inference.checkpoint import CHECKPOINT_FILE
 from robustbnn.posterior import Posterior
 from robustbnn.presets import STUDY
 from robustbnn.reports import markdown_table
-from robustbnn.inference.checkpoint import tensor_digest
+from robustbnn.inference.checkpoint import data_digest
 from robustbnn.storage import WEIGHTS_FILE, saved_meta
 
 MODELS = ("nn", "ensemble", "vi", "mcmc")
@@ -309,8 +309,7 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
         write_json(results / "train.json", record)
     ev = dict(model=settings, seed=seed, stamp=model_stamp(folder), n_test=spec["n_test"], samples=spec["samples"],
               draws="evenly spaced", battery_version=battery.VERSION,
-              inputs=tensor_digest(torch.cat([data.x_test[:spec["n_test"]].flatten(),
-                                              data.y_test[:spec["n_test"]].float()])))
+              inputs=data_digest(data.x_test[:spec["n_test"]], data.y_test[:spec["n_test"]]))
     s = battery_settings(spec, seed)
     cache = {}
 

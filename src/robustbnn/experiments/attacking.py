@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from robustbnn import attacks, measures
 from robustbnn.artifacts import atomic_path, read_csv
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import tensor_digest
+from robustbnn.inference.checkpoint import data_digest, tensor_digest
 from robustbnn.experiments.common import add_common, add_format_flag, positive_float, positive_int, str2bool
 
 ADVERSARIAL_FILE = "adversarial.safetensors"
@@ -147,7 +147,7 @@ def attack_and_evaluate(attacker, defenders: dict, x, y, s: dict, bounds, folder
     The adversarial inputs are saved in `folder`. Returns them and the per-input table (one row per
     defence count d and input; `columns`, the sample counts and `legacy_robustness` on every row).
     """
-    made = dict(s, attacker=weights_digest(attacker), inputs=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    made = dict(s, attacker=weights_digest(attacker), inputs=data_digest(x, y))
     if compute:
         x_adv = adversarial(attacker, x, y, s, bounds, gradient)
         save_adversarial(folder, x_adv, made)

@@ -26,7 +26,7 @@ from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
 from robustbnn.forward import DEFAULT_BUDGET, activation_numel, flatten, param_layout, stacked_logits, unflatten
 from robustbnn.inference.checkpoint import checkpoint_seconds as resolve_checkpoint_seconds
-from robustbnn.inference.checkpoint import tensor_digest
+from robustbnn.inference.checkpoint import data_digest
 from robustbnn.inference.mlp_grad import mlp_plan, nll_and_grad
 from robustbnn.nets import Architecture, as_architecture, init_params, template
 
@@ -82,7 +82,7 @@ def initial_positions(arch, num_chains: int, seed: int, device) -> tuple[list, t
 
 def run_fingerprint(settings: dict, arch: Architecture, x: torch.Tensor, y: torch.Tensor) -> dict:
     """A run's settings with its architecture and a digest of its data: a checkpoint resumes only the same run."""
-    return dict(settings, arch=arch.to_json(), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+    return dict(settings, arch=arch.to_json(), data=data_digest(x, y))
 
 
 def log_prior(q: torch.Tensor, prior_scale: float) -> torch.Tensor:

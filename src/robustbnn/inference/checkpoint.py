@@ -193,6 +193,11 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """`tensor_digest` of inputs and labels together: what a run, a checkpoint or a saved result was made from."""
+    return tensor_digest(torch.cat([x.flatten(), y.float()]))
+
+
 def _encode(obj, path: str, tensors: dict, storages: set):
     """The JSON form of `obj`; its tensors go into `tensors`, keyed by their path."""
     child = lambda key: f"{path}/{key}" if path else str(key)  # noqa: E731

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from robustbnn.data import validate_xy
 from robustbnn.device import flushing_denormals
 from robustbnn.errors import UserError
-from robustbnn.inference.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
+from robustbnn.inference.checkpoint import data_digest, load_checkpoint, save_checkpoint
 from robustbnn.nets import as_architecture, init_params, template
 from robustbnn.forward import DEFAULT_BUDGET, activation_numel
 from robustbnn.posterior import Posterior
@@ -88,7 +88,7 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
     # a checkpoint continues only the same run: architecture, members, optimiser settings and data (more epochs
     # continue it: Adam's rate is constant, so a run stopped at epoch e is the first e epochs of a longer one)
     fingerprint = dict(arch=as_architecture(arch).to_json(), seeds=list(seeds), lr=float(lr),
-                       batch_size=int(batch_size), data=tensor_digest(torch.cat([x.flatten(), y.float()])))
+                       batch_size=int(batch_size), data=data_digest(x, y))
     state = load_checkpoint(checkpoint, fingerprint=fingerprint) if (checkpoint and resume) else None
     done = state["done"] if state else {}
     history = state["history"] if state else []
