@@ -46,16 +46,17 @@ def loop_probs(post, x):
 
 
 def per_sample_grads(post, x, y, transform=lambda z: z):
-    """grad_x CE(transform(f(x; w_s)), y) one sample and one input at a time: (S, N, ...)."""
-    grads = torch.zeros(post.n_samples, *x.shape)
+    """grad_x CE(transform(f(x; w_s)), y) one sample and one input at a time, in float64 (float32's 1 - p_y rounds
+    to 0 on a confident sample): (S, N, ...) in float32."""
+    grads = torch.zeros(post.n_samples, *x.shape, dtype=torch.float64)
     for s in range(post.n_samples):
-        net = make_net(**post.arch.builtin_spec)
+        net = make_net(**post.arch.builtin_spec).double()
         net.load_state_dict({k: v[s] for k, v in post.params.items()})
         for i in range(len(x)):
-            xi = x[i:i + 1].clone().requires_grad_(True)
+            xi = x[i:i + 1].double().requires_grad_(True)
             loss = F.cross_entropy(transform(net(xi)), y[i:i + 1])
             grads[s, i] = torch.autograd.grad(loss, xi)[0][0]
-    return grads
+    return grads.float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_resolution_floor_classes_and_zero_tolerance_reproduces_the_paper():
 def test_saturated_share_counts_per_sample_gradients_below_the_floor():
     """A posterior whose samples are confident (saturated) on some inputs: the share of (sample, input)
     pairs below the floor matches a per-sample loop, and G_S is unchanged by the per-sample pass."""
-    post = make_post(6, kind="mcmc", scale=1.0)
+    post = make_post(6, kind="mcmc", scale=1.0, spec=dict(SPEC, activation="relu"))  # (tanh's derivative rounds)
     scale = torch.tensor([200.0, 200.0, 200.0, 1.0, 1.0, 1.0]).view(6, *([1] * 2))
     post = post.with_params({k: v * scale.view(6, *([1] * (v.dim() - 1))) for k, v in post.params.items()})
     x, _ = batch(10, seed=3)

@@ -101,6 +101,70 @@ def test_the_log_likelihood_gradient_keeps_the_label_component_where_p_y_rounds_
     assert (cos > 0.999).all(), cos.min()
 
 
+def margins_18_to_34(post: Posterior, seed: int):
+    """Inputs whose every draw, and the draws' mean, put the predicted class 18 to 34 logits above the rest (p_y
+    rounds to 1 in float32, the other classes' probabilities do not, and float64 still resolves 1 - p_y), and that
+    class."""
+    x = torch.rand(4096, D, generator=torch.Generator().manual_seed(seed))
+    y = post.log_predictive(x).argmax(-1)
+    logits = post.logits(x)
+    margin = -draw_margin(logits, y)
+    mean_margin = -draw_margin(logits.mean(0, keepdim=True), y)[0]  # the paper's ensemble output: mean logits
+    keep = (margin.amin(0) > 18) & (margin.amax(0) < 34) & (mean_margin < 34)
+    assert keep.sum() >= 10
+    return x[keep], y[keep]
+
+
+def float64_ce_grads(post: Posterior, x, y, legacy: bool):
+    """Each draw's input gradient of CE(f, y) (legacy: CE(softmax(f), y)) in float64 by autograd: (S, B, D)."""
+    w, b = post.params["weight"].double(), post.params["bias"].double()
+    xg = x.double().expand(len(w), *x.shape).clone().requires_grad_(True)
+    logits = torch.einsum("scd,sbd->sbc", w, xg) + b[:, None, :]
+    out = logits.softmax(-1) if legacy else logits
+    (g,) = torch.autograd.grad(-out.log_softmax(-1).gather(-1, y.expand(len(w), -1)[..., None]).sum(), xg)
+    return g
+
+
+def unit_cosine(a, b):
+    """Cosine per row, normalising first (norms down to 1e-40 are below cosine_similarity's eps)."""
+    unit = lambda g: g / g.norm(dim=-1, keepdim=True)  # noqa: E731
+    return (unit(a.double()) * unit(b.double())).sum(-1)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_expected_gradients_keep_their_direction_where_p_y_rounds_to_1(legacy):
+    """Figures 2 and 3's per-draw gradients G_1 (and their mean G_S) on a confident posterior match float64: by
+    autograd in float32 the label's 1 - p_y (legacy: p_y (v_y - p . v) through the inner softmax) rounds to 0."""
+    from robustbnn.measures import loss_gradient_study
+
+    post = linear_posterior(scale=20.0).with_params(linear_posterior(scale=20.0).params, kind="mcmc")
+    x, y = margins_18_to_34(post, seed=3)
+    want = float64_ce_grads(post, x, y, legacy)
+    got = loss_gradient_study(post, x, y, (1, 3), legacy=legacy)["grads"]
+    assert (unit_cosine(got[0], want[0]) > 0.999).all()
+    assert (unit_cosine(got[1], want.mean(0)) > 0.999).all()
+
+
+@pytest.mark.parametrize("kind", ["ensemble", "mcmc"])
+def test_the_paper_loss_gradient_keeps_its_direction_on_a_confident_model(kind):
+    """FGSM and the paper's PGD on the legacy loss CE(mean of f or of softmax(f), y), on a confident model, against
+    float64, with one sample chunk and with several."""
+    from robustbnn.attacks.losses import _legacy_grad
+
+    module = nn.Sequential(nn.Flatten(), nn.Linear(D, C))  # the hand-written MLP backward
+    lin = linear_posterior(scale=20.0)
+    post = Posterior.from_module(module, {"1.weight": lin.params["weight"], "1.bias": lin.params["bias"]}, kind=kind)
+    x, y = margins_18_to_34(lin, seed=4)
+    w, b = lin.params["weight"].double(), lin.params["bias"].double()
+    xg = x.double().requires_grad_(True)
+    logits = torch.einsum("scd,bd->sbc", w, xg) + b[:, None, :]
+    out = (logits.softmax(-1) if kind == "mcmc" else logits).mean(0)
+    (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y, reduction="sum"), xg)
+    for s_chunk in (3, 1):
+        got = _legacy_grad(post, x, y, s_chunk)
+        assert (unit_cosine(got, want) > 0.999).all(), (s_chunk, unit_cosine(got, want).min())
+
+
 @pytest.mark.parametrize("targeted", [False, True])
 def test_draw_averaged_margin_gradient_equals_a_per_sample_loop(targeted):
     post = conv_ensemble(5)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from robustbnn.attacks import (
     GRAD_BUDGET, attack, check_inputs, check_loss, input_gradient, legacy_out_of_logits, log_lik,
 )
+from robustbnn.attacks.losses import at_likeliest_from_the_rest
 from robustbnn.errors import UserError
 from robustbnn.forward import DEFAULT_BUDGET, log_mean_softmax, stacked_logits
 from robustbnn.posterior import Posterior
@@ -185,9 +186,10 @@ def loss_gradient_study(post: Posterior, x: torch.Tensor, y: torch.Tensor, sampl
                     p = {k: v[s0:min(s0 + s_chunk, stop)] for k, v in post.params.items()}
                     xs = xb.expand(next(iter(p.values())).shape[0], *xb.shape).clone().requires_grad_(True)
                     logits = stacked_logits(post.net, p, xs, per_sample_inputs=True)
-                    if probs:
-                        logits = logits.softmax(-1)
-                    g = torch.autograd.grad(-log_lik(logits, yb).sum(), xs)[0]  # (s, b, ...): one per sample
+                    lg = logits.detach().requires_grad_(True)
+                    (gz,) = torch.autograd.grad(-log_lik(lg.softmax(-1) if probs else lg, yb).sum(), lg)
+                    gz = at_likeliest_from_the_rest(gz, lg.detach())  # where 1 - p rounds to 0
+                    g = torch.autograd.grad(logits, xs, gz)[0]  # (s, b, ...): one per sample
                     running += g.sum(0)
                     n_below += int((g.flatten(2).abs().amax(-1) < floor).sum())
                 start = stop

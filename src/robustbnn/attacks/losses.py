@@ -173,6 +173,16 @@ def _zero_sum_at(g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return g.scatter_(-1, index, -g.sum(-1, keepdim=True))
 
 
+def at_likeliest_from_the_rest(g: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The logit gradient g (..., C) of any function of softmax(logits), its likeliest class's component taken as
+    minus the sum of the others (in place).
+
+    softmax(z + c) = softmax(z), so such a gradient sums to 0 over the classes. Its component at the likeliest
+    class carries a 1 - p_max (or p_max (v_max - p . v) through a softmax's Jacobian) that float32 rounds to 0 once
+    the softmax saturates, while the other components, products with the small p_k, keep their resolution."""
+    return _zero_sum_at(g, logits.argmax(-1, keepdim=True))
+
+
 def _through_logits(post: Posterior, params: dict, xb: torch.Tensor, objective):
     """(logits, grad_x objective(logits)) for a chunk of samples: autograd on the small logits (S, B, C) only,
     then the input backward of `forward.stacked_logits_vjp` (hand-written for MLPs)."""
@@ -229,20 +239,33 @@ def _legacy_out(post, params, xb, probs: bool) -> torch.Tensor:
 def _legacy_grad(post, xb, yb, s_chunk):
     """grad_x CE(out(x), y) with out(x) = (1/S) sum_s h(f(x; w_s)), h = softmax (BNN) or identity.
 
-    With several sample chunks: a first pass computes out(x) without the graph, then
-    v = dCE/dout = softmax(out) - onehot(y), and a second pass accumulates grad_x <out(x), v>.
+    v = dCE/dout = softmax(out) - onehot(y), then grad_x <out(x), v> = (1/S) sum_s J_s^T dh_s, with the logit
+    gradient dh_s = v (identity) or p_s * (v - <p_s, v>) (softmax, p_s = softmax(f_s)). Both sum to 0 over the
+    classes, so their likeliest class's component is taken from the others (`at_likeliest_from_the_rest`): a
+    confident network's 1 - p_y rounds to 0 in float32. With several sample chunks, a first pass computes out(x).
     """
     probs = legacy_output_is_probs(post)
-    h = (lambda lg: lg.softmax(-1)) if probs else (lambda lg: lg)
-    if s_chunk >= post.n_samples:
-        return _through_logits(post, post.params, xb,
-                               lambda lg: F.cross_entropy(h(lg).mean(0), yb, reduction="sum"))[1]
-    with torch.no_grad():
-        out = sum(_legacy_out(post, p, xb, probs) for p in post.sample_chunks(s_chunk)) / post.n_samples
-        v = out.softmax(-1) - F.one_hot(yb, out.shape[-1]).to(out.dtype)
-    g = torch.zeros_like(xb)
+    one_pass = s_chunk >= post.n_samples
+    if one_pass:
+        logits, back = stacked_logits_vjp(post.net, post.params, xb)
+        out = (logits.softmax(-1) if probs else logits).mean(0)
+    else:
+        with torch.no_grad():
+            out = sum(_legacy_out(post, p, xb, probs) for p in post.sample_chunks(s_chunk)) / post.n_samples
+    v = at_likeliest_from_the_rest(out.softmax(-1) - F.one_hot(yb, out.shape[-1]).to(out.dtype), out)
+
+    def logit_grad(lg):
+        if not probs:
+            return v.expand_as(lg).contiguous()
+        p = lg.softmax(-1)
+        return at_likeliest_from_the_rest(p * (v - (p * v).sum(-1, keepdim=True)), lg)
+
+    if one_pass:
+        return back(logit_grad(logits)) / post.n_samples
+    g, buffers = torch.zeros_like(xb), {}
     for p in post.sample_chunks(s_chunk):
-        g += _through_logits(post, p, xb, lambda lg: (h(lg) * v).sum())[1]
+        logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
+        g += back(logit_grad(logits))
     return g / post.n_samples
 
 
@@ -399,7 +422,7 @@ def logp_objective_grad(post: Posterior, x: torch.Tensor, y: torch.Tensor, objec
                 logits, back = stacked_logits_vjp(post.net, p, xb, buffers)
                 ls = logits.log_softmax(-1)
                 w = v * (ls - logp - log_s).exp()  # (the components sum to 0: the likeliest one from the others)
-                g += back(_zero_sum_at(w - ls.exp() * w.sum(-1, keepdim=True), ls.argmax(-1, keepdim=True)))
+                g += back(at_likeliest_from_the_rest(w - ls.exp() * w.sum(-1, keepdim=True), ls))
         if logp_out.shape[1] == 0:
             logp_out = torch.empty(len(x), logp.shape[-1], device=x.device)
         logp_out[b0:b0 + b_chunk], grad_out[b0:b0 + b_chunk] = logp, g
