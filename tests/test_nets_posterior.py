@@ -109,6 +109,25 @@ def test_take_prefix_and_too_many_samples():
         post.take(5)
 
 
+def test_member_out_of_range_is_a_user_error_and_as_module_leaves_the_posterior_alone():
+    post = make(FC2, 3)
+    assert torch.equal(post.member(2).params["1.weight"][0], post.params["1.weight"][2])
+    for k in (3, -1):
+        with pytest.raises(UserError, match="holds samples 0 to 2"):
+            post.member(k)
+    module = post.as_module()
+    module.train()
+    assert not post.net.training  # an attack library's .train() or .half() on the module
+
+
+def test_init_params_does_not_reseed_the_gpus(monkeypatch):
+    """torch.manual_seed reseeds every GPU too, which fork_rng(devices=[]) does not restore."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    init_params(FC2, 3)
+    assert calls == []
+
+
 def test_posterior_is_a_value():
     post = make(FC2, 3, note=[1])
     other = post.take(2)

@@ -241,6 +241,20 @@ def test_spread_takes_draws_evenly_spaced_over_every_chain_and_its_prefixes_span
     assert torch.equal(nets.samples(5).params["bias"], post.params["bias"][:5])  # members: the first n
 
 
+@pytest.mark.parametrize("stored, chains", [(10, 4), (10, 3), (9, 4), (7, 2)])
+def test_spread_of_chains_of_unequal_length_uses_each_draw_once(stored, chains):
+    """HMC keeps the first S of the interleaved draws, so when C does not divide S the first S % C chains hold one
+    draw more: every count up to S takes distinct draws, and all S when asked for all."""
+    params = {"weight": torch.zeros(stored, 2, 3), "bias": torch.arange(stored).float()[:, None].expand(-1, 2)}
+    post = Posterior.from_module(nn.Linear(3, 2), params, kind="mcmc", meta={"diagnostics": {"num_chains": chains}})
+    assert sorted(post.spread(stored).meta["draws"]) == list(range(stored))
+    for n in range(1, stored + 1):
+        rows = post.spread(n).meta["draws"]
+        assert len(set(rows)) == n and max(rows) < stored
+        per_chain = [sum(r % chains == c for r in rows) for c in range(chains)]
+        assert max(per_chain) - min(per_chain) <= 1
+
+
 def test_a_saturated_model_is_not_flagged_for_zero_gradients():
     """The zero-gradient flag reads the battery's CE objective, log(1 - p_y): on a confident linear model the
     float32 gradient of -log p_y is 0 everywhere (saturation, not masking), that of log(1 - p_y) nowhere."""

@@ -125,6 +125,8 @@ def test_half_moons_reaches_high_accuracy_quickly():
     assert all((s > 0).all() for s in guide.scale.values())
     draws = draw_guide_samples(guide.loc, guide.scale, 20, 0)
     assert all(torch.equal(draws[k], post.params[k]) for k in draws)
+    with pytest.raises(UserError, match="must be positive"):
+        guide.samples(0)  # (not the 20 kept at training)
 
 
 def test_same_seed_same_guide_and_other_seed_differs():
@@ -200,3 +202,6 @@ def test_bad_input_is_a_user_error():
         train_vi(SPEC, x, y, epochs=1, lr=0.01, batch_size=8, resume=True, log=quiet)
     with pytest.raises(UserError, match="expected \\(2,\\)"):
         train_vi(SPEC, torch.randn(50, 3), y, epochs=1, lr=0.01, batch_size=8, log=quiet)
+    for epochs in (2.5, float("nan"), 0):
+        with pytest.raises(UserError, match="whole numbers"):
+            train_vi(SPEC, x, y, epochs=epochs, lr=0.01, batch_size=8, log=quiet)

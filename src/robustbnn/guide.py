@@ -55,7 +55,7 @@ class MeanFieldGuide:
 
     def samples(self, n_samples: int | None, seed: int = 0) -> Posterior:
         """`draw(n_samples, seed)`; None draws the number kept at training (meta n_samples, else 100)."""
-        return self.draw(n_samples or int(self.meta.get("n_samples") or 100), seed)
+        return self.draw(int(self.meta.get("n_samples") or 100) if n_samples is None else n_samples, seed)
 
     def mean(self) -> Posterior:
         return self._posterior({k: v.unsqueeze(0).clone() for k, v in self.loc.items()}, "nn",

@@ -66,7 +66,7 @@ def init_params(arch, seed: int) -> dict[str, torch.Tensor]:
     untouched.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed every GPU, unrestored)
         net = as_architecture(arch).build()
     return {k: v.detach().clone() for k, v in net.named_parameters()}
 

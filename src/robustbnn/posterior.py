@@ -181,8 +181,9 @@ class Posterior:
     def spread(self, n_samples: int | None) -> "Posterior":
         """`n_samples` draws evenly spaced over every chain's kept draws, not the first (least mixed) ones.
 
-        With C chains of D draws each and k_c draws wanted from chain c (n split as evenly as possible), chain c
-        gives the draws at positions floor((2j + 1) D / (2 k_c)), j < k_c: the centres of k_c equal blocks. The
+        With chain c holding D_c draws (D_c = S // C, one more for the first S % C chains) and k_c draws wanted
+        from it (n split the same way, so k_c <= D_c), chain c gives the draws at positions
+        floor((2j + 1) D_c / (2 k_c)), j < k_c: the centres of k_c equal blocks. The
         draws are ordered chain-interleaved, j in van der Corput order (0, 1/2, 1/4, 3/4, ... of the blocks), so
         that every prefix (`take`) still spans every chain and its whole run. `meta["draws"]` records the
         stored indices used. A posterior of one chain spreads over its draws; `None` keeps them all.
@@ -191,12 +192,12 @@ class Posterior:
             return self
         self.take(n_samples)  # the range check
         chains = self.num_chains
-        per_chain = self.n_samples // chains
-        counts = [n_samples // chains + (c < n_samples % chains) for c in range(chains)]
+        held = [self.n_samples // chains + (c < self.n_samples % chains) for c in range(chains)]  # the first
+        counts = [n_samples // chains + (c < n_samples % chains) for c in range(chains)]  # chains may hold one more
         picks = []
-        for c, k in enumerate(counts):
+        for c, (d, k) in enumerate(zip(held, counts)):
             for j in range(k):
-                picks.append((_van_der_corput_rank(j, k), c, (2 * j + 1) * per_chain // (2 * k) * chains + c))
+                picks.append((_van_der_corput_rank(j, k), c, (2 * j + 1) * d // (2 * k) * chains + c))
         rows = [r for *_, r in sorted(picks)]
         index = torch.tensor(rows, device=self.device)
         return self.with_params({k: v.index_select(0, index) for k, v in self.params.items()},
@@ -204,6 +205,8 @@ class Posterior:
 
     def member(self, k: int) -> "Posterior":
         """Sample k alone, as a deterministic network (kind nn)."""
+        if not 0 <= k < self.n_samples:
+            raise UserError(f"sample {k} does not exist: this model holds samples 0 to {self.n_samples - 1}")
         return self.with_params({n: v[k:k + 1] for n, v in self.params.items()}, kind="nn")
 
     def mean(self) -> "Posterior":
@@ -300,7 +303,7 @@ class PredictiveModule(nn.Module):
 
     def __init__(self, post: Posterior, budget: int):
         super().__init__()
-        self.net, self.budget = post.net, budget
+        self.net, self.budget = copy.deepcopy(post.net), budget  # .train() or .half() on it leave post's alone
         self.names = {k: k.replace(".", "__") for k in post.params}
         for k, v in post.params.items():
             self.register_parameter(self.names[k], nn.Parameter(v.detach(), requires_grad=False))

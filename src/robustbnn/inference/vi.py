@@ -120,7 +120,9 @@ def _seeded(seed: int, device: torch.device):
     """Seed torch inside the block and restore the caller's RNG state afterwards."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU and the one GPU restored after, no other
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
         yield
 
 
@@ -140,8 +142,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def _check_settings(epochs, lr, batch_size, prior_scale, likelihood, init_scale):
     if likelihood not in LIKELIHOODS:
         raise UserError(f"unknown VI likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
-    if int(epochs) < 1 or int(batch_size) < 1:
-        raise UserError(f"epochs and batch_size must be positive, got epochs={epochs}, batch_size={batch_size}")
+    whole = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1 and int(v) == v  # noqa: E731
+    if not (whole(epochs) and whole(batch_size)):
+        raise UserError(f"epochs and batch_size must be positive whole numbers, got epochs={epochs}, "
+                        f"batch_size={batch_size}")
     for name, v in (("lr", lr), ("prior_scale", prior_scale), ("init_scale", init_scale)):
         if not (math.isfinite(v) and v > 0):
             raise UserError(f"{name} must be a positive number, got {v}")
@@ -165,6 +169,7 @@ def fit_mean_field(observe: Callable, init_loc: dict, x: torch.Tensor, y: torch.
     the single weight draw of each step (None if `observe` is not a Categorical).
     """
     _check_settings(epochs, lr, batch_size, prior_scale, likelihood, init_scale)
+    epochs, batch_size = int(epochs), int(batch_size)
     device = next(iter(init_loc.values())).device
     x, y = x.to(device), y.to(device)
     n = len(x)
