@@ -25,7 +25,9 @@ def samples(net, S, seed=0):
                                  make_net("conv", [3, 20, 20], 4, 6, "relu"),
                                  nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False), nn.Tanh(),
                                                nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Flatten(),
-                                               nn.Linear(6 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))])
+                                               nn.Linear(6 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)),
+                                 nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(),  # grouped first
+                                               nn.Linear(4 * 14 * 14, 3))])
 def test_conv_samples_run_as_one_convolution_and_match_a_per_sample_loop(net, one_thread):
     assert _conv_layers(net) is not None
     S = 5

@@ -76,8 +76,8 @@ def _conv_forward(layers, params: dict[str, torch.Tensor], x: torch.Tensor, per_
     the channel axis, (B, S * O, H, W), so that each layer is one convolution for all samples. The first layer
     sees the same images in every sample: one convolution with the S samples' O filters stacked, S * O output
     channels (the images' patches are gathered once for all samples); later layers, and a first layer with
-    per-sample inputs (S, B, C, H, W), are grouped convolutions (groups = S: sample s's filters see only its own
-    channels). Pools and activations act channel by channel; at Flatten each sample's (O, H, W) block is
+    per-sample inputs (S, B, C, H, W) or groups of its own (its inputs then copied per sample), are grouped
+    convolutions (groups = S: sample s's filters see only its own channels). Pools and activations act channel by channel; at Flatten each sample's (O, H, W) block is
     flattened in its own order, then the Linear layers run as batched matrix products (S, B, F)."""
     S = next(iter(params.values())).shape[0]
     if per_sample_inputs:
@@ -87,6 +87,8 @@ def _conv_forward(layers, params: dict[str, torch.Tensor], x: torch.Tensor, per_
     for name, m in layers:
         if isinstance(m, nn.Conv2d):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            if shared and m.groups > 1:  # stacked filters would read the wrong groups: one copy per sample
+                h, shared = h.repeat(1, S, 1, 1), False
             groups = m.groups * (1 if shared else S)
             h = torch.nn.functional.conv2d(h, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
                                            m.stride, m.padding, m.dilation, groups)
