@@ -279,8 +279,12 @@ def test_model_without_gradients_runs_only_the_gradient_free_attacks():
     post = Posterior.from_module(Detached())
     x = torch.rand(30, 2)
     y = post.log_predictive(x).argmax(-1)
-    out = evaluate(post, x, y, [0.3], Settings(square_queries=100), legacy=False, flags=False)
-    assert set(out["per_input"].attack) == {"clean", "square"}
+    for effort_rounds in (2, 0):  # the masking flags too: the check at the box and effort are gradient-free
+        out = evaluate(post, x, y, [0.3], Settings(square_queries=100, effort_rounds=effort_rounds), legacy=False)
+        assert set(out["per_input"].attack) == {"clean", "square"}
+        flags = {f["flag"]: f for f in out["flags"]}
+        assert "square" in flags["not_zero_at_box"]["detail"] and flags["zero_input_gradients"]["value"] == 1.0
+        assert not flags["more_effort_lowers_accuracy"]["raised"]
     with pytest.raises(UserError, match="no input gradients"):
         evaluate(post, x, y, [0.3], Settings(attacks=("apgd-ce", "pgd")), legacy=False, flags=False)
 

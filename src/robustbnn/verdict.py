@@ -236,11 +236,15 @@ def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input
     flag("not_monotone_in_eps", rises > 0, rises,
          "robust accuracy by eps: " + ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(by_eps.eps, by_eps.robust_acc)))
     box = hi - lo
-    frame, _ = battery(model, x, y, box, Settings(("apgd-ce",), iterations=min(s.iterations, 20), restarts=1,
-                                                  eot_iter=s.eot_iter, seed=s.seed, effort_rounds=0), bounds)
+    gradients = any(a in GRADIENT_ATTACKS for a in s.attacks)  # (none when the model has no input gradient)
+    at_box = (Settings(("apgd-ce",), iterations=min(s.iterations, 20), restarts=1, eot_iter=s.eot_iter, seed=s.seed,
+                       effort_rounds=0) if gradients else
+              Settings(("square",), square_queries=min(s.square_queries, 1000), seed=s.seed, effort_rounds=0))
+    frame, _ = battery(model, x, y, box, at_box, bounds)
     box_acc = float(100.0 * (1 - frame.groupby("input").broken.any().mean()))
     flag("not_zero_at_box", box_acc > BOX_ACC_MAX, round(box_acc, 2),
-         f"robust accuracy {box_acc:.1f}% at eps = {box:g} (the whole input box: any input is reachable)")
+         f"robust accuracy {box_acc:.1f}% against {at_box.attacks[0]} at eps = {box:g} (the whole input box: any "
+         "input is reachable)")
     drop, detail = more_effort(model, x, y, per_input, s, bounds)
     flag("more_effort_lowers_accuracy", drop > MORE_EFFORT_DROP, round(drop, 2), detail)
     # the gradient of the battery's CE objective log(1 - p_y), not of -log p_y: a saturated softmax zeroes the latter
@@ -312,9 +316,11 @@ def more_effort(model, x, y, per_input: pd.DataFrame, s: Settings, bounds) -> tu
         return worst
     if not len(left):
         return 0.0, "no input was left robust at any eps > 0: nothing to re-attack"
+    r = effort_round(s, 1)
+    if not r.attacks:
+        return 0.0, "the battery has no gradient attack to strengthen"
     e = float(left[left == left.max()].index.max())
     idx = torch.tensor(robust[robust.eps == e].input.values, dtype=torch.long)
-    r = effort_round(s, 1)
     frame, _ = battery(model, x[idx], y[idx], e, r, bounds)
     extra = int(frame[frame.attack != "clean"].broken.sum())
     return 100.0 * extra / max(len(x), 1), (
