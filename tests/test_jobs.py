@@ -41,3 +41,20 @@ def test_a_failing_job_is_reported_and_the_others_finish(tmp_path):
     assert any("job w8 failed" in line for line in logs)
     assert list(pd.read_csv(tmp_path / "t.csv").width) == [4, 16]
     assert not (tmp_path / "w8" / ROW_FILE).exists() and (tmp_path / "w16" / "posterior.safetensors").exists()
+
+
+def test_a_rerun_with_every_job_finished_writes_the_table(tmp_path):
+    """A row.json whose job was never recorded (interrupted between the two) or a deleted table: the rerun that has
+    nothing left to run still writes the table (serial path, no cluster)."""
+    quiet = dict(progress=False, log=lambda *_: None)
+    rows, _ = run_jobs(grid(tmp_path), workers=0, threads=1, **quiet)
+    table = tmp_path / "t.csv"
+    again, _ = run_jobs(grid(tmp_path), table=table, workers=0, threads=1, **quiet)
+    assert again == rows and list(pd.read_csv(table).width) == [4, 8, 16]
+
+
+def test_markdown_table_leaves_nan_cells_empty():
+    from robustbnn.reports import markdown_table
+
+    text = markdown_table(pd.DataFrame({"a": [float("nan"), 1.5], "b": [None, [0.25, 1]]}))
+    assert text.splitlines()[2:] == ["|  |  |", "| 1.50 | 0.25, 1 |"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from robustbnn import verdict as battery
-from robustbnn import runs, study
+from robustbnn import measures, runs, study
 from robustbnn.data import Dataset
+from robustbnn.errors import UserError
 from robustbnn.storage import WEIGHTS_FILE
 from tests.conftest import run_cli
 from tests.test_cli import one_line_error
@@ -54,7 +55,7 @@ def posterior_stamps(savedir) -> dict:
     return {p.parent.name: p.stat().st_mtime_ns for p in (savedir / "models").glob(f"*/{WEIGHTS_FILE}")}
 
 
-def test_study_writes_the_table_and_a_rerun_reuses_everything(tmp_path, one_thread):
+def test_study_writes_the_table_and_a_rerun_reuses_everything(tmp_path, monkeypatch, one_thread):
     res, lines = run(tiny_spec(), tmp_path)
     out = tmp_path / "mnist_cpu"
     assert res["folder"] == str(out) and len(lines) == 4 * 4
@@ -99,6 +100,24 @@ def test_study_writes_the_table_and_a_rerun_reuses_everything(tmp_path, one_thre
     _, lines3 = run(spec, tmp_path)
     assert lines3[0].endswith("(done before, reused)") and lines3[1].endswith("...")
     assert posterior_stamps(tmp_path) == stamps
+
+    # a newer paper's evaluation redoes its steps and the flags (which read it), not the battery; a run of one model
+    # keeps the others' rows, blank where they were evaluated otherwise (here: by the older paper's evaluation)
+    monkeypatch.setattr(measures, "PAPER_VERSION", measures.PAPER_VERSION + 1)
+    spec["models"] = {"mcmc": spec["models"]["mcmc"]}
+    _, lines4 = run(spec, tmp_path)
+    assert [line.endswith("(done before, reused)") for line in lines4] == [True, False, True, False], lines4
+    table4 = pd.read_csv(out / "table.csv")
+    assert table4.model.tolist() == ["nn", "ensemble", "vi", "mcmc"]
+    assert table4[accs].notna().all(axis=1).tolist() == [False, False, False, True]
+    assert (table4.clean_acc.isna() == [True, True, True, False]).all()
+    assert table4["robust_acc_eps=0.1"].notna().all()
+    assert "- nn: " in (out / "table.md").read_text()
+
+
+def test_eps_labels_name_one_eps_each():
+    assert study._eps_label(0.1) == "eps=0.1" and study._eps_label(0.3) == "eps=0.3"
+    assert study._eps_label(8 / 255) != study._eps_label(0.0313725)
 
 
 def test_interrupted_study_resumes_without_retraining(tmp_path, monkeypatch, one_thread):
@@ -290,6 +309,7 @@ def test_an_extended_mcmc_model_trains_the_run_it_extends_first(tmp_path, one_th
     spec = tiny_spec()
     spec["models"] = {"mcmc": dict(spec["models"]["mcmc"], cycles=2, burnin_cycles=1,
                                    extends=dict(cycles=3, burnin_cycles=1))}
+    spec["samples"] = 2  # the draws it keeps (more is an error, not fewer in silence)
     res, lines = run(spec, tmp_path)
     folders = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert len(folders) == 2 and sum("_from=" in f for f in folders) == 1
@@ -300,3 +320,6 @@ def test_an_extended_mcmc_model_trains_the_run_it_extends_first(tmp_path, one_th
     assert pd.read_csv(tmp_path / "mnist_cpu" / "table.csv").model.tolist() == ["mcmc"]
     _, again = run(spec, tmp_path)
     assert all(line.endswith("(done before, reused)") for line in again), again
+    spec["samples"] = 4
+    with pytest.raises(UserError, match="holds 2"):
+        run(spec, tmp_path)

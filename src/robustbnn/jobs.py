@@ -102,7 +102,7 @@ def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, th
              columns=()) -> tuple[list[dict], list[dict]]:
     """Run every unfinished job; return (rows of the finished jobs in job order, failures {key, error}).
 
-    `table` (a CSV path) is rewritten after every finished job, with `columns` first in that order and any
+    `table` (a CSV path) is rewritten after every finished job (and once when none was left to run), with `columns` first in that order and any
     other keys after them, sorted (`table_columns`). `threads` is the torch threads per job
     (default: this machine's cores // workers, at least 1; on an existing cluster, 1).
     """
@@ -162,4 +162,6 @@ def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, th
             if not scheduler and client.cluster is not None:
                 client.cluster.close()
     bar.close()
+    if table is not None and rows and not pending:  # (a table lost or stale after every job had finished)
+        write_table(table, [rows[j.key] for j in jobs if j.key in rows], columns)
     return [rows[j.key] for j in jobs if j.key in rows], failures

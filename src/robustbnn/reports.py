@@ -9,7 +9,7 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     """A pandas table as GitHub markdown (no extra dependency): floats as `floats`, lists comma-separated,
     None and NaN as empty cells."""
     cols = list(df.columns)
-    cell = lambda v: floats.format(v) if isinstance(v, float) else fmt_list(v)  # noqa: E731
+    cell = lambda v: floats.format(v) if isinstance(v, float) and v == v else fmt_list(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)

@@ -188,7 +188,7 @@ def defender(model, samples: int, seed: int) -> Posterior:
         return model.samples(samples, seed)
     if model.kind in ("nn", "ensemble"):
         return model
-    return model.spread(min(samples, model.n_samples))
+    return model.spread(samples)  # (more than the model holds: a one-line error)
 
 
 def battery_settings(spec: dict, seed: int) -> battery.Settings:
@@ -271,12 +271,34 @@ class Steps:
 
 
 def _eps_label(eps: float) -> str:
-    return f"eps={eps:g}"
+    """eps=0.1; every digit where the short form would name another eps too (8/255 and 0.0313725)."""
+    short = f"{eps:g}"
+    return f"eps={short}" if float(short) == eps else f"eps={float(eps)!r}"
 
 
-def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, device, steps: Steps, *, seed: int,
-              retrain: bool, data_dir, progress: bool) -> None:
-    """Train or reuse one model, then its evaluations at every eps and its masking flags."""
+def evaluation_key(spec: dict, data: Dataset, seed: int) -> dict:
+    """What every evaluation step of a study was computed from, besides its model, eps and attacks: the test
+    points, the samples, the seed and the versions of the attack code."""
+    n = spec["n_test"]
+    return dict(seed=seed, n_test=n, samples=spec["samples"], draws="evenly spaced", battery_version=battery.VERSION,
+                inputs=data_digest(data.x_test[:n], data.y_test[:n]))
+
+
+def step_keys(common: dict, spec: dict, s: battery.Settings) -> dict:
+    """Each result file's key (the model's settings and file stamp aside) by the file's name. The flags read the
+    paper's evaluation too (the legacy gap)."""
+    keys, paper = {}, dict(paper_version=measures.PAPER_VERSION)
+    for eps in spec["eps"]:
+        keys[f"paper_{_eps_label(eps)}"] = dict(common, eps=eps, attacks=PAPER_ATTACKS, **paper)
+        keys[f"battery_{_eps_label(eps)}"] = dict(common, eps=eps, battery=asdict(s))
+    keys["flags"] = dict(common, eps=spec["eps"], battery=asdict(s), **paper)
+    return keys
+
+
+def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, device, steps: Steps, keys: dict, *,
+              seed: int, retrain: bool, data_dir, progress: bool) -> None:
+    """Train or reuse one model, then its evaluations at every eps and its masking flags (their evaluation
+    settings `keys`, from `step_keys`)."""
     settings = model_settings(spec["models"][name], spec["n_train"])
     models_dir = str(savedir / "models")
     folder = runs.model_folder(models_dir, settings)
@@ -307,10 +329,8 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
     if stamp is None:  # trained just now: store the new file's stamp, so that the next run reuses this step
         record["settings"]["stamp"] = model_stamp(folder)
         write_json(results / "train.json", record)
-    ev = dict(model=settings, seed=seed, stamp=model_stamp(folder), n_test=spec["n_test"], samples=spec["samples"],
-              draws="evenly spaced", battery_version=battery.VERSION,
-              inputs=data_digest(data.x_test[:spec["n_test"]], data.y_test[:spec["n_test"]]))
     s = battery_settings(spec, seed)
+    keys = {k: dict(v, model=settings, stamp=model_stamp(folder)) for k, v in keys.items()}
     cache = {}
 
     def inputs():
@@ -329,7 +349,7 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
             return dict(measures.paper_evaluation(post, x, y, eps, data.bounds), n_samples=post.n_samples,
                         draws=post.meta.get("draws"))
 
-        rec, _ = steps.run(results / f"paper_{_eps_label(eps)}.json", dict(ev, eps=eps, attacks=PAPER_ATTACKS),
+        rec, _ = steps.run(results / f"paper_{_eps_label(eps)}.json", keys[f"paper_{_eps_label(eps)}"],
                            f"paper's evaluation {_eps_label(eps)}", name, run_paper)
         paper[eps] = rec["result"]
         per_input = results / f"battery_{_eps_label(eps)}.csv"
@@ -340,7 +360,7 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
             write_csv(per_input, frame)
             return dict(result, n_samples=post.n_samples, draws=post.meta.get("draws"))
 
-        rec, _ = steps.run(results / f"battery_{_eps_label(eps)}.json", dict(ev, eps=eps, battery=asdict(s)),
+        rec, _ = steps.run(results / f"battery_{_eps_label(eps)}.json", keys[f"battery_{_eps_label(eps)}"],
                            f"battery {_eps_label(eps)}", name, run_battery, files=[per_input])
         correct[eps] = rec["result"]
         frames.append(per_input)
@@ -350,31 +370,42 @@ def run_model(name: str, spec: dict, data: Dataset, savedir: Path, out: Path, de
         per_input = pd.concat([read_csv(f, "robustbnn study") for f in frames], ignore_index=True)
         return masking_flags(post, x, y, paper, correct, per_input, s, data.bounds)
 
-    steps.run(results / "flags.json", dict(ev, eps=spec["eps"], battery=asdict(s)), "masking flags", name, run_flags)
+    steps.run(results / "flags.json", keys["flags"], "masking flags", name, run_flags)
 
 
 # --------------------------------------------------------------------------------------------------
 # The table
 
 
-def table_row(name: str, spec: dict, results: Path) -> dict | None:
-    """One model's row from its result files (blank cells for steps not done yet); None before training. A result
-    file of the wrong shape is a one-line error naming the folder."""
+def table_row(name: str, spec: dict, results: Path, keys: dict) -> dict | None:
+    """One model's row from its result files (blank cells for steps not done yet, or done with other evaluation
+    settings than `keys`, those of `step_keys`); None before training. A result file of the wrong shape is a
+    one-line error naming the folder."""
     try:
-        return _table_row(name, spec, results)
+        return _table_row(name, spec, results, keys)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"a result file in {results} is malformed ({exc.__class__.__name__}: {exc}); delete it and "
                         "run the study again to redo that step") from None
 
 
-def _table_row(name: str, spec: dict, results: Path) -> dict | None:
+def _current(path: Path, key: dict) -> dict | None:
+    """The record at `path` if it was computed with the evaluation settings `key` (its model's aside), else None."""
+    record = _read_json(path)
+    if record is None:
+        return None
+    done = record.get("settings") or {}
+    return record if all(done.get(k) == v for k, v in _plain(key).items()) else None
+
+
+def _table_row(name: str, spec: dict, results: Path, keys: dict) -> dict | None:
     train = _read_json(results / "train.json")
     if train is None:
         return None
     row = describe(name, train["settings"]["model"])
     eps_list = spec["eps"]
-    paper = {e: _read_json(results / f"paper_{_eps_label(e)}.json") for e in eps_list}
-    correct = {e: _read_json(results / f"battery_{_eps_label(e)}.json") for e in eps_list}
+    paper = {e: _current(results / f"paper_{_eps_label(e)}.json", keys[f"paper_{_eps_label(e)}"]) for e in eps_list}
+    correct = {e: _current(results / f"battery_{_eps_label(e)}.json", keys[f"battery_{_eps_label(e)}"])
+               for e in eps_list}
     first = next((r["result"] for r in paper.values() if r), None)
     row["clean_acc"] = first["clean_acc"] if first else None
     for e in eps_list:
@@ -392,19 +423,23 @@ def _table_row(name: str, spec: dict, results: Path) -> dict | None:
     row.update(loglik_rhat=diag.get("loglik_rhat"), weight_norm_rhat_max=diag.get("norm_rhat_max"),
                pred_rhat_max=diag.get("pred_rhat_max"),
                pred_rhat_below_1_1_pct=None if below is None else 100.0 * below)
-    flags = _read_json(results / "flags.json")
+    flags = _current(results / "flags.json", keys["flags"])
     row["masking_flags"] = (", ".join(f["flag"] for f in flags["result"] if f["raised"]) or "none") if flags else None
     return row
 
 
-def write_table(out: Path, spec: dict, settings: dict, timings: list) -> dict:
-    """table.csv, table.md and study.json from the result files (atomically); returns the paths and rows."""
-    rows = [r for r in (table_row(m, spec, out / "results" / m) for m in spec["models"]) if r is not None]
+def write_table(out: Path, spec: dict, settings: dict, timings: list, keys: dict) -> dict:
+    """table.csv, table.md and study.json from the result files (atomically) of every model of the study folder,
+    the ones this run did not ask for too (their cells blank where made with other evaluation settings than
+    `keys`); returns the paths and rows."""
+    names = [m for m in MODELS if m in spec["models"] or (out / "results" / m / "train.json").exists()]
+    rows = [r for r in (table_row(m, spec, out / "results" / m, keys) for m in names) if r is not None]
     table = pd.DataFrame(rows)
     write_csv(out / "table.csv", table)
-    write_text(out / "table.md", markdown(table, spec, settings))
-    everything = {m: {p.stem: _read_json(p) for p in sorted((out / "results" / m).glob("*.json"))}
-                  for m in spec["models"]}
+    models = {r["model"]: spec["models"].get(r["model"]) or
+              _read_json(out / "results" / r["model"] / "train.json")["settings"]["model"] for r in rows}
+    write_text(out / "table.md", markdown(table, dict(spec, models=models), settings))
+    everything = {m: {p.stem: _read_json(p) for p in sorted((out / "results" / m).glob("*.json"))} for m in models}
     write_json(out / "study.json", {"settings": settings, "spec": spec, "table": rows, "results": everything,
                                     "timings": timings})
     return {"table": str(out / "table.csv"), "markdown": str(out / "table.md"), "json": str(out / "study.json"),
@@ -491,9 +526,10 @@ def run_study(spec: dict, savedir, device="cpu", *, seed: int = 0, retrain: bool
                     paper_attacks=PAPER_ATTACKS, models=list(spec["models"]))
     steps = Steps(len(spec["models"]) * (2 + 2 * len(spec["eps"])), spec["dataset"], log)
     paths = {"rows": []}
+    keys = step_keys(evaluation_key(spec, data, seed), spec, battery_settings(spec, seed))
     t0 = time.perf_counter()
     for name in spec["models"]:
-        run_model(name, spec, data, savedir, out, device, steps, seed=seed, retrain=retrain, data_dir=data_dir,
-                  progress=progress)
-        paths = write_table(out, spec, dict(settings, time_s=time.perf_counter() - t0), steps.timings)
+        run_model(name, spec, data, savedir, out, device, steps, keys, seed=seed, retrain=retrain,
+                  data_dir=data_dir, progress=progress)
+        paths = write_table(out, spec, dict(settings, time_s=time.perf_counter() - t0), steps.timings, keys)
     return dict(paths, folder=str(out), time_s=time.perf_counter() - t0)

@@ -33,6 +33,7 @@ from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.common import add_common, float_list, nonneg_int, positive_int, setup, str2bool
 from robustbnn.experiments.model_flags import add_model_flags
+from robustbnn.measures import PAPER_VERSION
 from robustbnn.posterior import Posterior
 from robustbnn.reports import markdown_table
 from robustbnn.runs import load_model, model_folder, model_settings
@@ -175,6 +176,7 @@ def run(args) -> dict:
         raise UserError("--certify bounds the predictive of fixed samples; drop --fresh_samples")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), battery_version=battery.VERSION, n_inputs=args.n_inputs,
+                  paper_version=PAPER_VERSION if args.paper_eval else None,
                   fresh_samples=args.fresh_samples, samples=args.samples, legacy=args.paper_eval,
                   attacks=None if attacks is None else list(attacks), certify=args.certify)
     summaries, per_inputs, certified, flags, notes = [], [], [], [], {}
