@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 
 from tests.conftest import run_cli
@@ -70,3 +71,41 @@ def test_seed_grid_script_runs_on_two_dask_workers(tmp_path):
                           "--workers", "2", "--savedir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(pd.read_csv(tmp_path / "halfMoons_lossGrads_30.csv")) == 2 * 30
+
+
+# One tiny model, trained in this process.
+ONE_MODEL = ["--hidden_sizes", "4", "--n_inputs_list", "100", "--warmups", "20", "--n_samples", "10", "--step_size",
+             "0.01", "--num_steps", "5", "--test_points", "30", "--workers", "0"]
+
+
+def test_grid_rerun_asking_for_gradients_computes_them(tmp_path, capsys):
+    """Bug: a job finished with --compute_grads=False counted as done for a rerun asking for gradients (no table)."""
+    argv = ["grid-search-half-moons", *ONE_MODEL, "--posterior_samples", "4", "--savedir", tmp_path]
+    code, _, _ = run_cli([*argv, "--compute_grads", "False"], capsys)
+    assert code == 0 and not (tmp_path / "halfMoons_lossGrads_30.csv").exists()
+    code, _, _ = run_cli([*argv, "--summary_json", tmp_path / "s.json"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "s.json").read_text())["trained_now"] == 0, "the model is loaded, not retrained"
+    assert len(pd.read_csv(tmp_path / "halfMoons_lossGrads_30.csv")) == 30
+
+
+def test_grid_gradients_use_evenly_spaced_draws(tmp_path, capsys):
+    """Bug: the grid took the first S stored draws, where every MCMC command takes S evenly spaced ones."""
+    from safetensors import safe_open
+
+    from robustbnn import measures, storage
+    from robustbnn.data import load_dataset
+
+    code, _, _ = run_cli(["grid-search-half-moons", *ONE_MODEL, "--posterior_samples", "4", "--savedir", tmp_path],
+                         capsys)
+    assert code == 0
+    [weights] = tmp_path.glob(f"**/{storage.WEIGHTS_FILE}")
+    post = storage.load(weights.parent).samples(4)
+    assert post.meta["draws"] != [0, 1, 2, 3]
+    test = load_dataset("half_moons", splits=("test",))
+    g = measures.loss_gradient_study(post, test.x_test[:30], test.y_test[:30], [4])["grads"][0]
+    table = pd.read_csv(tmp_path / "halfMoons_lossGrads_30.csv")
+    np.testing.assert_allclose(table[["grad_x1", "grad_x2"]].to_numpy(), g.numpy(), rtol=1e-5, atol=1e-9)
+    [saved] = (weights.parent / "gradients").glob("*.safetensors")
+    with safe_open(str(saved), "pt") as f:
+        assert json.loads(f.metadata()["gradients"])["draws"] == post.meta["draws"]

@@ -319,6 +319,62 @@ def test_gradients_none_vanishing_and_loading(tmp_path, capsys):
     one_line_error(capsys, [*common, "--samples_list", "1,500"], "holds 100")
 
 
+def test_saved_gradients_of_a_retrained_model_are_not_reused(tmp_path, capsys):
+    """Bug: a gradients file matched on inputs, loss and counts only, so after a retraining into the same
+    model folder the figures loaded the old model's gradients."""
+    hand_made_bnn(tmp_path, lambda s: s == 0)
+    common = ["plot-gradients-components", *HMC, "--savedir", str(tmp_path), "--n_inputs", "20", "--stripplot",
+              "False", "--heatmaps", "False"]
+    cli.main([*common, "--compute_grads", "True"])
+    cli.main(common)  # the same model: its file is reused
+    assert "loading expected gradients" in capsys.readouterr().out
+    hand_made_bnn(tmp_path, lambda s: s % 2 == 0)  # "retrained" in place
+    one_line_error(capsys, common, "no saved expected gradients", "--compute_grads=True")
+
+
+def test_saved_gradients_only_for_the_same_draws(tmp_path, capsys):
+    """Bug: G_10 of a file for S = 1,10,50,100 (the first 10 of 100 evenly spaced draws) was reused for
+    S = 1,10,50, whose first 10 of 50 evenly spaced draws are other draws."""
+    post, folder = hand_made_bnn(tmp_path, lambda s: s == 0)
+    cli.main(["loss-gradients", *HMC, "--savedir", str(tmp_path), "--n_inputs", "20", "--model_type", "bnn",
+              "--samples_list", "1,10,50,100"])
+    common = ["plot-gradients-components", *HMC, "--savedir", str(tmp_path), "--n_inputs", "20", "--stripplot",
+              "False", "--heatmaps", "False"]
+    one_line_error(capsys, [*common, "--samples_list", "1,10,50", "--heatmap_samples", "1,10,50"],
+                   "no saved expected gradients")
+    cli.main([*common, "--samples_list", "1,10", "--heatmap_samples", "1,10,100"])  # prefixes of the same draws
+    assert "loading expected gradients" in capsys.readouterr().out
+    [saved] = (folder / "gradients").glob("*.safetensors")
+    with safe_open(str(saved), "pt") as f:
+        assert json.loads(f.metadata()["gradients"])["draws"] == post.samples(100).meta["draws"]
+
+
+def test_heatmap_title_follows_the_floored_classification(tmp_path, monkeypatch):
+    """Bug: the title's "(vanishing)" was decided on raw norms, while the class reads norms below the floor
+    (3e-8 here) as 0: norms 1e-3, 3e-11, 5e-11 are vanishing, yet the title lacked the tag."""
+    from robustbnn.experiments import plot_gradients_components
+
+    hand_made_bnn(tmp_path, lambda s: s == 0)
+
+    def made_up(post, x, y, counts, folder, args, tol):
+        g = torch.zeros(len(counts), len(x), 2)
+        g[:, :, 0] = torch.tensor([1e-3, 3e-11, 5e-11])[:, None]
+        return g, {}
+
+    titles = []
+
+    def keep_title(fig, path, formats=("png",)):
+        titles.append(fig.get_suptitle())
+        plots.plt.close(fig)
+        return []
+
+    monkeypatch.setattr(plot_gradients_components, "gradients", made_up)
+    monkeypatch.setattr(plots, "save_figure", keep_title)
+    cli.main(["plot-gradients-components", *HMC, "--savedir", str(tmp_path), "--n_inputs", "3", "--stripplot",
+              "False", "--samples_list", "1,10,100", "--max_heatmaps", "1"])
+    assert len(titles) == 1 and "(vanishing)" in titles[0], titles
+
+
 def test_readme_figure_command_runs_as_written(tmp_path, monkeypatch):
     """The seed README's Figure 2/3 command (with --device=auto), on a tiny model and savedir."""
     hand_made_bnn(tmp_path, lambda s: s % 3 == 0)

@@ -77,8 +77,9 @@ def _conv_forward(layers, params: dict[str, torch.Tensor], x: torch.Tensor, per_
     sees the same images in every sample: one convolution with the S samples' O filters stacked, S * O output
     channels (the images' patches are gathered once for all samples); later layers, and a first layer with
     per-sample inputs (S, B, C, H, W) or groups of its own (its inputs then copied per sample), are grouped
-    convolutions (groups = S: sample s's filters see only its own channels). Pools and activations act channel by channel; at Flatten each sample's (O, H, W) block is
-    flattened in its own order, then the Linear layers run as batched matrix products (S, B, F)."""
+    convolutions (groups = S: sample s's filters see only its own channels). Pools and activations act channel by
+    channel; at Flatten each sample's (O, H, W) block is flattened in its own order, then the Linear layers run as
+    batched matrix products (S, B, F)."""
     S = next(iter(params.values())).shape[0]
     if per_sample_inputs:
         h, shared = x.transpose(0, 1).reshape(x.shape[1], S * x.shape[2], *x.shape[3:]), False

@@ -102,9 +102,9 @@ def run_jobs(jobs: list[Job], *, table: Path | None = None, workers: int = 1, th
              columns=()) -> tuple[list[dict], list[dict]]:
     """Run every unfinished job; return (rows of the finished jobs in job order, failures {key, error}).
 
-    `table` (a CSV path) is rewritten after every finished job (and once when none was left to run), with `columns` first in that order and any
-    other keys after them, sorted (`table_columns`). `threads` is the torch threads per job
-    (default: this machine's cores // workers, at least 1; on an existing cluster, 1).
+    `table` (a CSV path) is rewritten after every finished job (and once when none was left to run), with
+    `columns` first in that order and any other keys after them, sorted (`table_columns`). `threads` is the torch
+    threads per job (default: this machine's cores // workers, at least 1; on an existing cluster, 1).
     """
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):

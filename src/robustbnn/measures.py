@@ -25,9 +25,9 @@ NORMS = ("linf", "l2")
 # The paper's attacks as the seed configures them (attack.py: --iterations 40, --pgd_legacy): keyword
 # arguments of `attacks.attack`, always with the legacy loss.
 PAPER_ATTACKS = {"fgsm": {}, "pgd": dict(iterations=40, legacy=True, random_start=False)}
-# Changed whenever the paper's evaluation computes differently, so that cached results of older code are computed
-# again (`evaluate` and `study` put it in their keys). 2: the legacy loss's gradient keeps the label component
-# where p_y rounds to 1 in float32 (2026-12-07).
+# Changed whenever the paper's evaluation or the expected loss gradients compute differently, so that cached results
+# of older code are computed again (`evaluate`, `study` and the saved gradients put it in their keys). 2: the loss
+# gradients keep the label component where p_y rounds to 1 in float32 (2026-12-07).
 PAPER_VERSION = 2
 
 

@@ -1,10 +1,12 @@
 """Expected loss gradients on disk, shared by `loss-gradients`, `plot-gradients-components` and the grid.
 
 A gradients file `<model folder>/gradients/samp=<S list>_inp=<n>[_legacy].safetensors` holds G_S for
-each S, (K, n, ...), and in its metadata what it was made with (sample counts, legacy loss, inputs,
-posterior kind, seed) and, for each S, the share of (sample, input) pairs whose own gradient lies
-below the resolution floor it records (`measures.loss_gradient_study`); readers use those, never the
-file name.
+each S, (K, n, ...), and in its metadata what it was made with (the computation's version
+`measures.PAPER_VERSION`, sample counts, legacy loss, inputs and their digest, posterior kind, seed, the stored MCMC draws used, a digest of the samples behind each
+G_S) and, for each S, the share of (sample, input) pairs whose own gradient lies below the resolution
+floor it records (`measures.loss_gradient_study`); readers use those, never the file name. A file is
+reused only for the same samples: not after the model was retrained in its folder, and not for other
+draws of it (an MCMC posterior's S evenly spaced draws depend on how many are taken, `Posterior.spread`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 from robustbnn import measures
 from robustbnn.artifacts import atomic_path
 from robustbnn.experiments.common import PROGRESS, nonneg_float
+from robustbnn.inference.checkpoint import data_digest, tensor_digest
 
 
 def add_null_tol_flag(parser) -> None:
@@ -39,12 +42,21 @@ def gradients_path(folder: Path, counts, n: int, legacy: bool) -> Path:
     return Path(folder) / "gradients" / f"samp={','.join(map(str, counts))}_inp={n}{'_legacy' * legacy}.safetensors"
 
 
+def samples_digests(post, counts) -> list[str]:
+    """For each S of `counts`, the digests (`tensor_digest`) of the first S samples of every parameter, by
+    name: the values G_S is computed from."""
+    params = [v for _, v in sorted(post.params.items())]
+    return [" ".join(tensor_digest(v[:s]) for v in params) for s in counts]
+
+
 def compute_gradients(post, x, y, counts, legacy: bool, path: Path, seed: int, floor: float = 0.0):
     """G_S(x) for each S of `counts` (nested samples), saved to `path` with its settings; returns
     ((K, N, ...) on the CPU, {S: share of (sample, input) pairs with ||g_s||_inf < floor})."""
     study = measures.loss_gradient_study(post, x, y, counts, floor=floor, legacy=legacy, progress=PROGRESS)
     grads, shares = study["grads"].cpu(), dict(zip(counts, study["saturated_share"]))
-    info = dict(sample_counts=list(counts), legacy=bool(legacy), n_inputs=len(x), kind=post.kind, seed=seed,
+    info = dict(version=measures.PAPER_VERSION, sample_counts=list(counts), legacy=bool(legacy), n_inputs=len(x),
+                inputs=data_digest(x, y),
+                kind=post.kind, seed=seed, draws=post.meta.get("draws"), samples=samples_digests(post, counts),
                 floor=float(floor), saturated_share=list(study["saturated_share"]))
     with atomic_path(path) as tmp:
         save_file({"grads": grads.contiguous(), "sample_counts": torch.tensor(counts)}, str(tmp),
@@ -52,19 +64,28 @@ def compute_gradients(post, x, y, counts, legacy: bool, path: Path, seed: int, f
     return grads, shares
 
 
-def saved_gradients(folder: Path, counts, x, legacy: bool, kind: str, seed: int, floor: float | None = None):
+def saved_gradients(folder: Path, post, counts, x, y, legacy: bool, floor: float | None = None):
     """(G_S for each S of `counts`, path, {S: saturated share}) from a saved file of these inputs holding
-    them all, or None.
+    them all, computed from the same samples as the first S of `post`, or None.
 
-    The file must use the same loss and, for VI (whose samples depend on the seed), the same seed. The
-    saturated shares are those of the file's floor; {} when it recorded another floor than `floor`.
+    The file must use the same loss and, for each S, samples of the same values (`samples_digests`: a
+    file from before a retraining, or from other MCMC draws or VI seeds, is not reused; nor one that
+    records no digests). The saturated shares are those of the file's floor; {} when it recorded another
+    floor than `floor`.
     """
-    for path in sorted((Path(folder) / "gradients").glob("*.safetensors")):
+    paths = sorted((Path(folder) / "gradients").glob("*.safetensors"))
+    if not paths:
+        return None
+    inputs, want = data_digest(x, y), dict(zip(counts, samples_digests(post, counts)))
+    for path in paths:
         try:  # a file that is not one of ours, or whose record has other fields, is skipped, not trusted
             with safe_open(str(path), "pt") as f:
                 info = json.loads((f.metadata() or {}).get("gradients", "null"))
-                if not isinstance(info, dict) or info["n_inputs"] != len(x) or info["legacy"] != legacy \
-                        or not set(counts) <= set(info["sample_counts"]) or (kind == "vi" and info["seed"] != seed):
+                if not isinstance(info, dict) or info.get("version") != measures.PAPER_VERSION \
+                        or info["n_inputs"] != len(x) or info["legacy"] != legacy or info["inputs"] != inputs:
+                    continue
+                made_from = dict(zip(info["sample_counts"], info["samples"]))
+                if any(made_from.get(s) != d for s, d in want.items()):
                     continue
                 grads = f.get_tensor("grads")
             have = list(info["sample_counts"])

@@ -2,8 +2,9 @@
 
 Each model of the grid is a full-batch HMC BNN (fc2) on the first n half-moons points, trained as an
 independent job on Dask distributed (`robustbnn.jobs`); for each, the expected loss gradient G_S with
-S posterior samples (and optionally FGSM) on the first test points goes into tidy tables, written
-after every model so an interrupted run keeps what it has.
+S posterior samples (S draws evenly spaced over the chains, `Posterior.samples`; and optionally FGSM)
+on the first test points goes into tidy tables, written after every model so an interrupted run keeps
+what it has.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from robustbnn.artifacts import resolve_savedir, write_csv
 from robustbnn.data import load_dataset
 from robustbnn.device import resolve_device
 from robustbnn.errors import UserError
-from robustbnn.jobs import Job, finished_row, run_jobs, write_table
+from robustbnn.jobs import ROW_FILE, Job, finished_row, run_jobs, write_table
 from robustbnn.experiments.common import PROGRESS
 from robustbnn.experiments.gradients import compute_gradients, gradients_path, saved_gradients
 from robustbnn.runs import load_model, model_folder, model_settings, train_model
@@ -49,14 +50,16 @@ def run_grid(grid: list[dict], savedir: str, device, *, test_points: int, poster
 
     `workers` worker processes on this machine (0: one after the other in this process), or the
     cluster at `scheduler`. A job's outputs go to `<model folder>/grid_<test points>_<samples>[_fgsm]/`;
-    finished jobs are skipped on a rerun. Returns {"trained_now", "failed", "table", "models_table",
-    "attacks_table"} (paths of the tables written).
+    finished jobs are skipped on a rerun (with `compute_grads`, only those that wrote their gradients).
+    Returns {"trained_now", "failed", "table", "models_table", "attacks_table"} (paths of the tables written).
     """
     tag = f"grid_tp={test_points}_S={posterior_samples}" + (f"_fgsm={attack_eps:g}" if attack_eps is not None else "")
     jobs = [Job(model_folder(savedir, s).name, grid_job, model_folder(savedir, s) / tag,
                 dict(settings=s, savedir=str(savedir), device=str(device), test_points=test_points,
                      posterior_samples=posterior_samples, seed=seed, data_dir=data_dir, compute_grads=compute_grads,
                      attack_eps=attack_eps)) for s in grid]
+    if compute_grads:
+        _forget_rows_without_gradients(jobs)
     before = {j.key for j in jobs if finished_row(j) is not None}
     try:
         rows, failures = run_jobs(jobs, table=table_path(savedir, test_points, "models"), workers=workers,
@@ -83,7 +86,7 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
                            progress=PROGRESS)
     else:
         post = load_model(settings, data, savedir, device)
-    post = post.take(posterior_samples)
+    post = post.samples(posterior_samples, seed)  # MCMC: evenly spaced draws, as every MCMC command uses
     diag = post.meta.get("diagnostics", {})
     row = dict(hidden_size=settings["hidden_size"], n_inputs=settings["n_inputs"], warmup=settings["warmup"],
                n_samples=settings["n_samples"], posterior_samples=posterior_samples,
@@ -93,7 +96,7 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
     if compute_grads:
         counts = [posterior_samples]
         floor = measures.resolution_floor(x.shape[1:], test.bounds)
-        found = saved_gradients(model_dir, counts, x, False, post.kind, seed, floor)
+        found = saved_gradients(model_dir, post, counts, x, y, False, floor)
         grads, shares = found[::2] if found else compute_gradients(
             post, x, y, counts, False, gradients_path(model_dir, counts, len(x), False), seed, floor)
         g = grads[0].flatten(1)
@@ -112,6 +115,14 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
     row["job_time_s"] = time.perf_counter() - t0
     print(f"{model_dir.name}: test accuracy {row['test_acc']:.2f}%, {row['job_time_s']:.1f} s")
     return row
+
+
+def _forget_rows_without_gradients(jobs) -> None:
+    """Remove the row of a job that finished without its gradients table (a run with compute_grads=False), so
+    that a run asking for gradients does that job again (loading its model) instead of counting it done."""
+    for job in jobs:
+        if finished_row(job) is not None and not (job.folder / "lossGrads.csv").exists():
+            (job.folder / ROW_FILE).unlink()
 
 
 def _gather(jobs, savedir: str, test_points: int) -> dict:

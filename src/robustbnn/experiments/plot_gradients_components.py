@@ -4,7 +4,8 @@ For the BNN `--model_idx` (saved_BNNs) and the first `--n_inputs` test points (i
 expected loss gradients G_S(x) = (1/S) sum_{s<S} grad_x CE(f(x; w_s), y), nested over S, are computed
 (`--compute_grads=True`) or loaded from any file in the model's `gradients/` folder that holds them
 (as written by `robustbnn loss-gradients`), for the union of `--samples_list` and `--heatmap_samples`
-(one pass: the cost is that of the largest S).
+(one pass: the cost is that of the largest S) and the same samples (an MCMC posterior's draws evenly
+spaced for the largest S; a file from other draws or from a model since retrained is not used).
 
 - Strip plot (`--stripplot`, Figure 2): the gradient components for each S of `--samples_list`. With
   10^4 MNIST images there are 7.8 M components per S, so the scatter draws a seeded random subsample
@@ -71,7 +72,7 @@ def gradients(post, x, y, counts: list[int], folder: Path, args, tol: float):
     if args.compute_grads:
         path = gradients_path(folder, counts, len(x), args.legacy)
         return compute_gradients(post, x, y, counts, args.legacy, path, args.seed, tol)
-    found = saved_gradients(folder, counts, x, args.legacy, post.kind, args.seed, tol)
+    found = saved_gradients(folder, post, counts, x, y, args.legacy, tol)
     if found is None:
         raise UserError(
             f"no saved expected gradients for S = {','.join(map(str, counts))} on {len(x)} inputs in "
@@ -174,7 +175,7 @@ def run(args) -> dict:
             heatmaps += plots.vanishing_heatmap(
                 x[i], pick(args.heatmap_samples)[:, i], args.heatmap_samples,
                 out / "vanishing_gradients_heatmaps" / f"{stem.name}_vanGrad_{i}.png", label=int(y[i]), index=i,
-                bounds=data.bounds, formats=formats(args), caption=saturation)
+                bounds=data.bounds, formats=formats(args), caption=saturation, vanishing_class=cls["labels"][i])
         figures += heatmaps
     return {"model": folder.name, "n_inputs": len(x), "samples_list": args.samples_list,
             "heatmap_samples": args.heatmap_samples, **fractions, "unsaturated": cls["unsaturated"], "null_tol": tol,
