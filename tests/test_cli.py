@@ -82,6 +82,20 @@ def test_loading_a_missing_or_mismatching_model(tmp_path, capsys):
     assert "architecture" in one_line_error(code, err)
 
 
+def test_a_folder_shared_by_two_settings_is_neither_overwritten_nor_misread(tmp_path, capsys):
+    """The batch size is not in a network's folder name: a run with another one must not replace the stored model,
+    and a command asking for it must not get the other one."""
+    run_cli(["train-nn", *TINY, "--savedir", tmp_path], capsys)
+    stamp = (tmp_path / NAME / "posterior.safetensors").stat().st_mtime_ns
+    code, _, err = run_cli(["train-nn", *TINY, "--batch_size", "32", "--savedir", tmp_path], capsys)
+    assert "other settings (batch_size=64, not 32)" in one_line_error(code, err)
+    assert (tmp_path / NAME / "posterior.safetensors").stat().st_mtime_ns == stamp
+    code, _, err = run_cli(["train-nn", *TINY, "--batch_size", "32", "--savedir", tmp_path, "--train=False"], capsys)
+    assert "trained with other settings (batch_size=64, not 32)" in one_line_error(code, err)
+    code, _, _ = run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--train=False"], capsys)
+    assert code == 0
+
+
 def test_missing_dataset_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["train-nn", "--model_idx", "5", "--n_inputs", "10", "--epochs", "1",
                             "--data_dir", tmp_path / "empty", "--savedir", tmp_path], capsys)

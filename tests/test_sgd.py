@@ -59,3 +59,19 @@ def test_member_groups_respect_budget():
     conv = dict(architecture="conv", input_shape=[1, 28, 28], num_classes=10, hidden_size=64, activation="relu")
     groups = member_groups(conv, list(range(10)), batch_size=100, budget=2**26)
     assert sum(groups, []) == list(range(10)) and len(groups) > 1
+
+
+def test_resuming_an_ensemble_with_other_epochs_is_refused_not_mixed(tmp_path, monkeypatch):
+    """Members of groups a checkpoint finished keep their epochs: resuming them with more (or the interrupted group
+    with fewer than it ran) would mix training lengths in one ensemble under one epoch count."""
+    import robustbnn.inference.sgd as sgd
+
+    monkeypatch.setattr(sgd, "member_groups", lambda arch, seeds, *a, **k: [[s] for s in seeds])
+    x, y = moons()
+    kw = dict(seeds=[0, 1], lr=0.01, batch_size=64, log=quiet, checkpoint=tmp_path)
+    train_nets(SPEC, x, y, epochs=2, **kw)
+    for epochs in (3, 1):
+        with pytest.raises(UserError, match="trained for 2 epochs; resume with --epochs 2"):
+            train_nets(SPEC, x, y, epochs=epochs, resume=True, **kw)
+    again = train_nets(SPEC, x, y, epochs=2, resume=True, **kw)
+    assert again.meta["epochs"] == 2

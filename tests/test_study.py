@@ -163,7 +163,7 @@ def test_a_model_with_other_settings_is_not_reused_silently(tmp_path, one_thread
     spec = tiny_spec()
     spec["models"] = {"nn": spec["models"]["nn"]}
     run(spec, tmp_path)
-    with pytest.raises(study.UserError, match="other settings \\(seed\\).*--retrain"):
+    with pytest.raises(study.UserError, match="other settings \\(seed=0, not 1\\).*--retrain"):
         study.run_study(spec, tmp_path, "cpu", data=synthetic(), log=lambda _: None, seed=1)
 
 

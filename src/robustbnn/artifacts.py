@@ -105,6 +105,15 @@ def write_csv(path, rows) -> Path:
     return Path(path)
 
 
+def read_json_object(path) -> dict | None:
+    """A JSON object from `path`; None for a missing or unreadable file, or one that holds anything else."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_csv(path, made_by: str) -> pd.DataFrame:
     """Read a results table, or fail naming the command that makes it."""
     import pandas as pd

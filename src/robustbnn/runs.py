@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from robustbnn import storage
-from robustbnn.artifacts import model_name, resolve_savedir, write_config, write_csv, write_json
+from robustbnn.artifacts import model_name, read_json_object, resolve_savedir, write_config, write_csv, write_json
 from robustbnn.errors import UserError
 from robustbnn.forward import param_layout
 from robustbnn.inference.checkpoint import clear_checkpoint
@@ -204,12 +204,40 @@ def model_folder(savedir: str, settings: dict) -> Path:
     return resolve_savedir(savedir) / name
 
 
+def stored_differences(folder: Path, settings: dict, seed: int | None = None) -> list[str]:
+    """The settings (and seed, when given) in which the model stored in `folder` differs from `settings`, as
+    "name=stored, not asked": read from its file's own record (config.json is written when a training starts, so
+    after an interrupted retraining it names settings the stored model was not trained with), else from
+    config.json (an interrupted training's); [] when the folder holds neither.
+
+    A folder's name holds only some of the settings (those of the seed's names), so two runs can share it: this
+    is what tells them apart. `model_idx` only labels a preset and is not compared."""
+    if (folder / storage.WEIGHTS_FILE).exists():
+        meta = storage.saved_meta(folder / storage.WEIGHTS_FILE)
+        saved = dict(meta["settings"], seed=meta.get("seed")) if isinstance(meta.get("settings"), dict) else {}
+    else:
+        saved = (read_json_object(folder / "config.json") or {}).get("settings")
+    saved = with_new_flags(saved if isinstance(saved, dict) else {})
+    want = json.loads(json.dumps(dict(settings, **({} if seed is None else {"seed": seed})), default=str))
+    return [f"{k}={saved.get(k)!r}, not {want[k]!r}" for k in sorted(want)
+            if k != "model_idx" and k in saved and saved[k] != want[k]]
+
+
+def with_new_flags(model: dict) -> dict:
+    """Stored BNN settings with the BNN flags added since they were written (e.g. grad_dtype) at their defaults,
+    which is what those models were trained with, so that older models and results are still reused."""
+    if model.get("model_type") != "bnn":
+        return model
+    new = BNN_FLAGS | (SGHMC_FLAGS if model.get("inference") == "sghmc" else {})
+    return {**new, **model}
+
+
 def train_model(settings: dict, data, savedir: str, device, *, seed: int | None = None, resume: bool = False,
-                data_dir=None, progress: bool = False):
+                data_dir=None, progress: bool = False, replace: bool = False):
     """Run the inference for `settings` on `data` and save the model, its config and history; return it.
 
     `seed`: the training seed (default: `settings["seed"]`, which it must equal when both are given);
-    `progress`: progress bars.
+    `progress`: progress bars; `replace`: train over a stored model of other settings (else an error).
     Everything that can be checked is checked before the first file is written (`check_run`); a run
     refused later, before it saved any progress, removes the folder it created.
 
@@ -222,6 +250,10 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int | None 
     elif s.get("seed") is not None and s["seed"] != seed:
         raise ValueError(f"train_model: seed={seed} but the settings (which name the folder) say {s['seed']}")
     init = check_run(s, data, folder, device, seed)
+    differ = stored_differences(folder, s, seed) if (folder / storage.WEIGHTS_FILE).exists() else []
+    if differ and not replace:
+        raise UserError(f"{folder} holds a model trained with other settings ({'; '.join(differ)}), which its "
+                        "name does not tell apart; use another --savedir, or delete the folder to replace it")
     fresh = not folder.exists()
     write_config(folder, dict(s, seed=seed, data_dir=data_dir, device=str(device)))
     t0 = time.perf_counter()
@@ -343,6 +375,10 @@ def load_model(settings: dict, data, savedir: str, device):
         cmd += f" --seed {settings['seed']}" * bool(settings.get("seed"))
         raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} "
                         "--train=True` (or fix --savedir, --train_inputs or --train_seed)")
+    differ = stored_differences(folder, settings)
+    if differ:
+        raise UserError(f"the model at {folder} was trained with other settings ({'; '.join(differ)}), which its "
+                        "name does not tell apart; pass the flags it was trained with")
     return storage.load(folder, device=device, arch=arch_of(settings, data))
 
 

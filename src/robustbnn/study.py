@@ -32,7 +32,7 @@ import torch
 
 from robustbnn import measures, runs
 from robustbnn import verdict as battery
-from robustbnn.artifacts import read_csv, resolve_savedir, write_csv, write_json, write_text
+from robustbnn.artifacts import read_csv, read_json_object, resolve_savedir, write_csv, write_json, write_text
 from robustbnn.data import Dataset, load_dataset
 from robustbnn.errors import UserError
 from robustbnn.inference import hmc_diagnostics
@@ -41,7 +41,7 @@ from robustbnn.posterior import Posterior
 from robustbnn.presets import STUDY
 from robustbnn.reports import markdown_table
 from robustbnn.inference.checkpoint import data_digest
-from robustbnn.storage import WEIGHTS_FILE, saved_meta
+from robustbnn.storage import WEIGHTS_FILE
 
 MODELS = ("nn", "ensemble", "vi", "mcmc")
 DATASETS = tuple(STUDY)
@@ -107,15 +107,6 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _read_json(path: Path) -> dict | None:
-    """A JSON object from `path`; None for a missing or unreadable file, or one that holds anything else."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def model_stamp(folder: Path) -> str:
     """Size and modification time of the stored model: results made from another training are not reused."""
     st = (Path(folder) / WEIGHTS_FILE).stat()
@@ -137,29 +128,6 @@ def load_data(spec: dict, data_dir=None) -> Dataset:
                    data.num_classes, data.bounds)
 
 
-def _config_matches(folder: Path, settings: dict, seed: int) -> list[str]:
-    """The settings that differ between `settings` (and seed) and the model the folder holds: its file's own record
-    when there is one (config.json is written when a training starts, so after an interrupted retraining it names
-    settings the stored model was not trained with), else config.json (an interrupted training's)."""
-    if (folder / WEIGHTS_FILE).exists():
-        meta = saved_meta(folder / WEIGHTS_FILE)
-        saved = dict(meta["settings"], seed=meta.get("seed")) if isinstance(meta.get("settings"), dict) else None
-    else:
-        saved = (_read_json(folder / "config.json") or {}).get("settings")
-    saved = _with_new_flags(saved if isinstance(saved, dict) else {})
-    want = _plain(dict(settings, seed=seed))
-    return sorted(k for k in want if saved.get(k) != want[k])
-
-
-def _with_new_flags(model: dict) -> dict:
-    """Stored BNN settings with the BNN flags added since they were written (e.g. grad_dtype) at their defaults,
-    which is what those models were trained with, so that older models and results are still reused."""
-    if model.get("model_type") != "bnn":
-        return model
-    new = runs.BNN_FLAGS | (runs.SGHMC_FLAGS if model.get("inference") == "sghmc" else {})
-    return {**new, **model}
-
-
 def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, seed: int, retrain: bool = False,
                    data_dir=None, progress: bool = False):
     """(the model or None if reused, whether it was reused): reuse a stored model, else train it.
@@ -168,7 +136,7 @@ def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, se
     with the same settings. An interrupted training of the same settings resumes from its checkpoint.
     """
     folder = runs.model_folder(models_dir, settings)
-    differ = _config_matches(folder, settings, seed) if folder.exists() else ["(no model)"]
+    differ = runs.stored_differences(folder, settings, seed) if folder.exists() else ["(no model)"]
     if (folder / WEIGHTS_FILE).exists() and not retrain:
         if differ:
             raise UserError(f"{folder} holds a model trained with other settings ({', '.join(differ)}); "
@@ -176,7 +144,7 @@ def train_or_reuse(settings: dict, data: Dataset, models_dir: str, device, *, se
         return None, True
     resume = not retrain and not differ and (folder / CHECKPOINT_FILE).exists()
     model = runs.train_model(settings, data, models_dir, device, seed=seed, resume=resume, data_dir=data_dir,
-                             progress=progress)
+                             progress=progress, replace=retrain)
     return model, False
 
 
@@ -251,11 +219,11 @@ class Steps:
         """
         self.done += 1
         head = f"[{self.done}/{self.total}] {self.dataset} {model}: {what}"
-        old = _read_json(path)
+        old = read_json_object(path)
         if old is not None and not (isinstance(old.get("settings"), dict) and isinstance(old.get("result"), (dict, list))):
             old = None  # a malformed record: the step runs again
         if old and isinstance(old.get("settings", {}).get("model"), dict):
-            old["settings"]["model"] = _with_new_flags(old["settings"]["model"])
+            old["settings"]["model"] = runs.with_new_flags(old["settings"]["model"])
         if old and old.get("settings") == _plain(settings) and all(Path(f).exists() for f in files):
             self.log(f"{head} (done before, reused)")
             self.timings.append(dict(model=model, step=what, time_s=old.get("time_s"), reused=True))
@@ -390,7 +358,7 @@ def table_row(name: str, spec: dict, results: Path, keys: dict) -> dict | None:
 
 def _current(path: Path, key: dict) -> dict | None:
     """The record at `path` if it was computed with the evaluation settings `key` (its model's aside), else None."""
-    record = _read_json(path)
+    record = read_json_object(path)
     if record is None:
         return None
     done = record.get("settings") or {}
@@ -398,7 +366,7 @@ def _current(path: Path, key: dict) -> dict | None:
 
 
 def _table_row(name: str, spec: dict, results: Path, keys: dict) -> dict | None:
-    train = _read_json(results / "train.json")
+    train = read_json_object(results / "train.json")
     if train is None:
         return None
     row = describe(name, train["settings"]["model"])
@@ -437,9 +405,9 @@ def write_table(out: Path, spec: dict, settings: dict, timings: list, keys: dict
     table = pd.DataFrame(rows)
     write_csv(out / "table.csv", table)
     models = {r["model"]: spec["models"].get(r["model"]) or
-              _read_json(out / "results" / r["model"] / "train.json")["settings"]["model"] for r in rows}
+              read_json_object(out / "results" / r["model"] / "train.json")["settings"]["model"] for r in rows}
     write_text(out / "table.md", markdown(table, dict(spec, models=models), settings))
-    everything = {m: {p.stem: _read_json(p) for p in sorted((out / "results" / m).glob("*.json"))} for m in models}
+    everything = {m: {p.stem: read_json_object(p) for p in sorted((out / "results" / m).glob("*.json"))} for m in models}
     write_json(out / "study.json", {"settings": settings, "spec": spec, "table": rows, "results": everything,
                                     "timings": timings})
     return {"table": str(out / "table.csv"), "markdown": str(out / "table.md"), "json": str(out / "study.json"),

@@ -92,6 +92,7 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
     state = load_checkpoint(checkpoint, fingerprint=fingerprint) if (checkpoint and resume) else None
     done = state["done"] if state else {}
     history = state["history"] if state else []
+    _check_resumed_epochs(state, epochs)
     groups = member_groups(arch, list(seeds), batch_size, input_shape=x.shape[1:])
     for group in groups:
         key = ",".join(map(str, group))
@@ -105,6 +106,24 @@ def train_nets(arch, x: torch.Tensor, y: torch.Tensor, *, seeds: list[int], epoc
             "lr": float(lr), "batch_size": int(batch_size), "history": history}
     return Posterior.from_arch(as_architecture(arch), {k: v.to(device) for k, v in params.items()},
                                kind="nn" if len(seeds) == 1 else "ensemble", meta=meta)
+
+
+def _check_resumed_epochs(state: dict | None, epochs: int) -> None:
+    """More epochs continue only the group a checkpoint was interrupted in: members it finished keep theirs, and a
+    group cannot be cut back. So a resumed run must ask for the epochs every finished member has, and no fewer than
+    the interrupted group has run."""
+    if not state:
+        return
+    finished = {m for key in state["done"] for m in key.split(",")}  # member seeds
+    last = {}
+    for h in state["history"]:
+        if str(h["member"]) in finished:
+            last[str(h["member"])] = max(last.get(str(h["member"]), 0), int(h["epoch"]))
+    trained, ran = set(last.values()), int((state.get("group") or {}).get("epoch", 0))
+    if trained - {epochs} or ran > epochs:
+        held = max(trained | {ran})
+        raise UserError(f"the checkpoint holds members trained for {held} epochs; resume with --epochs {held}, or "
+                        "start afresh with --resume=False")
 
 
 def _train_group(arch, x, y, group, epochs, lr, batch_size, device, checkpoint, partial, done, history, progress,
