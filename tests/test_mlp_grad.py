@@ -73,6 +73,8 @@ def test_other_networks_have_no_plan():
     assert mlp_plan(no_flatten, param_layout(dict(no_flatten.named_parameters())), (4,)) is not None
     act_first = nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(4, 2))  # would act in place on the inputs
     assert mlp_plan(act_first, param_layout(dict(act_first.named_parameters())), (4,)) is None
+    two_acts = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Tanh(), nn.Linear(3, 2))  # one buffer, two backwards
+    assert mlp_plan(two_acts, param_layout(dict(two_acts.named_parameters())), (4,)) is None
 
 
 def test_hmc_potential_gradient_over_chunks_matches_autograd():

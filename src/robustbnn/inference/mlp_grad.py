@@ -58,7 +58,7 @@ _ACTIVATIONS = {
 def mlp_plan(net: nn.Module, layout, input_shape) -> list | None:
     """The network as [("linear", (w_start, out, in), b_start or None) | ("act", forward, backward)], with
     offsets into the flat parameter vector of `layout`; None unless `net` is a Sequential of Flatten, Linear
-    and the activations above, starting with Flatten* Linear (Flatten needed for inputs of more than one
+    and the activations above (at most one after each Linear), starting with Flatten* Linear (Flatten needed for inputs of more than one
     dimension), whose parameters are exactly the Linear weights and biases in layout order."""
     layers = _mlp_layers(net)
     if not layers:
@@ -74,7 +74,9 @@ def mlp_plan(net: nn.Module, layout, input_shape) -> list | None:
                 return None
             used += [w] + ([b] if m.bias is not None else [])
             plan.append(("linear", (offsets[w][0], *offsets[w][1]), offsets[b][0] if m.bias is not None else None))
-        elif type(m) in _ACTIVATIONS and plan:  # (in place: never on the caller's inputs)
+        elif type(m) in _ACTIVATIONS and plan and plan[-1][0] == "linear":
+            # in place on a Linear's fresh output: never on the caller's inputs, and never on another activation's
+            # output, which its backward still reads
             plan.append(("act", *_ACTIVATIONS[type(m)](m)))
         else:
             return None
