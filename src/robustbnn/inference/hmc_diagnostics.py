@@ -8,8 +8,9 @@ still drift in directions the data do not constrain (towards the prior's scale, 
 small steps) leave the fit and the test predictive almost unchanged. None of the three sees draws that are
 too hot where the data constrain the weights most; `output_layer_temperature` does, for the output layer.
 Split R-hat (Gelman et al., BDA3 section 11.4) comes from `pyro.ops.stats`; the effective sample size
-(Geyer 1992, the initial monotone sequence estimator as in Stan and Pyro) is computed here, equal to Pyro's
-`effective_sample_size` to float rounding but in memory linear in the draws: Pyro's takes the cumulative
+(Geyer 1992, the initial monotone sequence estimator as in Pyro: the monotone minimum starts at the second pair
+sum, where Stan also bounds it by the first, so on antithetic traces ours can be smaller) is computed here, equal
+to Pyro's `effective_sample_size` to float rounding but in memory linear in the draws: Pyro's takes the cumulative
 minimum of the N/2 autocorrelation pair sums through an (N/2) x (N/2) matrix per series
 (`pyro.ops.stats._cummin`), which grows with the square of the draws (docs/benchmarks.md).
 """
@@ -79,10 +80,11 @@ def effective_sample_size(traces: torch.Tensor) -> torch.Tensor:
     tau = -1 + 2 * pairs[:, 0]
     if pairs.shape[1] > 1:  # truncated at the first negative pair sum, made monotone (Geyer 1992, 1.18-1.19)
         tau = tau + 2 * torch.cummin(pairs[:, 1:].clamp(min=0), dim=1).values.sum(1)
-    # as Stan: tau >= 1 / log10(N), so that antithetic draws (rho_1 < -1/2) give a large ESS, not a negative one
-    # (below N = 10 that bound exceeds 1: there only a tau that is not positive is replaced, keeping Pyro's values)
-    floor = 1 / math.log10(max(n, 2))
-    tau = tau.clamp(min=floor) if n >= 10 else torch.where(tau > 0, tau, torch.full_like(tau, floor))
+    # as Stan: ESS <= M log10(M) for M = C N draws in all, i.e. tau >= 1 / log10(M), so that antithetic draws
+    # (rho_1 < -1/2) give a large ESS, not a negative one (below M = 10 that bound exceeds 1: there only a tau that
+    # is not positive is replaced, keeping Pyro's values)
+    floor = 1 / math.log10(max(c * n, 2))
+    tau = tau.clamp(min=floor) if c * n >= 10 else torch.where(tau > 0, tau, torch.full_like(tau, floor))
     return c * n / tau
 
 
