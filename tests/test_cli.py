@@ -57,6 +57,7 @@ def test_seed_changes_weights(tmp_path, capsys):
     ("--device", "cuda", "no CUDA GPU"),
     ("--train", "maybe", "expected True or False"),
     ("--lr", "-1", "positive"),
+    ("--seed", str(2**64), "a seed between 0 and 2^62"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, flag, value, needle):
     if flag == "--device" and torch.cuda.is_available():

@@ -111,11 +111,14 @@ def test_resample_output_command_redraws_the_output_layer_only(tmp_path, capsys,
         code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / other], capsys)
         assert code == 2 and "another folder" in err
         assert (tmp_path / other / "posterior.safetensors").read_bytes() == saved
-    for flag in (["--temperature", 2], ["--train_inputs", 200]):
+    for flag in (["--temperature", 2], ["--train_inputs", 200], ["--dataset", "mnist"]):
         code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "y", *flag],
                                capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "another posterior" in err, err
         assert not (tmp_path / "y").exists()
+    code, _, err = run_cli(["resample-output", "--model", tmp_path / "sghmc", "--out", tmp_path / "y", "--samples",
+                            post.n_samples + 1], capsys)  # more draws than it holds: an error, not fewer in silence
+    assert code == 2 and f"holds {post.n_samples}" in err and not (tmp_path / "y").exists(), err
 
 
 def test_loglik_and_residual_keep_their_resolution_when_saturated():

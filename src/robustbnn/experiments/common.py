@@ -50,6 +50,11 @@ def positive_int(value) -> int:
     return _number(value, int, lambda v: v >= 1, "a positive integer")
 
 
+def seed_int(value) -> int:
+    """A seed torch's generators take, with room for the offsets the attacks and samplers add to it."""
+    return _number(value, int, lambda v: 0 <= v < 2**62, "a seed between 0 and 2^62")
+
+
 def nonneg_int(value) -> int:
     return _number(value, int, lambda v: v >= 0, "a non-negative integer")
 
@@ -107,7 +112,7 @@ def add_common(parser, *, savedir_default: str = "DATA") -> None:
     g.add_argument("--savedir", default=savedir_default,
                    help="TESTS = runs/<today>, DATA = runs/saved, anything else is a folder")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto uses cuda when present")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="fixes every random choice (on CPU, results are reproducible for a given --threads)")
     g.add_argument("--data_dir", default=None, help="data folder (default: $ROBUSTBNN_DATA or ./data)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -22,7 +22,7 @@ from robustbnn import verdict as battery
 from robustbnn.artifacts import write_csv
 from robustbnn.certify import grid_robust
 from robustbnn.data import load_dataset
-from robustbnn.experiments.common import PROGRESS, nonneg_float, positive_int, setup, str2bool
+from robustbnn.experiments.common import PROGRESS, nonneg_float, positive_int, seed_int, setup, str2bool
 from robustbnn.experiments.demo_report import report
 from robustbnn.experiments.half_moons import grid_settings, norm_table, run_grid
 from robustbnn.inference.hmc import run_hmc
@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eps", "--epsilon", dest="epsilon", metavar="EPS", type=nonneg_float, default=0.1,
                         help="attack radius (inputs lie in [0, 1])")
     parser.add_argument("--grid", type=str2bool, default=True, help="run the reduced Figure 1 grid")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--summary_json", default=None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from robustbnn import runs
 from robustbnn.experiments.common import (PROGRESS, json_object, nonneg_float, nonneg_int, positive_float,
-                                          positive_int, str2bool)
+                                          positive_int, seed_int, str2bool)
 from robustbnn.inference.mlp_grad import GRAD_DTYPES
 from robustbnn.inference.sghmc import INTEGRATORS
 from robustbnn.nets import ACTIVATIONS, ARCHITECTURES
@@ -107,7 +107,7 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
         g.add_argument("--train_inputs", type=positive_int, default=runs.DEFAULT_N_INPUTS,
                        help="the --n_inputs the model was trained with (part of its folder name unless "
                             f"{runs.DEFAULT_N_INPUTS}; half-moons BNN names always hold it)")
-        g.add_argument("--train_seed", type=int, default=0,
+        g.add_argument("--train_seed", type=seed_int, default=0,
                        help="the --seed the model was trained with, or is with --train=True (part of its folder "
                             "name unless 0); --seed seeds this command's own random choices")
     else:
