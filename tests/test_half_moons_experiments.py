@@ -40,6 +40,12 @@ def test_figure_1_without_its_table_names_the_command(tmp_path, capsys):
     assert code == 2 and "robustbnn grid-search-half-moons" in err and len(err.strip().splitlines()) == 1
 
 
+def test_demo_refuses_more_test_points_than_the_data_keep(tmp_path, capsys):
+    """--n_inputs also keeps the first n test points (the seed's semantics): the report would claim the others."""
+    code, _, err = run_cli(["demo", "--out", tmp_path, "--n_inputs", "300", "--test_points", "400"], capsys)
+    assert code == 2 and "has 300 test points" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_small_demo_writes_its_report(tmp_path, capsys):
     code, _, _ = run_cli(["demo", "--out", tmp_path, "--n_inputs", "300", "--hidden_size", "8", "--test_points", "40",
                           "--grid", "False", "--summary_json", tmp_path / "s.json"], capsys)

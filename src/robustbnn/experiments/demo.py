@@ -22,6 +22,7 @@ from robustbnn import verdict as battery
 from robustbnn.artifacts import write_csv
 from robustbnn.certify import grid_robust
 from robustbnn.data import load_dataset
+from robustbnn.errors import UserError
 from robustbnn.experiments.common import PROGRESS, nonneg_float, positive_int, seed_int, setup, str2bool
 from robustbnn.experiments.demo_report import report
 from robustbnn.experiments.half_moons import grid_settings, norm_table, run_grid
@@ -64,6 +65,9 @@ def run(args) -> dict:
     data = load_dataset("half_moons", args.n_inputs)
     xt, yt = data.x_train, data.y_train
     x, y = data.x_test[:args.test_points], data.y_test[:args.test_points]
+    if len(x) < args.test_points:
+        raise UserError(f"--test_points {args.test_points}, but half moons with --n_inputs {args.n_inputs} has "
+                        f"{len(x)} test points; lower --test_points")
     spec = dict(architecture="fc2", input_shape=list(data.input_shape), num_classes=data.num_classes,
                 hidden_size=args.hidden_size, activation="leaky")
     common = dict(device=device, progress=PROGRESS)
