@@ -81,10 +81,10 @@ def effective_sample_size(traces: torch.Tensor) -> torch.Tensor:
     if pairs.shape[1] > 1:  # truncated at the first negative pair sum, made monotone (Geyer 1992, 1.18-1.19)
         tau = tau + 2 * torch.cummin(pairs[:, 1:].clamp(min=0), dim=1).values.sum(1)
     # as Stan: ESS <= M log10(M) for M = C N draws in all, i.e. tau >= 1 / log10(M), so that antithetic draws
-    # (rho_1 < -1/2) give a large ESS, not a negative one (below M = 10 that bound exceeds 1: there only a tau that
-    # is not positive is replaced, keeping Pyro's values)
+    # (rho_1 < -1/2) give a large ESS, not a negative one (on chains of fewer than 10 draws only a tau that is not
+    # positive is replaced, keeping Pyro's values on the shortest traces)
     floor = 1 / math.log10(max(c * n, 2))
-    tau = tau.clamp(min=floor) if c * n >= 10 else torch.where(tau > 0, tau, torch.full_like(tau, floor))
+    tau = tau.clamp(min=floor) if n >= 10 else torch.where(tau > 0, tau, torch.full_like(tau, floor))
     return c * n / tau
 
 
