@@ -236,7 +236,7 @@ def masking_flags(post: Posterior, model, x, y, summary: pd.DataFrame, per_input
     flag("not_monotone_in_eps", rises > 0, rises,
          "robust accuracy by eps: " + ", ".join(f"{e:g}: {a:.1f}%" for e, a in zip(by_eps.eps, by_eps.robust_acc)))
     box = hi - lo
-    gradients = any(a in GRADIENT_ATTACKS for a in s.attacks)  # (none when the model has no input gradient)
+    gradients = any(a in GRADIENT_ATTACKS for a in s.for_model(model).attacks)  # (none: no input gradient)
     at_box = (Settings(("apgd-ce",), iterations=min(s.iterations, 20), restarts=1, eot_iter=s.eot_iter, seed=s.seed,
                        effort_rounds=0) if gradients else
               Settings(("square",), square_queries=min(s.square_queries, 1000), seed=s.seed, effort_rounds=0))
