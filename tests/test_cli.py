@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from robustbnn.errors import UserError
 from robustbnn.posterior import Posterior
 from tests.conftest import REPO_ROOT, run_cli
 
@@ -81,6 +82,24 @@ def test_loading_a_missing_or_mismatching_model(tmp_path, capsys):
     save_file(tensors, str(path), metadata={**metadata, "robustbnn": json.dumps(record)})
     code, _, err = run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--train=False"], capsys)
     assert "architecture" in one_line_error(code, err)
+
+
+def test_the_training_hint_carries_every_setting_that_is_not_the_presets(tmp_path):
+    from robustbnn.runs import load_model, model_settings
+
+    flags = dict(model_idx=0, seed=0, ensemble_size=10, epochs=3, lr=None)
+    with pytest.raises(UserError) as err:
+        load_model(model_settings("ensemble", flags, n_inputs=100), None, str(tmp_path), "cpu")
+    hint = str(err.value).split("`")[1]
+    assert hint.startswith("robustbnn train-ensemble --model_idx 0 --epochs 3 --ensemble_size 10 --n_inputs 100")
+    flags = dict(model_idx=0, seed=0, inference="sghmc", cycles=7, lr=None)
+    with pytest.raises(UserError) as err:
+        load_model(model_settings("bnn", flags, n_inputs=100), None, str(tmp_path), "cpu")
+    hint = str(err.value).split("`")[1]
+    assert "--inference sghmc" in hint and "--cycles 7" in hint and "--num_chains" not in hint, hint
+    for flag in ("n_samples", "epochs", "num_steps"):  # settings sghmc has no use for: refused, not ignored
+        with pytest.raises(UserError, match=f"--{flag}"):
+            model_settings("bnn", dict(flags, **{flag: 3}), n_inputs=100)
 
 
 def test_a_folder_shared_by_two_settings_is_neither_overwritten_nor_misread(tmp_path, capsys):

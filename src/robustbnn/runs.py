@@ -113,6 +113,10 @@ def model_settings(kind: str, flags: dict, *, n_inputs: int, base: dict | None =
             if flags.get("n_samples") is not None or flags.get("warmup") is not None:
                 raise UserError("sghmc keeps cycles x samples_per_cycle x num_chains draws and has no warm-up; "
                                 "set --cycles and --samples_per_cycle instead of --n_samples / --warmup")
+            given = [f"--{k}" for k in ("epochs", "step_size", "num_steps") if flags.get(k) is not None]
+            if given:
+                raise UserError(f"sghmc does not use {', '.join(given)}: its schedule is --cycles x "
+                                "--epochs_per_cycle at step size --lr")
             s.update(n_samples=None, warmup=None, epochs=None, step_size=None, num_steps=None)
             defaults = SGHMC_FLAGS | SGHMC_DEFAULTS | (HALF_MOONS_SGHMC if s["dataset"] == "half_moons" else {})
             s.update({k: flags[k] if flags.get(k) is not None else defaults[k] for k in SGHMC_FLAGS})
@@ -368,11 +372,7 @@ def load_model(settings: dict, data, savedir: str, device):
     """
     folder = model_folder(savedir, settings)
     if not (folder / storage.WEIGHTS_FILE).exists():
-        cmd = TRAIN_COMMANDS[settings["model_type"]]
-        cmd += f" --model_idx {settings['model_idx']}" * ("model_idx" in settings)
-        if settings.get("n_inputs") not in (None, DEFAULT_N_INPUTS):
-            cmd += f" --n_inputs {settings['n_inputs']}"
-        cmd += f" --seed {settings['seed']}" * bool(settings.get("seed"))
+        cmd = " ".join([TRAIN_COMMANDS[settings["model_type"]], *_training_flags(settings)])
         raise UserError(f"no trained model at {folder}; train it with `robustbnn {cmd} --savedir {savedir} "
                         "--train=True` (or fix --savedir, --train_inputs or --train_seed)")
     differ = stored_differences(folder, settings)
@@ -380,6 +380,30 @@ def load_model(settings: dict, data, savedir: str, device):
         raise UserError(f"the model at {folder} was trained with other settings ({'; '.join(differ)}), which its "
                         "name does not tell apart; pass the flags it was trained with")
     return storage.load(folder, device=device, arch=arch_of(settings, data))
+
+
+def _training_flags(s: dict) -> list[str]:
+    """The flags of the training command that give settings `s`: the preset, then every setting that differs from
+    the preset's or the flag's default."""
+    flags = [f"--model_idx {s['model_idx']}"] if "model_idx" in s else []
+    kind = s["model_type"]
+    base = preset(BNN_PRESETS if kind == "bnn" else NN_PRESETS, s["model_idx"], "") if "model_idx" in s else {}
+    if kind == "bnn":
+        base = dict(base, batch_size=BATCH_SIZE.get(s.get("inference"), base.get("batch_size")), **BNN_FLAGS)
+        base["num_chains"] = 4 if s.get("inference") == "sghmc" else 1
+        if s.get("inference") == "hmc":
+            hmc = HALF_MOONS_HMC if s["dataset"] == "half_moons" else HMC_DEFAULTS
+            base.update({k: v for k, v in hmc.items() if base.get(k) is None})
+        if s.get("inference") == "sghmc":
+            base.update(SGHMC_FLAGS, **SGHMC_DEFAULTS, **(HALF_MOONS_SGHMC if s["dataset"] == "half_moons" else {}))
+    changed = [k for k in (*OVERRIDES, *BNN_OVERRIDES, *BNN_FLAGS, *SGHMC_FLAGS)
+               if s.get(k) is not None and k in base and s[k] != base[k]]
+    flags += [f"--{k} {s[k]}" for k in dict.fromkeys(changed)]
+    if kind == "ensemble":
+        flags.append(f"--ensemble_size {s['ensemble_size']}")
+    if s.get("n_inputs") not in (None, DEFAULT_N_INPUTS):
+        flags.append(f"--n_inputs {s['n_inputs']}")
+    return flags + ([f"--seed {s['seed']}"] if s.get("seed") else [])
 
 
 def read_metrics(folder: Path) -> dict:
