@@ -114,6 +114,10 @@ def test_a_folder_shared_by_two_settings_is_neither_overwritten_nor_misread(tmp_
     assert "trained with other settings (batch_size=64, not 32)" in one_line_error(code, err)
     code, _, _ = run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--train=False"], capsys)
     assert code == 0
+    # retraining it (same settings) leaves no metric of the model it replaced
+    (tmp_path / NAME / "metrics.json").write_text(json.dumps({"old": 1}))
+    run_cli(["train-nn", *TINY, "--savedir", tmp_path, "--test=False"], capsys)
+    assert not (tmp_path / NAME / "metrics.json").exists()
 
 
 def test_missing_dataset_is_one_line(tmp_path, capsys):

@@ -270,6 +270,7 @@ def train_model(settings: dict, data, savedir: str, device, *, seed: int | None 
     model.meta.update(name=folder.name, dataset=data.name, settings=s, seed=seed,
                       train_time_s=time.perf_counter() - t0)
     model.save(folder)
+    (folder / "metrics.json").unlink(missing_ok=True)  # the model it measured is gone
     if model.meta.get("history"):
         write_csv(folder / "history.csv", model.meta["history"])
         training_curves(model.meta["history"], folder / "training")
