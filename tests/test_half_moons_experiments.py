@@ -35,6 +35,24 @@ def test_grid_search_resumes_and_feeds_figure_1(tmp_path, capsys):
     assert len(norms) == 4
 
 
+def test_grid_refuses_more_posterior_samples_than_kept_and_fails_when_a_model_fails(tmp_path, capsys, monkeypatch):
+    from robustbnn.experiments import grid_search_half_moons
+
+    args = [*GRID[:8], "--posterior_samples", "11", *GRID[10:], "--savedir", tmp_path]  # 10 draws kept
+    code, _, err = run_cli(["grid-search-half-moons", *args], capsys)
+    assert code == 2 and "--posterior_samples 11" in err and not any(tmp_path.iterdir()), err
+    monkeypatch.setattr(grid_search_half_moons, "run_grid",
+                        lambda grid, *a, **k: {"failed": [{"key": "m", "error": "ValueError: x"}], "table": None})
+    code, _, err = run_cli(["grid-search-half-moons", *GRID, "--savedir", tmp_path], capsys)
+    assert code == 2 and "1 of 4 model(s) failed: m: ValueError: x" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_damaged_table_is_one_line(tmp_path, capsys):
+    (tmp_path / "halfMoons_lossGrads_30.csv").write_text("")
+    code, _, err = run_cli(["plot-half-moons-overparam", "--test_points", "30", "--savedir", tmp_path], capsys)
+    assert code == 2 and "not a readable table" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_figure_1_without_its_table_names_the_command(tmp_path, capsys):
     code, _, err = run_cli(["plot-half-moons-overparam", "--test_points", "30", "--savedir", tmp_path], capsys)
     assert code == 2 and "robustbnn grid-search-half-moons" in err and len(err.strip().splitlines()) == 1

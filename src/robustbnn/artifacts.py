@@ -121,7 +121,12 @@ def read_csv(path, made_by: str) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise UserError(f"missing {path}; make it first with: {made_by}")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable table ({detail}); delete it and make it again with: {made_by}") \
+            from None
 
 
 def resolve_savedir(savedir: str) -> Path:

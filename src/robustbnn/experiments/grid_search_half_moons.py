@@ -11,9 +11,9 @@ independent jobs on Dask distributed: `--workers N` processes here, or `--schedu
 
 from __future__ import annotations
 
-import sys
 import time
 
+from robustbnn.errors import UserError
 from robustbnn.experiments.common import (add_common, int_list, nonneg_float, nonneg_int, positive_float,
                                           positive_int, scheduler_address, setup, str2bool)
 from robustbnn.experiments.half_moons import grid_settings, run_grid
@@ -57,12 +57,15 @@ def run(args) -> dict:
     device = setup(args)
     t0 = time.perf_counter()
     grid = grid_settings(vars(args), args.hidden_sizes, args.warmups, args.n_inputs_list)
+    fewest = min(int(s["n_samples"]) for s in grid)
+    if args.posterior_samples > fewest:  # before hours of training, not in every job after it
+        raise UserError(f"--posterior_samples {args.posterior_samples} is more than the {fewest} draws a model keeps "
+                        "(--n_samples)")
     done = run_grid(grid, args.savedir, device, test_points=args.test_points, posterior_samples=args.posterior_samples,
                     seed=args.seed, data_dir=args.data_dir, compute_grads=args.compute_grads,
                     attack_eps=args.epsilon if args.compute_attacks else None, workers=args.workers,
-                    scheduler=args.scheduler)
-    if done["failed"]:
+                    scheduler=args.scheduler, threads=args.threads)
+    if done["failed"]:  # the finished models' tables are written; the run still fails
         failed = "; ".join(f"{f['key']}: {f['error']}" for f in done["failed"])
-        print(f"{len(done['failed'])} model(s) failed: {failed}",
-              file=sys.stderr)
+        raise UserError(f"{len(done['failed'])} of {len(grid)} model(s) failed: {failed}")
     return {"models": len(grid), **done, "time_s": time.perf_counter() - t0}

@@ -44,7 +44,7 @@ def table_path(savedir: str, test_points: int, what: str = "lossGrads"):
 
 def run_grid(grid: list[dict], savedir: str, device, *, test_points: int, posterior_samples: int, seed: int = 0,
              data_dir=None, compute_grads: bool = True, attack_eps: float | None = None, workers: int = 1,
-             scheduler: str | None = None) -> dict:
+             scheduler: str | None = None, threads: int | None = None) -> dict:
     """Every model of `grid` as an independent job on Dask (`robustbnn.jobs`): train (or load, or resume)
     it, then its gradients and, with `attack_eps`, FGSM on the first `test_points` test points.
 
@@ -63,7 +63,7 @@ def run_grid(grid: list[dict], savedir: str, device, *, test_points: int, poster
     before = {j.key for j in jobs if finished_row(j) is not None}
     try:
         rows, failures = run_jobs(jobs, table=table_path(savedir, test_points, "models"), workers=workers,
-                                  scheduler=scheduler, columns=GRID_COLUMNS)
+                                  threads=threads, scheduler=scheduler, columns=GRID_COLUMNS)
     finally:  # the per-input tables of every finished model, also after an interrupt
         out = _gather(jobs, savedir, test_points)
     ran = [r for j, r in zip([j for j in jobs if finished_row(j) is not None], rows) if j.key not in before]
