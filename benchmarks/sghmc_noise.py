@@ -13,7 +13,7 @@ forming C. Per layer and for all layers:
   can absorb a direction's noise at that step (`inference.sghmc`);
 - top5_share: the share of trace C in the top 5 eigenvalues.
 
-    python benchmarks/sghmc_noise.py [--dataset mnist|fashion_mnist] [--threads N]
+    python benchmarks/sghmc_noise.py [--dataset mnist|fashion_mnist] [--threads N] [--quick]
 
 Prints JSON lines {"benchmark", "metric", "value", "unit", "baseline", "ratio"}; needs the fetched dataset.
 """
@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import emit
+from _common import emit, setup
 from robustbnn.data import load_dataset
+from robustbnn.errors import UserError
 
 HIDDEN = {"mnist": 512, "fashion_mnist": 1024}
 LR = {"mnist": 0.2, "fashion_mnist": 0.15}  # presets.SGHMC_STUDY's eta_0 per data point
@@ -83,13 +84,15 @@ def spectrum(factors, scale: float):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(HIDDEN), default="mnist")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset)
+    args = setup(parser)  # --quick: trained on the first 5000 points, the spectrum of 500
+    try:
+        data = load_dataset(args.dataset)
+    except UserError as exc:  # make bench runs every benchmark: say why this one did not run
+        emit("sghmc_noise", "skipped", None, str(exc))
+        return
     x, y = data.x_train.reshape(len(data.x_train), -1).float(), data.y_train
-    net = train(x, y, HIDDEN[args.dataset])
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:3000]
+    net = train(x[:5000], y[:5000], HIDDEN[args.dataset]) if args.quick else train(x, y, HIDDEN[args.dataset])
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:500 if args.quick else 3000]
     factors = layer_factors(net, x[pick], y[pick])
     n, b = len(x), 500
     eta = LR[args.dataset] / n
