@@ -256,6 +256,9 @@ def test_vanishing_classification_needs_two_counts():
     # with one count `all()` over an empty axis labelled every input "vanishing"
     with pytest.raises(UserError, match="at least two"):
         vanishing_classification(torch.ones(1, 3, 2), [10])
+    for counts in ([100, 10, 1], [1, 10, 10]):  # "non-increasing in S" would read the norms backwards
+        with pytest.raises(UserError, match="increasing sample counts"):
+            vanishing_classification(torch.ones(3, 3, 2), counts)
 
 
 def _paper_classes(norms):

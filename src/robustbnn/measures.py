@@ -226,6 +226,8 @@ def vanishing_classification(grads: torch.Tensor, sample_counts, norm: str = "li
     counts = list(sample_counts)
     if len(counts) < 2:
         raise UserError(f"the vanishing-gradient classes compare at least two sample counts, got {counts}")
+    if any(b <= a for a, b in zip(counts, counts[1:])):  # "non-increasing in S" reads the norms in this order
+        raise UserError(f"the vanishing-gradient classes need increasing sample counts, got {counts}")
     grads = torch.as_tensor(grads)
     if grads.dim() < 2 or grads.shape[0] != len(counts):
         raise UserError(f"gradients must have shape (K={len(counts)}, N, ...) to match the sample counts, "

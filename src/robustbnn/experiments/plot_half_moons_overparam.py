@@ -12,7 +12,7 @@ from __future__ import annotations
 from robustbnn import plots
 from robustbnn.artifacts import read_csv, resolve_savedir, write_csv
 from robustbnn.errors import UserError
-from robustbnn.experiments.common import add_common, add_format_flag, formats, nonneg_float, positive_int
+from robustbnn.experiments.common import add_common, add_format_flag, formats, nonneg_float, positive_int, setup
 from robustbnn.experiments.half_moons import norm_table, table_path
 
 
@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
+    setup(args)  # the common flags (--threads, --device checked) as every command takes them
     out = resolve_savedir(args.savedir)
     df = read_csv(table_path(args.savedir, args.test_points),
                   f"robustbnn grid-search-half-moons --test_points={args.test_points} --savedir {args.savedir}")
