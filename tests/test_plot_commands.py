@@ -144,7 +144,9 @@ def test_baseline_same_samples_and_mismatched_table(models, capsys):
     assert (bnn.attack_samples == bnn.defence_samples).all() and sorted(bnn.attack_samples.unique()) == [2, 4]
     capsys.readouterr()
     one_line_error(capsys, ["plot-baseline-attacks", *BNN, *out, "--attack_method", "pgd", "--attack", "False",
-                            "--epsilon", "0.1"], "epsilon", "--attack=True")
+                            "--iterations", "3", "--epsilon", "0.1"], "epsilon", "--attack=True")
+    one_line_error(capsys, ["plot-baseline-attacks", *BNN, *out, "--same_samples", "True", "--attack_method", "pgd",
+                            "--attack", "False", "--iterations", "5"], "pgd", "--attack=True")  # made with 3
 
 
 def test_baseline_errors(models, tmp_path, capsys):

@@ -75,9 +75,17 @@ def attack_label(s: dict) -> str:
     """The attack's folder name: runs with different settings never share a folder."""
     label = f"{s['method']}_{s['loss']}_eps={s['eps']}_attackSamp={s['attack_samples']}"
     if s["method"] == "pgd":
-        label += f"_iter={s['iterations']}_alpha={'auto' if s['alpha'] is None else s['alpha']}"
-        label += "_legacyPGD" * s["pgd_legacy"] + f"_randomStart_seed={s['seed']}" * s["random_start"]
+        label += "_" + pgd_label(s)
     return label + "_avgPosterior" * s["avg_posterior"]
+
+
+def pgd_label(s: dict) -> str:
+    """The PGD settings of attack settings `s` in one word ("none" for FGSM). A figure's table records it, so that a
+    redraw with other PGD flags is refused instead of titled with them."""
+    if s["method"] != "pgd":
+        return "none"
+    return (f"iter={s['iterations']}_alpha={'auto' if s['alpha'] is None else s['alpha']}"
+            + "_legacyPGD" * s["pgd_legacy"] + f"_randomStart_seed={s['seed']}" * s["random_start"])
 
 
 def attack_folder(model_folder: Path, s: dict) -> Path:

@@ -2,11 +2,12 @@
 
 A gradients file `<model folder>/gradients/samp=<S list>_inp=<n>[_legacy].safetensors` holds G_S for
 each S, (K, n, ...), and in its metadata what it was made with (the computation's version
-`measures.PAPER_VERSION`, sample counts, legacy loss, inputs and their digest, posterior kind, seed, the stored MCMC draws used, a digest of the samples behind each
-G_S) and, for each S, the share of (sample, input) pairs whose own gradient lies below the resolution
-floor it records (`measures.loss_gradient_study`); readers use those, never the file name. A file is
-reused only for the same samples: not after the model was retrained in its folder, and not for other
-draws of it (an MCMC posterior's S evenly spaced draws depend on how many are taken, `Posterior.spread`).
+`measures.PAPER_VERSION`, sample counts, legacy loss, inputs and their digest, posterior kind, seed, the
+stored MCMC draws used, a digest of the samples behind each G_S) and, for each S, the share of (sample,
+input) pairs whose own gradient lies below the resolution floor it records (`measures.loss_gradient_study`);
+readers use those, never the file name. A file is reused only for the same samples: not after the model was
+retrained in its folder, and not for other draws of it (an MCMC posterior's S evenly spaced draws depend on
+how many are taken, `Posterior.spread`).
 """
 
 from __future__ import annotations
