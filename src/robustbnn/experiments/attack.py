@@ -35,7 +35,7 @@ DEFAULT_ATTACK_SAMPLES = {"nn": 1, "ensemble": None, "vi": 10, "mcmc": 10}
 
 
 def add_arguments(parser) -> None:
-    add_model_flags(parser, "any", test_points=True, ensemble_size=10, user_arch=True)
+    add_model_flags(parser, "any", test_points=True, ensemble_size=10, user_arch=True, trains=True)
     parser.add_argument("--model_type", default="nn", choices=MODEL_TYPES,
                         help="avg_ensemble attacks every member alone and averages the results")
     parser.add_argument("--train", type=str2bool, default=False, help="train the model first (else load it)")

@@ -90,13 +90,14 @@ SGHMC_FLAG_ARGS = {
 
 
 def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_size: int = 100,
-                    user_arch: bool = False) -> None:
+                    user_arch: bool = False, trains: bool = False) -> None:
     """--model_idx, --n_inputs and the preset overrides for a model of `kind` (nn, ensemble, bnn, or any).
 
     `test_points`: the command uses the model on test points; then --n_inputs counts the test points,
     --train_inputs is the n_inputs the model was trained with and --train_seed its --seed (both pick its
     folder; --seed is the command's own).
-    `user_arch`: also --arch / --arch_kwargs, a user's own architecture.
+    `user_arch`: also --arch / --arch_kwargs, a user's own architecture. `trains`: the command can train the model
+    (`train_or_load`), and takes --resume.
     """
     g = parser.add_argument_group("model")
     table = {"bnn": "saved_BNNs", "any": "saved_BNNs for bnn, else saved_NNs"}.get(kind, "saved_NNs")
@@ -130,7 +131,8 @@ def add_model_flags(parser, kind: str, *, test_points: bool = False, ensemble_si
             g.add_argument(f"--{name}", default=runs.BNN_FLAGS[name], **kw)
         for name, kw in SGHMC_FLAG_ARGS.items():  # None: the dataset's default (`runs.model_settings`)
             g.add_argument(f"--{name}", default=None, **kw)
-    g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
+    if trains:
+        g.add_argument("--resume", type=str2bool, default=False, help="continue an interrupted training run")
 
 
 def train_or_load(settings: dict, data, args, device):

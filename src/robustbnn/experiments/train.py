@@ -26,7 +26,7 @@ HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", 
 
 
 def add_arguments(parser, kind: str) -> None:
-    add_model_flags(parser, kind, user_arch=True)
+    add_model_flags(parser, kind, user_arch=True, trains=True)
     parser.add_argument("--train", type=str2bool, default=True, help="train (True) or load (False)")
     parser.add_argument("--test", type=str2bool, default=True, help="evaluate on the first n_inputs test points")
     parser.add_argument("--compile", type=str2bool, default=None,
