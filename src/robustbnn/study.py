@@ -407,7 +407,8 @@ def write_table(out: Path, spec: dict, settings: dict, timings: list, keys: dict
     models = {r["model"]: spec["models"].get(r["model"]) or
               read_json_object(out / "results" / r["model"] / "train.json")["settings"]["model"] for r in rows}
     write_text(out / "table.md", markdown(table, dict(spec, models=models), settings))
-    everything = {m: {p.stem: read_json_object(p) for p in sorted((out / "results" / m).glob("*.json"))} for m in models}
+    everything = {m: {p.stem: read_json_object(p) for p in sorted((out / "results" / m).glob("*.json"))}
+                  for m in models}
     write_json(out / "study.json", {"settings": settings, "spec": spec, "table": rows, "results": everything,
                                     "timings": timings})
     return {"table": str(out / "table.csv"), "markdown": str(out / "table.md"), "json": str(out / "study.json"),

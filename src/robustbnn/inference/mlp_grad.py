@@ -58,8 +58,9 @@ _ACTIVATIONS = {
 def mlp_plan(net: nn.Module, layout, input_shape) -> list | None:
     """The network as [("linear", (w_start, out, in), b_start or None) | ("act", forward, backward)], with
     offsets into the flat parameter vector of `layout`; None unless `net` is a Sequential of Flatten, Linear
-    and the activations above (at most one after each Linear), starting with Flatten* Linear (Flatten needed for inputs of more than one
-    dimension), whose parameters are exactly the Linear weights and biases in layout order."""
+    and the activations above (at most one after each Linear), starting with Flatten* Linear (Flatten needed for
+    inputs of more than one dimension), whose parameters are exactly the Linear weights and biases in layout
+    order."""
     layers = _mlp_layers(net)
     if not layers:
         return None
