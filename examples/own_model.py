@@ -4,7 +4,7 @@ with NUTS, both attacked with robustbnn. Run: python examples/own_model.py [--qu
 The data need no download: scikit-learn's 8x8 digits and robustbnn's half moons.
 """
 
-import sys
+import argparse
 
 import pyro
 import pyro.distributions as dist
@@ -17,7 +17,9 @@ from torch import nn
 from robustbnn import Posterior, evaluate_attack, pgd
 from robustbnn.data import load_dataset
 
-QUICK = "--quick" in sys.argv
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--quick", action="store_true", help="3 training epochs, 200 points and 50 NUTS draws (a test)")
+QUICK = parser.parse_args().quick
 
 
 # ---- 1. your own conv net, trained your way, five times: an ensemble
