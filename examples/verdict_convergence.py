@@ -40,12 +40,16 @@ def main():
     parser.add_argument("--budget", type=flag, default=True)
     parser.add_argument("--members", type=flag, default=True)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dataset", default=None, help="the test data (default: the one the model records)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
     post = defender(model, args.samples, 0)  # as the study: every member of a network or ensemble
-    data = load_dataset(model.meta["dataset"], None, splits=("test",))
+    dataset = args.dataset or model.meta.get("dataset")
+    if dataset is None:
+        parser.error(f"{args.model} does not record its dataset: give --dataset")
+    data = load_dataset(dataset, None, splits=("test",))
     x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
     show = dict(model=args.model, kind=post.kind, samples=post.n_samples, draws=post.meta.get("draws"), eps=args.eps,
                 n_inputs=len(x))
