@@ -24,6 +24,7 @@ import time
 import torch
 
 from robustbnn.data import load_dataset
+from robustbnn.errors import UserError
 from robustbnn.study import defender
 from robustbnn.verdict import DEFAULT_BATTERY, Settings, accuracies, battery, effort_of
 from robustbnn.storage import load
@@ -45,7 +46,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
-    post = defender(model, args.samples, 0)  # as the study: every member of a network or ensemble
+    try:
+        post = defender(model, args.samples, 0)  # as the study: every member of a network or ensemble
+    except UserError as exc:  # e.g. more --samples than the model holds
+        parser.error(str(exc))
     dataset = args.dataset or model.meta.get("dataset")
     if dataset is None:
         parser.error(f"{args.model} does not record its dataset: give --dataset")

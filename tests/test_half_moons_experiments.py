@@ -47,6 +47,21 @@ def test_grid_refuses_more_posterior_samples_than_kept_and_fails_when_a_model_fa
     assert code == 2 and "1 of 4 model(s) failed: m: ValueError: x" in err and len(err.strip().splitlines()) == 1
 
 
+def test_grid_rows_of_older_gradients_are_done_again(tmp_path):
+    """A job's row made with an older gradient computation (or the first S draws) does not count as done."""
+    from robustbnn import measures
+    from robustbnn.experiments.half_moons import _forget_rows_without_gradients
+    from robustbnn.jobs import ROW_FILE, Job
+
+    jobs = [Job(k, None, tmp_path / k, {}) for k in ("old", "current")]
+    for job, version in zip(jobs, (None, measures.PAPER_VERSION)):
+        job.folder.mkdir()
+        (job.folder / "lossGrads.csv").write_text("a\n1\n")
+        (job.folder / ROW_FILE).write_text(json.dumps({"gradients_version": version}))
+    _forget_rows_without_gradients(jobs)
+    assert not (tmp_path / "old" / ROW_FILE).exists() and (tmp_path / "current" / ROW_FILE).exists()
+
+
 def test_a_damaged_table_is_one_line(tmp_path, capsys):
     (tmp_path / "halfMoons_lossGrads_30.csv").write_text("")
     code, _, err = run_cli(["plot-half-moons-overparam", "--test_points", "30", "--savedir", tmp_path], capsys)

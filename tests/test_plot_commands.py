@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from robustbnn import cli, plots
+from robustbnn import cli, measures, plots
 from robustbnn.data import load_dataset
 from robustbnn.runs import model_folder, model_settings
 from robustbnn.nets import init_params, make_net
@@ -181,7 +181,8 @@ def test_attack_files_record_their_settings(models, capsys):
     digests = saved.pop("attacker"), saved.pop("inputs")  # the weights and the inputs it was made from
     assert all(isinstance(d, str) and len(d) == 16 for d in digests)
     assert saved == dict(method="pgd", loss="predictive", eps=0.1, attack_samples=10, iterations=3, alpha=None,
-                         random_start=False, pgd_legacy=False, seed=0, avg_posterior=False)
+                         random_start=False, pgd_legacy=False, seed=0, avg_posterior=False,
+                         paper_version=measures.PAPER_VERSION)  # (the losses' gradient computation)
     # reloading (--attack=False) with other settings than the file's: one line, naming the setting
     cli.main(["attack", *vi, *pgd, "--iterations", "3", "--attack", "False"])
     capsys.readouterr()

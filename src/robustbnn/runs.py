@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import sys
 import time
 from pathlib import Path
@@ -223,8 +224,9 @@ def stored_differences(folder: Path, settings: dict, seed: int | None = None) ->
         saved = (read_json_object(folder / "config.json") or {}).get("settings")
     saved = with_new_flags(saved if isinstance(saved, dict) else {})
     want = json.loads(json.dumps(dict(settings, **({} if seed is None else {"seed": seed})), default=str))
+    same = {"init_from": lambda a, b: init_label(a) == init_label(b)}  # a path or a bare folder name: one folder
     return [f"{k}={saved.get(k)!r}, not {want[k]!r}" for k in sorted(want)
-            if k != "model_idx" and k in saved and saved[k] != want[k]]
+            if k != "model_idx" and k in saved and not same.get(k, operator.eq)(saved[k], want[k])]
 
 
 def with_new_flags(model: dict) -> dict:
@@ -396,10 +398,16 @@ def _training_flags(s: dict) -> list[str]:
             hmc = HALF_MOONS_HMC if s["dataset"] == "half_moons" else HMC_DEFAULTS
             base.update({k: v for k, v in hmc.items() if base.get(k) is None})
         if s.get("inference") == "sghmc":
-            base.update(SGHMC_FLAGS, **SGHMC_DEFAULTS, **(HALF_MOONS_SGHMC if s["dataset"] == "half_moons" else {}))
+            base.update(SGHMC_FLAGS | SGHMC_DEFAULTS | (HALF_MOONS_SGHMC if s["dataset"] == "half_moons" else {}))
+    else:
+        base.setdefault("batch_size", BATCH_SIZE[kind])
     changed = [k for k in (*OVERRIDES, *BNN_OVERRIDES, *BNN_FLAGS, *SGHMC_FLAGS)
                if s.get(k) is not None and k in base and s[k] != base[k]]
     flags += [f"--{k} {s[k]}" for k in dict.fromkeys(changed)]
+    if s.get("arch"):  # a user's architecture replaces the preset's
+        flags.append(f"--arch {s['arch']['factory']}")
+        if s["arch"].get("kwargs"):
+            flags.append(f"--arch_kwargs '{json.dumps(s['arch']['kwargs'])}'")
     if kind == "ensemble":
         flags.append(f"--ensemble_size {s['ensemble_size']}")
     if s.get("n_inputs") not in (None, DEFAULT_N_INPUTS):

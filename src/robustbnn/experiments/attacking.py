@@ -88,6 +88,11 @@ def pgd_label(s: dict) -> str:
             + "_legacyPGD" * s["pgd_legacy"] + f"_randomStart_seed={s['seed']}" * s["random_start"])
 
 
+def pgd_expected(args) -> dict:
+    """`load_table`'s check of a PGD figure's PGD settings (FGSM has none: its tables from before the column pass)."""
+    return {"pgd": [pgd_label(attack_settings(args, 0.0, 1))]} if args.attack_method == "pgd" else {}
+
+
 def attack_folder(model_folder: Path, s: dict) -> Path:
     """Where a model's attack with settings `s` keeps its outputs."""
     return Path(model_folder) / "attacks" / attack_label(s)
@@ -155,7 +160,8 @@ def attack_and_evaluate(attacker, defenders: dict, x, y, s: dict, bounds, folder
     The adversarial inputs are saved in `folder`. Returns them and the per-input table (one row per
     defence count d and input; `columns`, the sample counts and `legacy_robustness` on every row).
     """
-    made = dict(s, attacker=weights_digest(attacker), inputs=data_digest(x, y))
+    # the losses' gradients change with `measures.PAPER_VERSION` (2: saturation-safe): older inputs are made again
+    made = dict(s, attacker=weights_digest(attacker), inputs=data_digest(x, y), paper_version=measures.PAPER_VERSION)
     if compute:
         x_adv = adversarial(attacker, x, y, s, bounds, gradient)
         save_adversarial(folder, x_adv, made)

@@ -176,7 +176,7 @@ def run(args) -> dict:
         raise UserError("--certify bounds the predictive of fixed samples; drop --fresh_samples")
     out = Path(args.out) if args.out else resolve_savedir(args.savedir) / "evaluate"
     record = dict(vars(settings), battery_version=battery.VERSION, n_inputs=args.n_inputs,
-                  paper_version=PAPER_VERSION if args.paper_eval else None,
+                  **({"paper_version": PAPER_VERSION} if args.paper_eval else {}),  # (the battery alone: as before)
                   fresh_samples=args.fresh_samples, samples=args.samples, legacy=args.paper_eval,
                   attacks=None if attacks is None else list(attacks), certify=args.certify)
     summaries, per_inputs, certified, flags, notes = [], [], [], [], {}

@@ -100,7 +100,7 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
         grads, shares = found[::2] if found else compute_gradients(
             post, x, y, counts, False, gradients_path(model_dir, counts, len(x), False), seed, floor)
         g = grads[0].flatten(1)
-        row["saturated_pairs"] = shares.get(posterior_samples)
+        row.update(saturated_pairs=shares.get(posterior_samples), gradients_version=measures.PAPER_VERSION)
         per_input = pd.DataFrame({**{k: v for k, v in row.items() if k not in ("train_time_s", "trained_now")},
                                   "input": range(len(x)), "x1": x[:, 0].numpy(), "x2": x[:, 1].numpy(),
                                   "label": y.numpy(), "grad_x1": g[:, 0].numpy(), "grad_x2": g[:, 1].numpy(),
@@ -118,10 +118,14 @@ def grid_job(folder, *, settings: dict, savedir: str, device: str, test_points: 
 
 
 def _forget_rows_without_gradients(jobs) -> None:
-    """Remove the row of a job that finished without its gradients table (a run with compute_grads=False), so
-    that a run asking for gradients does that job again (loading its model) instead of counting it done."""
+    """Remove the row of a job that finished without its gradients table (a run with compute_grads=False), or
+    with one of an older computation (`measures.PAPER_VERSION`; before it, also the first S draws rather than
+    evenly spaced ones), so that a run asking for gradients does that job again (loading its model) instead of
+    counting it done."""
     for job in jobs:
-        if finished_row(job) is not None and not (job.folder / "lossGrads.csv").exists():
+        row = finished_row(job)
+        if row is not None and (row.get("gradients_version") != measures.PAPER_VERSION
+                                or not (job.folder / "lossGrads.csv").exists()):
             (job.folder / ROW_FILE).unlink()
 
 

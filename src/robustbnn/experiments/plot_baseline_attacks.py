@@ -28,7 +28,7 @@ from robustbnn.artifacts import environment, resolve_savedir, write_csv, write_j
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attack_and_evaluate, attack_folder,
-                                             attack_settings, legacy_note, load_table, pgd_label)
+                                             attack_settings, legacy_note, load_table, pgd_expected, pgd_label)
 from robustbnn.experiments.common import (formats, int_list, nonneg_float, positive_int,
                                           settings_of, setup, str2bool)
 from robustbnn.experiments.model_flags import add_model_flags
@@ -94,7 +94,7 @@ def run(args) -> dict:
         made_by = ("robustbnn plot-baseline-attacks --attack=True with the same flags, e.g. --model_idx "
                    f"{args.model_idx} --savedir {args.savedir}")
         df = load_table(csv, made_by, {"model": list(names.values()), "attack_loss": [args.attack_loss],
-                                       "pgd": [pgd_label(attack_settings(args, args.epsilon, 1))],
+                                       **pgd_expected(args),
                                        "epsilon": [args.epsilon], "legacy_robustness": [args.legacy_robustness]})
     n_inputs = int(df.groupby(["model", "attack_samples", "defence_samples"]).size().max())
     title = (f"{args.attack_method.upper()} attack ($\\varepsilon$ = {args.epsilon:g}, {args.attack_loss} loss) "

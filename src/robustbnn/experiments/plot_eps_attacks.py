@@ -23,7 +23,7 @@ from robustbnn.artifacts import environment, resolve_savedir, write_csv, write_j
 from robustbnn.data import load_dataset
 from robustbnn.errors import UserError
 from robustbnn.experiments.attacking import (add_figure_flags, aggregates, attack_and_evaluate, attack_folder,
-                                             attack_settings, legacy_note, load_table, pgd_label)
+                                             attack_settings, legacy_note, load_table, pgd_expected, pgd_label)
 from robustbnn.experiments.common import (float_list, formats, int_list, settings_of,
                                           setup)
 from robustbnn.experiments.model_flags import add_model_flags
@@ -73,7 +73,7 @@ def run(args) -> dict:
         made_by = (f"robustbnn plot-eps-attacks --attack=True with the same flags, e.g. --model_idx {args.model_idx} "
                    f"--savedir {args.savedir}")
         df = load_table(csv, made_by, {"model": [folder.name], "attack_loss": [args.attack_loss],
-                                       "pgd": [pgd_label(attack_settings(args, 0.0, 1))],
+                                       **pgd_expected(args),
                                        "legacy_robustness": [args.legacy_robustness]})
     kind = str(df["kind"].iloc[0])
     n_inputs = int(df.groupby(["epsilon", "samples"]).size().max())
