@@ -1,6 +1,6 @@
 """Has a verdict converged, and does every attack of the battery earn its place?
 
-    python examples/verdict_convergence.py MODEL [--n_inputs 1000] [--samples 20] [--eps 0.1] [--rounds 3]
+    python examples/verdict_convergence.py MODEL [--n_inputs 1000] [--first 0] [--samples 20] [--eps 0.1] [--rounds 3]
 
 MODEL is a saved model folder (a study's `models/<name>`, or any `train-*` run). Its defender is as in the
 study: every member of a network or ensemble, else `--samples` weight samples (MCMC: evenly spaced over every
@@ -12,7 +12,9 @@ chain). Prints JSON lines:
 2. `member`: each attack of the default battery alone on every correctly classified input, and how many
    inputs it breaks that no other member breaks.
 
-`--budget False` or `--members False` skips that part.
+`--budget False` or `--members False` skips that part. The test points are `--n_inputs` from index `--first`:
+each point is attacked on its own (only the random starts depend on the slice), so slices run apart, on other
+machines or one after another, add up to a run on the whole; the budget lines give the robust count for that sum.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--n_inputs", type=int, default=1000)
+    parser.add_argument("--first", type=int, default=0, help="index of the first test point")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=3)
@@ -54,9 +57,12 @@ def main():
     if dataset is None:
         parser.error(f"{args.model} does not record its dataset: give --dataset")
     data = load_dataset(dataset, None, splits=("test",))
-    x, y = data.x_test[:args.n_inputs], data.y_test[:args.n_inputs]
+    if not 0 <= args.first < len(data.x_test):
+        parser.error(f"--first {args.first}: the test set has {len(data.x_test)} points")
+    chosen = slice(args.first, args.first + args.n_inputs)
+    x, y = data.x_test[chosen], data.y_test[chosen]
     show = dict(model=args.model, kind=post.kind, samples=post.n_samples, draws=post.meta.get("draws"), eps=args.eps,
-                n_inputs=len(x))
+                first=args.first, n_inputs=len(x))
     print(json.dumps(dict(show, line="defender")), flush=True)
 
     if args.budget:
@@ -72,6 +78,7 @@ def budget_curve(post, x, y, eps, rounds, bounds):
     for k in range(row["effort_rounds_run"] + 1):
         print(json.dumps(dict(line="budget", budget=f"{2**k}x", iterations=100 * 2**k, restarts=1 + k,
                               robust_acc=row[f"robust_acc_{2**k}x"],
+                              robust=round(row[f"robust_acc_{2**k}x"] * len(x) / 100),
                               seconds=round(float(frame[rounds <= k].seconds.sum()), 1),
                               broke=int(frame[rounds == k].broken.sum()) if k else None)), flush=True)
 
