@@ -16,14 +16,19 @@ def run_example(folder, *flags):
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def test_slices_add_up_to_the_whole(tmp_path):
+def save_net(folder, n_train: int, width: int, epochs: int):
+    """A half-moons fc2 network trained briefly and saved in `folder`."""
     from robustbnn import train_nets
     from robustbnn.data import load_dataset
 
-    data = load_dataset("half_moons", 400)
-    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=16, activation="tanh")
-    train_nets(spec, data.x_train, data.y_train, seeds=[0], epochs=5, lr=0.02, batch_size=64,
-               log=lambda *_: None).save(tmp_path / "net")
+    data = load_dataset("half_moons", n_train)
+    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=width, activation="tanh")
+    train_nets(spec, data.x_train, data.y_train, seeds=[0], epochs=epochs, lr=0.02, batch_size=64,
+               log=lambda *_: None).save(folder)
+
+
+def test_slices_add_up_to_the_whole(tmp_path):
+    save_net(tmp_path / "net", 400, 16, 5)
     budgets = lambda lines: {d["budget"]: d["robust"] for d in lines if d["line"] == "budget"}  # noqa: E731
     whole = run_example(tmp_path / "net", "--n_inputs", "60", "--eps", "0.2")
     first = run_example(tmp_path / "net", "--n_inputs", "25", "--eps", "0.2")
@@ -36,13 +41,7 @@ def test_slices_add_up_to_the_whole(tmp_path):
 
 
 def test_first_outside_the_test_set_is_a_usage_error(tmp_path):
-    from robustbnn import train_nets
-    from robustbnn.data import load_dataset
-
-    data = load_dataset("half_moons", 100)
-    spec = dict(architecture="fc2", input_shape=[2], num_classes=2, hidden_size=4, activation="tanh")
-    train_nets(spec, data.x_train, data.y_train, seeds=[0], epochs=1, lr=0.02, batch_size=64,
-               log=lambda *_: None).save(tmp_path / "net")
+    save_net(tmp_path / "net", 100, 4, 1)
     out = subprocess.run([sys.executable, str(REPO / "examples" / "verdict_convergence.py"), str(tmp_path / "net"),
                           "--dataset", "half_moons", "--first", "100000"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
