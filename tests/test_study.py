@@ -323,3 +323,18 @@ def test_an_extended_mcmc_model_trains_the_run_it_extends_first(tmp_path, one_th
     spec["samples"] = 4
     with pytest.raises(UserError, match="holds 2"):
         run(spec, tmp_path)
+
+
+def test_a_row_kept_from_an_earlier_run_lists_its_preset_keys(tmp_path):
+    """table.md lists a model this run did not ask for by its preset's keys where it was trained from the preset,
+    as it lists this run's models, and by every stored setting where it was trained otherwise."""
+    spec = study.study_spec("mnist", models=["mcmc"])
+    preset = study.STUDY["mnist"]["cpu"]["models"]["nn"]
+    for name, model in (("nn", study.model_settings(preset, spec["n_train"])),
+                        ("ensemble", dict(study.model_settings(preset, spec["n_train"]), hidden_size=32))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.json").write_text(json.dumps({"settings": {"model": model}}))
+    assert study.listed_settings("nn", spec, tmp_path / "nn") == preset
+    listed = study.listed_settings("ensemble", spec, tmp_path / "ensemble")
+    assert listed["hidden_size"] == 32 and listed["dataset"] == "mnist"
+    assert study.listed_settings("mcmc", spec, tmp_path / "nowhere") == spec["models"]["mcmc"]

@@ -404,8 +404,7 @@ def write_table(out: Path, spec: dict, settings: dict, timings: list, keys: dict
     rows = [r for r in (table_row(m, spec, out / "results" / m, keys) for m in names) if r is not None]
     table = pd.DataFrame(rows)
     write_csv(out / "table.csv", table)
-    models = {r["model"]: spec["models"].get(r["model"]) or
-              read_json_object(out / "results" / r["model"] / "train.json")["settings"]["model"] for r in rows}
+    models = {r["model"]: listed_settings(r["model"], spec, out / "results" / r["model"]) for r in rows}
     write_text(out / "table.md", markdown(table, dict(spec, models=models), settings))
     everything = {m: {p.stem: read_json_object(p) for p in sorted((out / "results" / m).glob("*.json"))}
                   for m in models}
@@ -413,6 +412,18 @@ def write_table(out: Path, spec: dict, settings: dict, timings: list, keys: dict
                                     "timings": timings})
     return {"table": str(out / "table.csv"), "markdown": str(out / "table.md"), "json": str(out / "study.json"),
             "rows": rows}
+
+
+def listed_settings(name: str, spec: dict, results: Path) -> dict:
+    """What table.md lists for a model: the preset keys it was trained from, by this run or by an earlier one of
+    the same preset; everything its training stored where it was trained with other settings."""
+    if name in spec["models"]:
+        return spec["models"][name]
+    stored = runs.with_new_flags(read_json_object(results / "train.json")["settings"]["model"])
+    preset = STUDY[spec["dataset"]][spec["scale"]]["models"].get(name)
+    if preset is not None and _plain(model_settings(preset, spec["n_train"])) == stored:
+        return preset
+    return stored
 
 
 def _cells(table: pd.DataFrame) -> pd.DataFrame:
