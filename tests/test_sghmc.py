@@ -182,12 +182,32 @@ def test_bnn_predictive_close_to_full_batch_hmc():
                                                  **quiet)
     good = check(cycles=10, epochs_per_cycle=200, samples_per_cycle=2, lr=0.1, batch_size=300, explore_fraction=0.0)
     assert good["hmc_halves_tv_mean"] < 0.02, good  # the reference agrees with itself
+    assert good["hmc_warnings"] == [], good["hmc_warnings"]  # and says it mixed
     assert good["tv_mean"] < 0.07, good
     poor = check(cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03, batch_size=100)
     assert poor["tv_mean"] > 2 * good["tv_mean"], (poor, good)
     adaptive = check(cycles=10, epochs_per_cycle=50, samples_per_cycle=2, lr=0.03, batch_size=100, burnin_cycles=2,
                      integrator="baoab", adaptive_friction=True)
     assert adaptive["tv_mean"] < 0.07 and adaptive["tv_mean"] < poor["tv_mean"] / 2, (adaptive, poor, good)
+
+
+def test_a_reference_that_has_not_mixed_is_said(tmp_path, capsys, monkeypatch):
+    """The TV distance to an HMC reference measures SGHMC's error only when the reference has mixed: chains
+    stopped after two warm-up iterations come with their convergence warnings, and `train-bnn
+    --validate_against_hmc` prints them on stderr."""
+    from robustbnn.cli import main
+    from robustbnn.inference import fidelity
+    unmixed = dict(n_samples=16, warmup=2, step_size=1e-4, num_steps=2, num_chains=4, jitter=0.0)
+    data, arch = moons(200)
+    res = validate_against_hmc(arch, data.x_train, data.y_train, data.x_test[:100], hmc=unmixed,
+                               sghmc=dict(cycles=2, burnin_cycles=0, batch_size=50, num_chains=4),
+                               log=lambda *_: None)
+    assert any("R-hat" in line and "not SGHMC's error alone" in line for line in res["hmc_warnings"]), res
+    monkeypatch.setattr(fidelity, "SUBSET_HMC", unmixed)
+    main(["train-bnn", "--dataset", "half_moons", "--architecture", "fc2", "--n_inputs", "100", "--hidden_size", "4",
+          "--inference", "sghmc", "--batch_size", "50", "--cycles", "2", "--burnin_cycles", "0", "--savedir",
+          str(tmp_path), "--validate_against_hmc", "40"])
+    assert "warning: the HMC reference: " in capsys.readouterr().err
 
 
 def test_run_sghmc_posterior_and_diagnostics():

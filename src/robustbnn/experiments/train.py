@@ -9,6 +9,7 @@ samples alone; the others print the accuracy with all their samples.
 from __future__ import annotations
 
 import os
+import sys
 
 from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
@@ -37,7 +38,8 @@ def add_arguments(parser, kind: str) -> None:
         parser.add_argument("--validate_against_hmc", type=nonneg_int, default=0, metavar="N",
                             help="sghmc: also sample the first N training points with SGHMC (the same schedule in "
                                  "steps) and with full-batch HMC (4 chains, 200 warm-up, 100 draws each), and "
-                                 "report the total-variation distance between their test predictives (0: off)")
+                                 "report the total-variation distance between their test predictives, with a "
+                                 "warning when the HMC reference has not mixed (0: off)")
     add_common(parser)
 
 
@@ -82,6 +84,8 @@ def validate(settings: dict, data, n: int, device, seed: int, folder) -> dict:
     res = validate_on_subset(arch_of(settings, data), data.x_train, data.y_train, data.x_test, n, sghmc, seed=seed,
                              device=device)
     record_metrics(folder, {"validate_against_hmc": res})
+    for line in res["hmc_warnings"]:
+        print(f"warning: the HMC reference: {line}", file=sys.stderr)
     return {"tv_vs_hmc": res["tv_mean"], "tv_hmc_chain_halves": res.get("hmc_halves_tv_mean"),
             "hmc_loglik_rhat": res["hmc"]["loglik_rhat"]}
 
