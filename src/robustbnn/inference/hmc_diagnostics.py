@@ -206,16 +206,17 @@ def summary_line(sampler: str, diag: dict, head: str = "") -> str:
     return text
 
 
-def convergence_warnings(diag: dict, advice: str) -> list[str]:
+def convergence_warnings(diag: dict, advice: str, *, weight_norms: bool = True) -> list[str]:
     """One-line warnings for a run whose chains have not mixed: R-hat above 1.1 (log-likelihood, a parameter
     tensor's squared norm, or more than 1% of the predictive pairs), an output-layer temperature above 1.5, ESS
     below 10, or (HMC) an acceptance rate below 0.5 or divergences after warm-up. `advice` names the flag to
-    change."""
+    change; `weight_norms=False` leaves the weight norms' R-hat out, for a use that looks at the predictive only
+    (a direction it never sees, such as the output layer's class shift, may drift without moving it)."""
     out = []
     lr = diag.get("loglik_rhat")
     if lr is not None and lr > RHAT_LIMIT:
         out.append(f"log-likelihood R-hat {lr:.2f} > {RHAT_LIMIT}: the chains disagree; {advice}")
-    nr = diag.get("norm_rhat_max")
+    nr = diag.get("norm_rhat_max") if weight_norms else None
     if nr is not None and nr > RHAT_LIMIT:
         worst = max((k for k, v in (diag.get("norm_rhat") or {}).items() if v is not None),
                     key=lambda k: diag["norm_rhat"][k], default="?")
