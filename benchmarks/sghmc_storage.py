@@ -47,8 +47,9 @@ D = sum(p.numel() for p in init_params(SPEC, 0).values())  # numbers per draw of
 def run(draws: int, folder: str | None, resume: bool, every: float) -> dict:
     """One run_sghmc in this process; the ru_maxrss increase (MiB) and the draws' size (MiB)."""
     x, y = random_inputs(500)
+    # one step per cycle: no exploration stage, the step samples and its draw is kept
     kw = dict(cycles=draws + 1, burnin_cycles=1, epochs_per_cycle=1, batch_size=500, num_chains=CHAINS, lr=0.01,
-              checkpoint=folder, resume=resume, checkpoint_seconds=every, log=lambda *_: None)
+              explore_fraction=0.0, checkpoint=folder, resume=resume, checkpoint_seconds=every, log=lambda *_: None)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
     post = sghmc.run_sghmc(SPEC, x, y, **kw)

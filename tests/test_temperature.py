@@ -57,6 +57,10 @@ def test_draws_at_a_temperature_give_it(temperature):
     # the samplers' diagnostic is relative to the temperature they sample at: 1 on the posterior whatever T
     relative = output_temperature(net, params, x, y, temperature=temperature)
     assert relative == pytest.approx(1.0, rel=0.1 if temperature == 1 else 0.2)
+    # read in chunks of draws, it is the ratio over the 100 evenly spaced draws taken together
+    rows = torch.linspace(0, 199, 100).round().long()
+    g, t = output_layer_temperature(net, {name: v[rows] for name, v in params.items()}, x, y)
+    assert relative == pytest.approx(float(g.mean() / t.mean()) / temperature, rel=1e-9)
     mode = mode.reshape(1, k, d + 1).float()
     g0, t0 = output_layer_temperature(net, {"0.weight": mode[:, :, :d], "0.bias": mode[:, :, d]}, x, y)
     assert (g0 / t0).item() < 0.01

@@ -184,6 +184,7 @@ RHAT_LIMIT = 1.1  # Gelman et al. (BDA3) and Vehtari et al. (2021) use 1.1 and 1
 MIN_ESS = 10
 TEMPERATURE_LIMIT = 1.5  # the output layer's configurational temperature (1 on the posterior)
 TEMPERATURE_DRAWS = 100  # draws it is estimated from, evenly spaced (each costs a pass over the training data)
+TEMPERATURE_CHUNK = 10  # draws read at a time
 
 
 def _fmt(value, spec: str) -> str:
@@ -300,11 +301,14 @@ def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x:
     up to TEMPERATURE_DRAWS of them evenly spaced over `params` ({name: (S, *shape)}, interleaved across chains),
     relative to the `temperature` T they were drawn at (E |grad U|^2 = T E tr Hess U on exp(-U / T)), so that it
     is 1 on the posterior whatever T; None for a network that is not a Sequential ending in a Linear layer with a
-    bias."""
+    bias. The draws are read TEMPERATURE_CHUNK at a time, so that no copy of them all is made beside the stored ones."""
     if output_layer_index(net) is None:
         return None
     n = len(next(iter(params.values())))
     rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()
-    draws = {k: v[rows.to(v.device)].to(x.device) for k, v in params.items()}
-    grad_sq, trace = output_layer_temperature(net, draws, x, y.to(x.device), prior_scale)
-    return float(grad_sq.mean() / trace.mean()) / temperature
+    grad_sq, trace = 0.0, 0.0
+    for part in rows.split(TEMPERATURE_CHUNK):
+        draws = {k: v[part.to(v.device)].to(x.device) for k, v in params.items()}
+        g, t = output_layer_temperature(net, draws, x, y.to(x.device), prior_scale)
+        grad_sq, trace = grad_sq + float(g.sum()), trace + float(t.sum())
+    return grad_sq / trace / temperature
