@@ -364,8 +364,13 @@ def _infer(s: dict, data, folder: Path, device, seed: int, resume: bool, init, p
 
 def warn(diagnostics: dict, advice: str) -> None:
     """Each convergence warning of an MCMC run (`hmc_diagnostics.convergence_warnings`) as one stderr line."""
-    for line in convergence_warnings(diagnostics, advice):
-        print(f"warning: {line}", file=sys.stderr)
+    print_warnings(convergence_warnings(diagnostics, advice))
+
+
+def print_warnings(lines, about: str = "") -> None:
+    """Each line as `warning: <about><line>` on stderr."""
+    for line in lines:
+        print(f"warning: {about}{line}", file=sys.stderr)
 
 
 def load_model(settings: dict, data, savedir: str, device):

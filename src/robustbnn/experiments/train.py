@@ -9,7 +9,6 @@ samples alone; the others print the accuracy with all their samples.
 from __future__ import annotations
 
 import os
-import sys
 
 from robustbnn.compile import ENV as COMPILE_ENV
 from robustbnn.data import load_dataset
@@ -18,7 +17,8 @@ from robustbnn.experiments.common import add_common, nonneg_int, setup, str2bool
 from robustbnn.experiments.model_flags import add_model_flags, train_or_load
 from robustbnn.inference.fidelity import validate_on_subset
 from robustbnn.forward import log_mean_softmax
-from robustbnn.runs import SGHMC_ARGS, arch_of, model_folder, model_settings, read_metrics, record_metrics
+from robustbnn.runs import (SGHMC_ARGS, arch_of, model_folder, model_settings, print_warnings, read_metrics,
+                            record_metrics)
 
 # HMC diagnostics worth a line in the summary (the rest is in the model folder's diagnostics.json).
 HEADLINE_DIAGNOSTICS = ("acceptance_rate", "divergences", "divergences_warmup", "step_size", "num_steps",
@@ -84,8 +84,7 @@ def validate(settings: dict, data, n: int, device, seed: int, folder) -> dict:
     res = validate_on_subset(arch_of(settings, data), data.x_train, data.y_train, data.x_test, n, sghmc, seed=seed,
                              device=device)
     record_metrics(folder, {"validate_against_hmc": res})
-    for line in res["hmc_warnings"]:
-        print(f"warning: the HMC reference: {line}", file=sys.stderr)
+    print_warnings(res["hmc_warnings"], "the HMC reference: ")
     return {"tv_vs_hmc": res["tv_mean"], "tv_hmc_chain_halves": res.get("hmc_halves_tv_mean"),
             "hmc_loglik_rhat": res["hmc"]["loglik_rhat"]}
 

@@ -306,9 +306,9 @@ def output_temperature(net: torch.nn.Module, params: dict[str, torch.Tensor], x:
         return None
     n = len(next(iter(params.values())))
     rows = torch.linspace(0, n - 1, min(n, TEMPERATURE_DRAWS)).round().long().unique()
-    grad_sq, trace = 0.0, 0.0
+    y, grad_sq, trace = y.to(x.device), 0.0, 0.0
     for part in rows.split(TEMPERATURE_CHUNK):
         draws = {k: v[part.to(v.device)].to(x.device) for k, v in params.items()}
-        g, t = output_layer_temperature(net, draws, x, y.to(x.device), prior_scale)
+        g, t = output_layer_temperature(net, draws, x, y, prior_scale)
         grad_sq, trace = grad_sq + float(g.sum()), trace + float(t.sum())
     return grad_sq / trace / temperature
